@@ -1,0 +1,71 @@
+#include "lamb_cpu.h"
+
+#include "multi_tensor.h"
+
+namespace mxlamb {
+namespace {
+
+template <typename Span>
+std::vector<int64_t> sizes_of(const std::vector<Span>& spans) {
+  std::vector<int64_t> sizes;
+  sizes.reserve(spans.size());
+  for (const auto& s : spans) sizes.push_back(s.n);
+  return sizes;
+}
+
+}  // namespace
+
+void lamb_phase1_cpu(const std::vector<Phase1Span>& tensors, const StepCoeffs& step,
+                     const std::vector<TensorCoeffs>& coeffs, double* sumsq) {
+  const KernelTable& k = active_kernels();
+  const ChunkPlan plan(sizes_of(tensors));
+  std::vector<double> partial(2 * plan.chunks.size());
+  for_each_chunk(plan, [&](int64_t c, const Chunk& chunk) {
+    const Phase1Span& whole = tensors[chunk.tensor];
+    const size_t grad_bytes = whole.grad_type == DType::kFloat32 ? 4 : 2;
+    Phase1Span part = whole;
+    part.weight = whole.weight + chunk.begin;
+    part.grad = static_cast<const char*>(whole.grad) + chunk.begin * grad_bytes;
+    part.mean = whole.mean + chunk.begin;
+    part.var = whole.var + chunk.begin;
+    part.n = chunk.end - chunk.begin;
+    k.phase1(part, step, coeffs[chunk.tensor], &partial[2 * c], &partial[2 * c + 1]);
+  });
+  // Combine chunk partials in chunk order: independent of how chunks were shared out.
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    double w = 0.0, u = 0.0;
+    for (int64_t c = plan.first_chunk[t]; c < plan.first_chunk[t + 1]; ++c) {
+      w += partial[2 * c];
+      u += partial[2 * c + 1];
+    }
+    sumsq[2 * t] = w;
+    sumsq[2 * t + 1] = u;
+  }
+}
+
+void lamb_phase2_cpu(const std::vector<Phase2Span>& tensors, const StepCoeffs& step,
+                     const std::vector<TensorCoeffs>& coeffs, const double* sumsq,
+                     double lower_bound, double upper_bound) {
+  const KernelTable& k = active_kernels();
+  std::vector<float> step_size(tensors.size());
+  for (size_t t = 0; t < tensors.size(); ++t) {
+    const double ratio = trust_ratio(sumsq[2 * t], sumsq[2 * t + 1], lower_bound, upper_bound);
+    step_size[t] = static_cast<float>(static_cast<double>(coeffs[t].lr) * ratio);
+  }
+  const ChunkPlan plan(sizes_of(tensors));
+  for_each_chunk(plan, [&](int64_t, const Chunk& chunk) {
+    const Phase2Span& whole = tensors[chunk.tensor];
+    Phase2Span part = whole;
+    part.weight = whole.weight + chunk.begin;
+    part.weight_out = whole.weight_out + chunk.begin;
+    if (whole.weight_lowp != nullptr) {
+      part.weight_lowp = static_cast<char*>(whole.weight_lowp) + chunk.begin * 2;
+    }
+    part.mean = whole.mean + chunk.begin;
+    part.var = whole.var + chunk.begin;
+    part.n = chunk.end - chunk.begin;
+    k.phase2(part, step, coeffs[chunk.tensor], step_size[chunk.tensor]);
+  });
+}
+
+}  // namespace mxlamb

@@ -1,0 +1,94 @@
+// The LAMB update, one element at a time (You et al., arXiv:1904.00962, Algorithm 2).
+//
+// This header is the only place the LAMB arithmetic is written. The CPU kernels (every ISA
+// level, SIMD body and scalar tail alike) and the CUDA kernels call these functions; nothing
+// else computes a moment, a raw update or a trust ratio.
+//
+// Stages, named after the paper:
+//   phase 1  g = clip(rescale_grad * grad)            -> scaled_grad
+//            m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2   -> update_moments
+//            u = (m / c1) / (sqrt(v / c2) + eps) + wd w   -> raw_update
+//   norms    r1 = ||w|| (clamped to [lower, upper]), r2 = ||u||
+//   phase 2  w <- w - lr * trust_ratio(r1, r2) * u      -> apply_update
+//
+// Phase 2 does not read a stored u: it recomputes u from the (already updated) m and v with
+// the same raw_update, so the u it applies is bit-for-bit the u whose norm phase 1 took, and
+// no model-sized temporary buffer exists.
+#ifndef MXLAMB_LAMB_MATH_H_
+#define MXLAMB_LAMB_MATH_H_
+
+#include <cmath>
+#include <cstdint>
+
+#if defined(__CUDACC__)
+#define MXLAMB_HD __host__ __device__ __forceinline__
+#else
+#define MXLAMB_HD inline __attribute__((always_inline))
+#endif
+
+namespace mxlamb {
+
+// Hyper-parameters shared by every tensor of one step.
+struct StepCoeffs {
+  float beta1;
+  float beta2;
+  float epsilon;
+  float rescale_grad;
+  float clip_gradient;  // < 0: no clipping
+};
+
+// Per-tensor values: they differ inside one group (lr_mult, wd_mult, per-index step counts).
+struct TensorCoeffs {
+  float bias1;  // 1 - beta1^t, or 1 when bias correction is off
+  float bias2;  // 1 - beta2^t, or 1 when bias correction is off
+  float wd;
+  float lr;
+};
+
+// Clip without fminf/fmaxf: those turn a NaN gradient into +-clip_gradient, i.e. a finite but
+// wrong update. Plain comparisons are false for NaN, so NaN propagates as it does in MXNet.
+MXLAMB_HD float scaled_grad(float grad, const StepCoeffs& s) {
+  float g = grad * s.rescale_grad;
+  if (s.clip_gradient >= 0.0f) {
+    g = g > s.clip_gradient ? s.clip_gradient : g;
+    g = g < -s.clip_gradient ? -s.clip_gradient : g;
+  }
+  return g;
+}
+
+MXLAMB_HD void update_moments(float g, float* mean, float* var, const StepCoeffs& s) {
+  *mean = s.beta1 * *mean + (1.0f - s.beta1) * g;
+  *var = s.beta2 * *var + (1.0f - s.beta2) * g * g;
+}
+
+// Epsilon is added outside the square root, and weight decay is part of u (as in MXNet), so
+// it is scaled by the trust ratio too.
+MXLAMB_HD float raw_update(float weight, float mean, float var, float epsilon,
+                           const TensorCoeffs& t) {
+  const float mean_hat = mean / t.bias1;
+  const float var_hat = var / t.bias2;
+  return mean_hat / (std::sqrt(var_hat) + epsilon) + t.wd * weight;
+}
+
+// The trust ratio ||w|| / ||u|| from the two sums of squares (accumulated in double).
+// Bounds clamp ||w|| only; a bound <= 0 means "not given".
+// Zero-norm rule: where ||w|| or ||u|| is 0 the ratio is 1, so a zero-initialised weight still
+// moves (by a plain Adam step) and nothing divides by zero.
+MXLAMB_HD double trust_ratio(double weight_sumsq, double update_sumsq, double lower_bound,
+                             double upper_bound) {
+  double r1 = std::sqrt(weight_sumsq);
+  const double r2 = std::sqrt(update_sumsq);
+  if (lower_bound > 0.0 && r1 < lower_bound) r1 = lower_bound;
+  if (upper_bound > 0.0 && r1 > upper_bound) r1 = upper_bound;
+  if (r1 == 0.0 || r2 == 0.0) return 1.0;
+  return r1 / r2;
+}
+
+// step = lr * trust_ratio, computed once per tensor.
+MXLAMB_HD float apply_update(float weight, float update, float step) {
+  return weight - step * update;
+}
+
+}  // namespace mxlamb
+
+#endif  // MXLAMB_LAMB_MATH_H_

@@ -1,0 +1,131 @@
+// Run-time choices of the CPU library: the instruction-set level and the thread count.
+// Also the small C interface the tests use (through ctypes) to force a level or a count.
+#include <sched.h>
+
+#include <cstdlib>
+#include <cstring>
+#include <string>
+
+#include "lamb_kernels.h"
+#include "multi_tensor.h"
+
+namespace mxlamb {
+namespace {
+
+bool cpu_has(const char* isa) {
+  __builtin_cpu_init();
+  if (std::strcmp(isa, "avx512") == 0) {
+    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  }
+  if (std::strcmp(isa, "avx2") == 0) {
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+           __builtin_cpu_supports("fma");
+  }
+  return std::strcmp(isa, "baseline") == 0;
+}
+
+const KernelTable* table_for(const char* isa) {
+  static const KernelTable baseline = kernels_baseline();
+  static const KernelTable avx2 = kernels_avx2();
+  static const KernelTable avx512 = kernels_avx512();
+  if (!cpu_has(isa)) return nullptr;
+  if (std::strcmp(isa, "avx512") == 0) return &avx512;
+  if (std::strcmp(isa, "avx2") == 0) return &avx2;
+  return &baseline;
+}
+
+const KernelTable* best_table() {
+  for (const char* isa : {"avx512", "avx2", "baseline"}) {
+    if (const KernelTable* t = table_for(isa)) return t;
+  }
+  return nullptr;  // unreachable: baseline is always there
+}
+
+// MXLAMB_ISA names a level to use instead of the best one (tests force each level with it).
+// A level the CPU lacks is an error at load, reported by mxlamb_isa_error().
+std::string isa_error;
+
+const KernelTable* initial_table() {
+  const char* forced = std::getenv("MXLAMB_ISA");
+  if (forced == nullptr || *forced == '\0') return best_table();
+  if (const KernelTable* t = table_for(forced)) return t;
+  isa_error = std::string("MXLAMB_ISA=") + forced +
+              " is not available on this CPU (choose from: baseline, avx2, avx512, "
+              "as the CPU supports)";
+  return best_table();
+}
+
+const KernelTable* active = initial_table();
+
+int cpus_available() {
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof(set), &set) == 0) return CPU_COUNT(&set);
+  return 1;
+}
+
+int env_int(const char* name) {
+  const char* s = std::getenv(name);
+  if (s == nullptr) return 0;
+  const int v = std::atoi(s);  // OMP_NUM_THREADS may be a list "4,2": the first level counts
+  return v > 0 ? v : 0;
+}
+
+// The cores the user gave the process: MXLAMB_NUM_THREADS, else OMP_NUM_THREADS, else every
+// CPU of the affinity mask. (MXNet's own operators use half the cores when OMP_NUM_THREADS is
+// unset; a memory-bound update wants them all.)
+int configured_threads() {
+  if (int n = env_int("MXLAMB_NUM_THREADS")) return n;
+  if (int n = env_int("OMP_NUM_THREADS")) return n;
+  return cpus_available();
+}
+
+int num_threads = configured_threads();
+
+// Below this many elements a group runs on one thread: waking a team costs a few
+// microseconds, which is longer than the work itself.
+constexpr int64_t kParallelElements = int64_t{1} << 16;
+
+}  // namespace
+
+const KernelTable& active_kernels() { return *active; }
+
+int threads_for(int64_t total_elements, int64_t num_chunks) {
+  if (total_elements < kParallelElements) return 1;
+  return num_chunks < num_threads ? static_cast<int>(num_chunks) : num_threads;
+}
+
+}  // namespace mxlamb
+
+extern "C" {
+
+// The mxnet version (e.g. 10901) this library was compiled against.
+__attribute__((visibility("default"))) int mxlamb_built_for_mxnet() {
+  return MXLAMB_MXNET_VERSION;
+}
+
+__attribute__((visibility("default"))) const char* mxlamb_active_isa() {
+  return mxlamb::active_kernels().isa;
+}
+
+// Empty string, or why MXLAMB_ISA could not be honoured.
+__attribute__((visibility("default"))) const char* mxlamb_isa_error() {
+  return mxlamb::isa_error.c_str();
+}
+
+// 1 if the CPU supports the level (then it becomes the active one), else 0.
+__attribute__((visibility("default"))) int mxlamb_set_isa(const char* isa) {
+  const mxlamb::KernelTable* t = mxlamb::table_for(isa);
+  if (t == nullptr) return 0;
+  mxlamb::active = t;
+  return 1;
+}
+
+__attribute__((visibility("default"))) int mxlamb_num_threads() { return mxlamb::num_threads; }
+
+__attribute__((visibility("default"))) void mxlamb_set_num_threads(int n) {
+  mxlamb::num_threads = n > 0 ? n : mxlamb::configured_threads();
+}
+
+}  // extern "C"
