@@ -180,11 +180,11 @@ class LAMB(Optimizer):
     def fused_step(self, indices, weights, grads, states):
         """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call."""
         self._update_count(list(indices))
-        # Float32 and multi-precision tensors go to different groups (one mode per call).
-        by_mode = {}
+        # One weight dtype per operator call (the mode and the output type are per call).
+        by_dtype = {}
         for item in zip(indices, weights, grads, states):
-            by_mode.setdefault(self._is_multi_precision(item[1]), []).append(item)
-        for items in by_mode.values():
+            by_dtype.setdefault(numpy.dtype(item[1].dtype), []).append(item)
+        for items in by_dtype.values():
             for start in range(0, len(items), self.aggregate_num):
                 self._update_group(*zip(*items[start:start + self.aggregate_num]))
 
@@ -210,17 +210,28 @@ class LAMB(Optimizer):
         live = [i for i, w in enumerate(weights) if w.size > 0]
         if not live:
             return
-        attrs = self._attributes([indices[i] for i in live],
-                                 self._is_multi_precision(weights[live[0]]))
-        phase1_inputs, phase2_inputs = [], []
-        for i in live:
-            master, mean, var = unpacked[i]
-            phase1_inputs += [master, grads[i], mean, var]
-            phase2_inputs += [master, mean, var]
+        weights = [weights[i] for i in live]
+        grads = [grads[i] for i in live]
+        masters, means, variances = zip(*(unpacked[i] for i in live))
+        # MXNet 1.9's extension API cannot hand a bfloat16 array to a library operator
+        # (lib_api.cc rejects dtype flag 12): bfloat16 gradients are widened by MXNet's cast,
+        # the float32 kernels update the master copy, and MXNet's cast (round to nearest
+        # even) writes the model weight.
+        bfloat16 = numpy.dtype(weights[0].dtype) == _BFLOAT16
+        if bfloat16:
+            grads = [g.astype(numpy.float32) for g in grads]
+        attrs = self._attributes([indices[i] for i in live], weights[0], bfloat16)
+        phase1_inputs = [x for t in zip(masters, grads, means, variances) for x in t]
         sumsq = ndarray.mxlamb_phase1(*phase1_inputs, **attrs)
-        ndarray.mxlamb_phase2(*phase2_inputs, sumsq, out=[weights[i] for i in live], **attrs)
+        phase2_inputs = [x for t in zip(masters, means, variances) for x in t]
+        ndarray.mxlamb_phase2(*phase2_inputs, sumsq, out=list(masters if bfloat16 else weights),
+                              **attrs)
+        if bfloat16:
+            for weight, master in zip(weights, masters):
+                ndarray.cast(master, dtype=weight.dtype, out=weight)
 
-    def _attributes(self, indices, multi_precision):
+    def _attributes(self, indices, weight, float32_kernels=False):
+        multi_precision = self._is_multi_precision(weight) and not float32_kernels
         attrs = {
             "num_tensors": len(indices),
             "multi_precision": multi_precision,
@@ -236,6 +247,8 @@ class LAMB(Optimizer):
             "wds": ",".join(map(repr, self._get_wds(indices))),
             "step_counts": ",".join(str(self._index_update_count[i]) for i in indices),
         }
+        if multi_precision:
+            attrs["weight_dtype"] = 2  # float16
         return attrs
 
     def _is_multi_precision(self, weight):

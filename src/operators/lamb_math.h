@@ -32,6 +32,9 @@ namespace mxlamb {
 struct StepCoeffs {
   float beta1;
   float beta2;
+  // 1 - beta, rounded from double: in float, 1 - 0.999f is 1.3e-5 relative off.
+  float one_minus_beta1;
+  float one_minus_beta2;
   float epsilon;
   float rescale_grad;
   float clip_gradient;  // < 0: no clipping
@@ -57,8 +60,8 @@ MXLAMB_HD float scaled_grad(float grad, const StepCoeffs& s) {
 }
 
 MXLAMB_HD void update_moments(float g, float* mean, float* var, const StepCoeffs& s) {
-  *mean = s.beta1 * *mean + (1.0f - s.beta1) * g;
-  *var = s.beta2 * *var + (1.0f - s.beta2) * g * g;
+  *mean = s.beta1 * *mean + s.one_minus_beta1 * g;
+  *var = s.beta2 * *var + s.one_minus_beta2 * g * g;
 }
 
 // Epsilon is added outside the square root, and weight decay is part of u (as in MXNet), so

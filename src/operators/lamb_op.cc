@@ -7,7 +7,7 @@
 //
 // w is the fp32 weight, or under multi_precision the fp32 master copy (then g is the fp16 or
 // bfloat16 gradient, phase 2 updates the master in place and writes the rounded model weight
-// to out). Per-tensor values (lrs, wds, step_counts) are comma-separated lists.
+// to out, whose type the attribute weight_dtype gives). Per-tensor values (lrs, wds, step_counts) are comma-separated lists.
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -127,8 +127,9 @@ bool parse_step(const std::string& op, const Attrs& attrs, StepAttrs* s) {
   }
   s->multi_precision = get_bool(attrs, "multi_precision", false);
   const bool bias_correction = get_bool(attrs, "bias_correction", true);
-  s->step = StepCoeffs{static_cast<float>(beta1), static_cast<float>(beta2),
-                       static_cast<float>(epsilon), static_cast<float>(rescale),
+  s->step = StepCoeffs{static_cast<float>(beta1),       static_cast<float>(beta2),
+                       static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
+                       static_cast<float>(epsilon),     static_cast<float>(rescale),
                        static_cast<float>(clip)};
   s->tensors.resize(s->n);
   for (int t = 0; t < s->n; ++t) {
@@ -263,22 +264,16 @@ MXReturnValue phase2_type(const Attrs& attrs, std::vector<int>* in, std::vector<
     fail(kPhase2, "sumsq must be the float64 output of mxlamb_phase1");
     return MX_FAIL;
   }
-  for (int t = 0; t < n; ++t) {
-    const int flag = (*out)[t];
-    // An output whose type is not known yet takes the weight's type (fp32 without
-    // multi-precision); a given output type must be a valid one.
-    if (flag < 0) {
-      if (mp) {
-        fail(kPhase2, "with multi_precision the fp16/bf16 weights must be given as out=");
-        return MX_FAIL;
-      }
-      (*out)[t] = 0;
-    } else if (mp ? !is_low_precision(flag) : flag != 0) {
-      fail(kPhase2, tensor_label(t, "out") + " is " + dtype_name(flag) + ", expected " +
-                        (mp ? "float16 or bfloat16" : "float32"));
-      return MX_FAIL;
-    }
+  // MXNet infers output types before it looks at out=, so the model weights' type under
+  // multi-precision comes as an attribute (mshadow's flag: 2 float16, 12 bfloat16).
+  double weight_dtype = 0;
+  if (mp && (!get_double(kPhase2, attrs, "weight_dtype", -1, &weight_dtype) ||
+             !is_low_precision(static_cast<int>(weight_dtype)))) {
+    fail(kPhase2, "with multi_precision, attribute weight_dtype must be 2 (float16) or "
+                  "12 (bfloat16)");
+    return MX_FAIL;
   }
+  for (int t = 0; t < n; ++t) (*out)[t] = static_cast<int>(weight_dtype);
   return MX_SUCCESS;
 }
 

@@ -1,0 +1,63 @@
+"""Shared helpers: dtypes, one tolerance table per dtype, array conversion."""
+import os
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import mxnet as mx  # noqa: E402
+import mxlamb  # noqa: E402,F401
+from mxlamb import _library  # noqa: E402
+from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP  # noqa: E402
+
+BFLOAT16 = np.dtype(_DTYPE_MX_TO_NP[12])
+DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
+          "bfloat16": BFLOAT16}
+
+# (rtol, atol) of the model weight against the float64 reference after the test's steps.
+# Float32 values (fp32 weights, master copies, moments) always use the float32 row; low-precision
+# weights may round to the neighbouring representable value of their own type.
+TOLERANCE = {
+    "float32": (2e-5, 2e-6),
+    "float16": (2e-3, 1e-4),
+    "bfloat16": (1.6e-2, 1e-3),
+}
+
+
+def mx_array(values, dtype="float32"):
+    """An NDArray of ``dtype`` (a DTYPES key) from float values."""
+    a = mx.nd.array(np.asarray(values, dtype=np.float32), dtype=np.float32)
+    if dtype == "float32" or a.size == 0:
+        return a if dtype == "float32" else mx.nd.empty(a.shape, dtype=DTYPES[dtype])
+    return a.astype(DTYPES[dtype])
+
+
+def to_f64(array):
+    """float64 NumPy copy of an NDArray of any supported dtype (exact)."""
+    if array.size == 0:
+        return np.zeros(array.shape, np.float64)
+    if np.dtype(array.dtype) == BFLOAT16:
+        array = array.astype(np.float32)
+    return array.asnumpy().astype(np.float64)
+
+
+def supported_isas():
+    levels = []
+    for isa in ("baseline", "avx2", "avx512"):
+        before = _library.native.mxlamb_active_isa()
+        if _library.native.mxlamb_set_isa(isa.encode()):
+            levels.append(isa)
+        _library.native.mxlamb_set_isa(before)
+    return levels
+
+
+@pytest.fixture(params=supported_isas())
+def isa(request):
+    """Runs the test once on every ISA level this CPU supports, restoring the default."""
+    before = _library.native.mxlamb_active_isa()
+    assert _library.native.mxlamb_set_isa(request.param.encode())
+    yield request.param
+    mx.nd.waitall()
+    _library.native.mxlamb_set_isa(before)

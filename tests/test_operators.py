@@ -1,0 +1,151 @@
+"""The operators directly: every ISA level, thread counts, norms of large tensors."""
+import os
+import subprocess
+import sys
+
+import mxnet as mx
+import numpy as np
+import pytest
+
+from conftest import TOLERANCE, supported_isas, to_f64
+from mxlamb import _library
+from reference import ReferenceLAMB
+
+ATTRS = dict(beta1=0.9, beta2=0.999, epsilon=1e-6, rescale_grad=0.5, clip_gradient=0.8,
+             bias_correction=True, lower_bound=-1.0, upper_bound=-1.0)
+
+
+def phases(weights, grads, means, variances, lrs, wds, counts, **options):
+    attrs = dict(ATTRS, num_tensors=len(weights), lrs=",".join(map(repr, lrs)),
+                 wds=",".join(map(repr, wds)), step_counts=",".join(map(str, counts)))
+    attrs.update(options)
+    inputs = [x for t in zip(weights, grads, means, variances) for x in t]
+    sumsq = mx.nd.mxlamb_phase1(*inputs, **attrs)
+    inputs = [x for t in zip(weights, means, variances) for x in t]
+    mx.nd.mxlamb_phase2(*inputs, sumsq, out=weights, **attrs)
+    return sumsq
+
+
+def random_group(sizes, seed):
+    rng = np.random.RandomState(seed)
+    arrays = lambda: [mx.nd.array(rng.randn(n).astype(np.float32)) for n in sizes]  # noqa: E731
+    weights, grads = arrays(), arrays()
+    means = [mx.nd.array(rng.randn(n).astype(np.float32) * 0.1) for n in sizes]
+    variances = [mx.nd.array(rng.rand(n).astype(np.float32) * 0.01) for n in sizes]
+    return weights, grads, means, variances
+
+
+# Sizes around the chunk (32768) and SIMD-lane (16) boundaries, and one above the size where
+# the engine starts threads.
+SIZES = [1, 15, 16, 17, 4097, 18011, 32767, 32768, 32769, 200003]
+
+
+def test_every_isa_level_matches_the_reference(isa):
+    """Per-tensor lr, wd and step count differ inside the group."""
+    weights, grads, means, variances = random_group(SIZES, seed=1)
+    lrs = [0.01 * (1 + i % 3) for i in range(len(SIZES))]
+    wds = [0.0 if i % 2 else 0.02 for i in range(len(SIZES))]
+    counts = [1 + i for i in range(len(SIZES))]
+    ref = ReferenceLAMB(beta1=0.9, beta2=0.999, epsilon=1e-6, rescale_grad=0.5, clip_gradient=0.8)
+    for i, (w, m, v) in enumerate(zip(weights, means, variances)):
+        ref.init(i, to_f64(w))
+        ref.mean[i], ref.var[i], ref.t[i] = to_f64(m), to_f64(v), counts[i] - 1
+    expected = [ref.step(i, to_f64(g), lrs[i], wds[i]) for i, g in enumerate(grads)]
+    phases(weights, grads, means, variances, lrs, wds, counts)
+    for i, w in enumerate(weights):
+        np.testing.assert_allclose(to_f64(w), expected[i], *TOLERANCE["float32"])
+        np.testing.assert_allclose(to_f64(means[i]), ref.mean[i], *TOLERANCE["float32"])
+        np.testing.assert_allclose(to_f64(variances[i]), ref.var[i], *TOLERANCE["float32"])
+
+
+def run_group(sizes, seed, steps=3):
+    weights, grads, means, variances = random_group(sizes, seed)
+    n = len(sizes)
+    for t in range(1, steps + 1):
+        sumsq = phases(weights, grads, means, variances, [0.01] * n, [0.01] * n, [t] * n)
+    return [a.asnumpy() for a in weights + means + variances + [sumsq]]
+
+
+def test_results_are_bit_identical_on_every_isa_level():
+    """No FMA contraction and a fixed lane order: the CPU's ISA never changes a bit."""
+    before = _library.native.mxlamb_active_isa()
+    results = {}
+    try:
+        for isa in supported_isas():
+            _library.native.mxlamb_set_isa(isa.encode())
+            results[isa] = run_group(SIZES, seed=2)
+            mx.nd.waitall()
+    finally:
+        _library.native.mxlamb_set_isa(before)
+    first = next(iter(results.values()))
+    for isa, arrays in results.items():
+        for a, b in zip(first, arrays):
+            np.testing.assert_array_equal(a, b, err_msg=isa)
+
+
+def test_results_are_bit_identical_for_any_thread_count():
+    threads_before = _library.native.mxlamb_num_threads()
+    results = []
+    try:
+        for threads in (1, 2, 3, 8):
+            _library.native.mxlamb_set_num_threads(threads)
+            results.append(run_group([300007, 70001, 5, 131072], seed=4))
+            mx.nd.waitall()
+    finally:
+        _library.native.mxlamb_set_num_threads(threads_before)
+    for arrays in results[1:]:
+        for a, b in zip(results[0], arrays):
+            np.testing.assert_array_equal(a, b)
+
+
+def test_embedding_sized_norms_agree_with_float64():
+    """A 30522 x 768 BERT embedding: MXNet's float32 serial norm is ~5% low here; ours is
+    accumulated in float64 and agrees with NumPy's float64 norm to 1e-6 (in fact ~1e-12)."""
+    rng = np.random.RandomState(0)
+    w = rng.randn(30522, 768).astype(np.float32) * 0.02 + 0.01
+    g = rng.randn(30522, 768).astype(np.float32)
+    weights, grads = [mx.nd.array(w)], [mx.nd.array(g)]
+    means, variances = [mx.nd.zeros(w.shape)], [mx.nd.zeros(w.shape)]
+    attrs = dict(ATTRS, num_tensors=1, lrs="0.01", wds="0.01", step_counts="1",
+                 rescale_grad=1.0, clip_gradient=-1.0)
+    sumsq = mx.nd.mxlamb_phase1(weights[0], grads[0], means[0], variances[0], **attrs).asnumpy()
+    w64, g64 = w.astype(np.float64), g.astype(np.float64)
+    u64 = (0.1 * g64 / 0.1) / (np.sqrt(0.001 * g64 * g64 / 0.001) + 1e-6) + 0.01 * w64
+    np.testing.assert_allclose(sumsq[0, 0], np.sum(w64 * w64), rtol=1e-9)
+    np.testing.assert_allclose(sumsq[0, 1], np.sum(u64 * u64), rtol=1e-6)
+    ratio = np.sqrt(sumsq[0, 0]) / np.sqrt(sumsq[0, 1])
+    np.testing.assert_allclose(ratio, np.linalg.norm(w64) / np.linalg.norm(u64), rtol=1e-6)
+
+
+def test_operator_refuses_mismatched_shapes_with_a_named_tensor():
+    w, g = mx.nd.ones((4,)), mx.nd.ones((5,))
+    m, v = mx.nd.zeros((4,)), mx.nd.zeros((4,))
+    with pytest.raises(mx.base.MXNetError, match="grad of tensor 0 has another shape"):
+        mx.nd.mxlamb_phase1(w, g, m, v, num_tensors=1, lrs="0.1", wds="0", step_counts="1")
+
+
+def test_operator_refuses_a_wrong_length_list():
+    w = mx.nd.ones((4,))
+    with pytest.raises(mx.base.MXNetError, match="lrs has 2 values for num_tensors=1"):
+        mx.nd.mxlamb_phase1(w, w, w.copy(), w.copy(), num_tensors=1, lrs="0.1,0.2", wds="0",
+                            step_counts="1").wait_to_read()
+
+
+def import_in_subprocess(env_extra, code="import mxlamb"):
+    env = dict(os.environ, **env_extra)
+    return subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("isa", supported_isas())
+def test_mxlamb_isa_environment_variable_forces_a_level(isa):
+    out = import_in_subprocess(
+        {"MXLAMB_ISA": isa},
+        "import mxlamb; from mxlamb import _library; print(_library.native.mxlamb_active_isa().decode())")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == isa
+
+
+def test_unknown_isa_level_is_an_import_error():
+    out = import_in_subprocess({"MXLAMB_ISA": "sse9"})
+    assert out.returncode != 0
+    assert "ImportError" in out.stderr and "MXLAMB_ISA=sse9" in out.stderr
