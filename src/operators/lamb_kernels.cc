@@ -2,9 +2,9 @@
 //
 // This file is compiled once per ISA level with different -m flags and
 // -DMXLAMB_ISA=<name> (see setup.py); each copy defines kernels_<name>(). The loops are written
-// so that the compiler vectorises them: a body of kSumLanes elements whose lane l always feeds
-// accumulator l, then a scalar tail that continues the same lane pattern. Both call the same
-// element functions, so body and tail cannot disagree.
+// so that the compiler vectorises them: a body of blocks of kSumLanes elements whose lane l
+// always feeds accumulator l, then a tail block padded with zeros. Both call the same element
+// functions, so body and tail cannot disagree.
 #include <cstdint>
 
 #include "lamb_kernels.h"
@@ -30,6 +30,25 @@ inline double sum_lanes(const double* acc) {
   return level[0];
 }
 
+// Phase 1 of one element: updates mean and var in place, returns u.
+template <typename GradT>
+MXLAMB_INLINE float phase1_element(float w, GradT grad, float* mean, float* var,
+                                   const StepCoeffs& step, const TensorCoeffs& tensor) {
+  float m = *mean, v = *var;
+  update_moments(scaled_grad(to_float(grad), step), &m, &v, step);
+  *mean = m;
+  *var = v;
+  return raw_update(w, m, v, step.epsilon, tensor);
+}
+
+// Adds the squares of one block of kSumLanes values to the lane accumulators.
+MXLAMB_INLINE void accumulate_squares(const float* x, double* acc) {
+  for (int lane = 0; lane < kSumLanes; ++lane) {
+    const double d = static_cast<double>(x[lane]);
+    acc[lane] += d * d;
+  }
+}
+
 template <typename GradT>
 void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs& tensor,
                  double* weight_sumsq, double* update_sumsq) {
@@ -39,26 +58,27 @@ void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs
   float* __restrict__ v = s.var;
   double acc_w[kSumLanes] = {};
   double acc_u[kSumLanes] = {};
-
-  auto element = [&](int64_t i, int lane) __attribute__((always_inline)) {
-    float mean = m[i];
-    float var = v[i];
-    update_moments(scaled_grad(to_float(g[i]), step), &mean, &var, step);
-    m[i] = mean;
-    v[i] = var;
-    const float u = raw_update(w[i], mean, var, step.epsilon, tensor);
-    acc_w[lane] += static_cast<double>(w[i]) * static_cast<double>(w[i]);
-    acc_u[lane] += static_cast<double>(u) * static_cast<double>(u);
-  };
+  float u[kSumLanes];
 
   const int64_t body = s.n - s.n % kSumLanes;
-  int64_t i = 0;
-  for (; i < body; i += kSumLanes) {
-#pragma GCC unroll 16
-    for (int lane = 0; lane < kSumLanes; ++lane) element(i + lane, lane);
+  for (int64_t i = 0; i < body; i += kSumLanes) {
+    for (int lane = 0; lane < kSumLanes; ++lane) {
+      u[lane] = phase1_element(w[i + lane], g[i + lane], &m[i + lane], &v[i + lane], step, tensor);
+    }
+    accumulate_squares(w + i, acc_w);
+    accumulate_squares(u, acc_u);
   }
-  for (int lane = 0; i < s.n; ++i, ++lane) element(i, lane);
-
+  // The tail continues the same lane pattern with zeros in the unused lanes (0^2 adds nothing).
+  if (body < s.n) {
+    float w_tail[kSumLanes] = {};
+    float u_tail[kSumLanes] = {};
+    for (int64_t i = body; i < s.n; ++i) {
+      w_tail[i - body] = w[i];
+      u_tail[i - body] = phase1_element(w[i], g[i], &m[i], &v[i], step, tensor);
+    }
+    accumulate_squares(w_tail, acc_w);
+    accumulate_squares(u_tail, acc_u);
+  }
   *weight_sumsq = sum_lanes(acc_w);
   *update_sumsq = sum_lanes(acc_u);
 }

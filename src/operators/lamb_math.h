@@ -42,8 +42,8 @@ struct StepCoeffs {
 
 // Per-tensor values: they differ inside one group (lr_mult, wd_mult, per-index step counts).
 struct TensorCoeffs {
-  float bias1;  // 1 - beta1^t, or 1 when bias correction is off
-  float bias2;  // 1 - beta2^t, or 1 when bias correction is off
+  float inv_bias1;  // 1 / (1 - beta1^t), from double; 1 when bias correction is off
+  float inv_bias2;  // 1 / (1 - beta2^t), from double; 1 when bias correction is off
   float wd;
   float lr;
 };
@@ -68,8 +68,8 @@ MXLAMB_HD void update_moments(float g, float* mean, float* var, const StepCoeffs
 // it is scaled by the trust ratio too.
 MXLAMB_HD float raw_update(float weight, float mean, float var, float epsilon,
                            const TensorCoeffs& t) {
-  const float mean_hat = mean / t.bias1;
-  const float var_hat = var / t.bias2;
+  const float mean_hat = mean * t.inv_bias1;
+  const float var_hat = var * t.inv_bias2;
   return mean_hat / (std::sqrt(var_hat) + epsilon) + t.wd * weight;
 }
 

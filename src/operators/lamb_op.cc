@@ -135,8 +135,10 @@ bool parse_step(const std::string& op, const Attrs& attrs, StepAttrs* s) {
   for (int t = 0; t < s->n; ++t) {
     if (counts[t] < 1) return fail(op, "step_counts must be >= 1");
     TensorCoeffs& c = s->tensors[t];
-    c.bias1 = bias_correction ? static_cast<float>(1.0 - std::pow(beta1, counts[t])) : 1.0f;
-    c.bias2 = bias_correction ? static_cast<float>(1.0 - std::pow(beta2, counts[t])) : 1.0f;
+    c.inv_bias1 = bias_correction ? static_cast<float>(1.0 / (1.0 - std::pow(beta1, counts[t])))
+                                  : 1.0f;
+    c.inv_bias2 = bias_correction ? static_cast<float>(1.0 / (1.0 - std::pow(beta2, counts[t])))
+                                  : 1.0f;
     c.wd = static_cast<float>(wds[t]);
     c.lr = static_cast<float>(lrs[t]);
   }
