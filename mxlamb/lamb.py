@@ -137,6 +137,16 @@ class LAMB(Optimizer):
         super().__init__(learning_rate=learning_rate, **kwargs)
         # Set after Optimizer.__init__, which resets it to 0.
         self.aggregate_num = int(aggregate_num)
+        self._checked = {}  # index -> (weight, grad, state, (master, mean, var)) as last checked
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        del state["_checked"]  # holds arrays; rebuilt on the first step
+        return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._checked = {}
 
     # ------------------------------------------------------------------------------ states
 
@@ -257,7 +267,20 @@ class LAMB(Optimizer):
     def _checked_state(self, index, weight, grad, state):
         """``(master, mean, var)`` of one parameter (master is the weight itself without
         multi-precision). Refuses, naming the parameter, what the operators would get wrong,
-        before any array is written."""
+        before any array is written.
+
+        Trainer and Updater pass the same array objects every step: a parameter whose weight,
+        gradient and state are the very objects checked before is not checked again (the
+        cache keeps them alive, so an identity cannot be reused by a new array)."""
+        cached = self._checked.get(index)
+        if (cached is not None and cached[0] is weight and cached[1] is grad
+                and cached[2] is state):
+            return cached[3]
+        result = self._check_state(index, weight, grad, state)
+        self._checked[index] = (weight, grad, state, result)
+        return result
+
+    def _check_state(self, index, weight, grad, state):
         def refuse(what):
             raise ValueError("LAMB: parameter %s: %s" % (self._describe(index), what))
 

@@ -1,5 +1,6 @@
 // Run-time choices of the CPU library: the instruction-set level and the thread count.
 // Also the small C interface the tests use (through ctypes) to force a level or a count.
+#include <omp.h>
 #include <sched.h>
 
 #include <cstdlib>
@@ -129,3 +130,18 @@ __attribute__((visibility("default"))) void mxlamb_set_num_threads(int n) {
 }
 
 }  // extern "C"
+
+// A STREAM-like read-modify-write probe for the benchmark: a[i] = a[i] + s * b[i] over n floats
+// (12 bytes per element) with the same chunks and threads as the LAMB kernels. Returns seconds.
+extern "C" __attribute__((visibility("default"))) double mxlamb_rmw_seconds(float* a,
+                                                                            const float* b,
+                                                                            int64_t n, float s) {
+  const mxlamb::ChunkPlan plan({n});
+  const double start = omp_get_wtime();
+  mxlamb::for_each_chunk(plan, [&](int64_t, const mxlamb::Chunk& c) {
+    float* __restrict__ x = a + c.begin;
+    const float* __restrict__ y = b + c.begin;
+    for (int64_t i = 0; i < c.end - c.begin; ++i) x[i] = x[i] + s * y[i];
+  });
+  return omp_get_wtime() - start;
+}

@@ -1,0 +1,210 @@
+"""One LAMB step on real model parameter sets: mxlamb vs MXNet's LAMB vs NumPy vs the bound.
+
+    python benchmarks/bench_step.py [--models bert-base,200x768] [--large] [--steps 5]
+                                    [--json out.json] [--png out.png]
+
+In one run it measures a STREAM-like read-modify-write bandwidth with the library's own
+threads, derives the byte bound of a two-pass LAMB step (40 bytes per parameter: read w, g, m, v
+and write m, v; then read w, m, v and write w), and times every implementation with warm-up,
+``mx.nd.waitall()`` before reading the clock, and the median of several steps. It prints a
+table of medians and ratios; nothing here is asserted.
+"""
+import argparse
+import ctypes
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import mxnet as mx
+import numpy as np
+from tqdm import tqdm
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import mxlamb  # noqa: E402
+from mxlamb import _library  # noqa: E402
+from param_sets import PARAM_SETS  # noqa: E402
+
+BYTES_PER_PARAM = 40  # two passes, fp32 (and fp16 with an fp32 master: 22 + 18 bytes)
+
+
+def rmw_bandwidth(n=1 << 26, repeats=7):
+    """Bytes per second of a[i] += s * b[i] (12 bytes per element), median of repeats."""
+    a, b = np.ones(n, np.float32), np.full(n, 1e-7, np.float32)
+    fn = _library.native.mxlamb_rmw_seconds
+    fn.restype = ctypes.c_double
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_float]
+    fn(a.ctypes.data, b.ctypes.data, n, 1.0)  # fault the pages in
+    seconds = [fn(a.ctypes.data, b.ctypes.data, n, 1.0) for _ in range(repeats)]
+    return 12.0 * n / statistics.median(seconds)
+
+
+def numpy_lamb(weights, grads, means, variances, t, lr=1e-3, wd=0.01, beta1=0.9, beta2=0.999,
+               eps=1e-6):
+    """A vectorised float32 NumPy LAMB step (in-place where NumPy allows)."""
+    c1, c2 = 1.0 / (1 - beta1 ** t), 1.0 / (1 - beta2 ** t)
+    for w, g, m, v in zip(weights, grads, means, variances):
+        m *= beta1
+        m += (1 - beta1) * g
+        v *= beta2
+        v += (1 - beta2) * g * g
+        u = np.sqrt(v * c2)
+        u += eps
+        np.divide(m * c1, u, out=u)
+        u += wd * w
+        r1, r2 = np.linalg.norm(w), np.linalg.norm(u)
+        ratio = r1 / r2 if r1 > 0 and r2 > 0 else 1.0
+        w -= (lr * ratio) * u
+
+
+def time_steps(step, steps, warmup=1):
+    for _ in range(warmup):
+        step()
+    mx.nd.waitall()
+    times = []
+    for _ in range(steps):
+        mx.nd.waitall()
+        start = time.perf_counter()
+        step()
+        mx.nd.waitall()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def updater_step(optimizer, weights, grads):
+    updater = mx.optimizer.get_updater(optimizer)
+    indices = list(range(len(weights)))
+    return lambda: updater(indices, grads, weights)
+
+
+def builtin_lamb(aggregate):
+    os.environ["MXNET_OPTIMIZER_AGGREGATION_SIZE"] = str(aggregate)
+    try:
+        return mx.optimizer.optimizer.LAMB(learning_rate=1e-3, wd=0.01)
+    finally:
+        del os.environ["MXNET_OPTIMIZER_AGGREGATION_SIZE"]
+
+
+def cases(model, shapes):
+    """(name, dtype, make_step) for every implementation on this parameter set."""
+    def mx_case(make_optimizer, dtype="float32"):
+        def make(weights, grads):
+            if dtype != "float32":
+                weights = [w.astype(dtype) for w in weights]
+                grads = [g.astype(dtype) for g in grads]
+            return updater_step(make_optimizer(), weights, grads)
+        return make
+
+    def numpy_case(weights, grads):
+        ws = [w.asnumpy() for w in weights]
+        gs = [g.asnumpy() for g in grads]
+        ms, vs = [np.zeros_like(w) for w in ws], [np.zeros_like(w) for w in ws]
+        counter = [0]
+
+        def step():
+            counter[0] += 1
+            numpy_lamb(ws, gs, ms, vs, counter[0])
+        return step
+
+    yield "mxlamb fused_step (aggregate_num=4)", mx_case(lambda: mxlamb.LAMB(wd=0.01))
+    yield "mxlamb fused_step (aggregate_num=45)", mx_case(
+        lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45))
+    if model == "200x768":
+        yield "mxlamb fused_step (aggregate_num=200)", mx_case(
+            lambda: mxlamb.LAMB(wd=0.01, aggregate_num=200))
+    yield "mxlamb step", mx_case(lambda: mxlamb.LAMB(wd=0.01, use_fused_step=False))
+    yield "mxlamb fp16 multi_precision (aggregate_num=45)", mx_case(
+        lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45, multi_precision=True), "float16")
+    yield "MXNet LAMB (aggregation 45)", mx_case(lambda: builtin_lamb(45))
+    yield "MXNet LAMB (aggregation 1)", mx_case(lambda: builtin_lamb(1))
+    yield "NumPy LAMB", numpy_case
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="bert-base,200x768")
+    parser.add_argument("--large", action="store_true", help="also BERT-large (335M parameters)")
+    parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
+    parser.add_argument("--json", help="write the table as JSON here")
+    parser.add_argument("--png", help="write a bar chart here")
+    args = parser.parse_args()
+    models = args.models.split(",") + (["bert-large"] if args.large else [])
+
+    bandwidth = rmw_bandwidth()
+    machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+               "isa": _library.native.mxlamb_active_isa().decode(),
+               "mxlamb_threads": _library.native.mxlamb_num_threads(),
+               "rmw_bandwidth_GBps": bandwidth / 1e9, "mxnet": mx.__version__}
+    try:
+        with open("/proc/cpuinfo") as f:
+            machine["cpu"] = next(l.split(":", 1)[1].strip() for l in f if "model name" in l)
+    except (OSError, StopIteration):
+        pass
+    print("machine: %(cpu)s, %(cores)d cores, ISA %(isa)s, %(mxlamb_threads)d mxlamb threads, "
+          "mxnet %(mxnet)s" % machine)
+    print("read-modify-write bandwidth: %.1f GB/s" % (bandwidth / 1e9))
+
+    plan = [(model, name, make) for model in models
+            for name, make in cases(model, PARAM_SETS[model]())]
+    results = []
+    rng = np.random.RandomState(0)
+    arrays = {}
+    for model, name, make in tqdm(plan, desc="benchmark", unit="case"):
+        if model not in arrays:
+            arrays.clear()
+            shapes = PARAM_SETS[model]()
+            arrays[model] = ([mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes],
+                             [mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes])
+        weights, grads = arrays[model]
+        params = sum(w.size for w in weights)
+        step = make(weights, grads)
+        seconds = time_steps(step, args.steps)
+        del step
+        results.append({"model": model, "case": name, "params": params, "seconds": seconds,
+                        "bound_seconds": BYTES_PER_PARAM * params / bandwidth})
+
+    print()
+    header = "%-11s %-48s %10s %9s %9s %9s" % ("model", "implementation", "median", "vs MXNet",
+                                                "vs NumPy", "vs bound")
+    print(header)
+    print("-" * len(header))
+    for model in models:
+        rows = [r for r in results if r["model"] == model]
+        builtin = next(r["seconds"] for r in rows if r["case"] == "MXNet LAMB (aggregation 45)")
+        numpy_s = next(r["seconds"] for r in rows if r["case"] == "NumPy LAMB")
+        for r in rows:
+            r["speedup_vs_mxnet"] = builtin / r["seconds"]
+            r["speedup_vs_numpy"] = numpy_s / r["seconds"]
+            r["ratio_to_bound"] = r["seconds"] / r["bound_seconds"]
+            print("%-11s %-48s %8.2fms %8.1fx %8.1fx %8.2fx" % (
+                model, r["case"], r["seconds"] * 1e3, r["speedup_vs_mxnet"],
+                r["speedup_vs_numpy"], r["ratio_to_bound"]))
+        print("%-11s %-48s %8.2fms   (%d parameters, %d bytes each at %.1f GB/s)" % (
+            model, "byte bound", rows[0]["bound_seconds"] * 1e3, rows[0]["params"],
+            BYTES_PER_PARAM, bandwidth / 1e9))
+
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": machine, "results": results}, f, indent=2)
+    if args.png:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
+        for ax, model in zip(axes[0], models):
+            rows = [r for r in results if r["model"] == model]
+            ax.barh([r["case"] for r in rows], [r["seconds"] * 1e3 for r in rows])
+            ax.axvline(rows[0]["bound_seconds"] * 1e3, color="k", ls="--", label="byte bound")
+            ax.set_xscale("log")
+            ax.set_xlabel("ms per step (log)")
+            ax.set_title("%s (%.1fM parameters)" % (model, rows[0]["params"] / 1e6))
+            ax.invert_yaxis()
+            ax.legend()
+        fig.tight_layout()
+        fig.savefig(args.png, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
