@@ -39,6 +39,19 @@ ISA_FLAGS = {
 
 PORTABLE_SOURCES = ["lamb_op.cc", "lamb_cpu.cc", "runtime.cc"]
 
+# sm_90 code plus PTX for newer GPUs (the driver compiles it at load).
+NVCC_ARCH = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
+
+
+def compile_cuda_library(output, nvcc="nvcc", extra_flags=()):
+    """The CUDA kernels with their plain C interface (lamb_cuda.h), usable without MXNet."""
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    command = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-shared", "-I", OPERATOR_DIR,
+               os.path.join(OPERATOR_DIR, "lamb_cuda.cu"), "-o", output] + NVCC_ARCH
+    print(" ".join(command + list(extra_flags)))
+    subprocess.check_call(command + list(extra_flags))
+    return output
+
 
 def mxnet_build_info():
     """Include path, lib_api.cc and version number (1.9.1 -> 10901) of the importable mxnet."""
@@ -98,10 +111,19 @@ class BuildOperators(build_ext):
         return ext_name.replace(".", os.sep) + ".so"
 
     def build_extension(self, ext):
-        compile_operator_library(self.get_ext_fullpath(ext.name), self.build_temp)
+        output = self.get_ext_fullpath(ext.name)
+        extra = []
+        if os.environ.get("MXLAMB_CUDA") == "1":
+            # The kernels as their own library, and the MXNet operators' GPU forward linked to it.
+            cuda_lib = compile_cuda_library(
+                os.path.join(os.path.dirname(output), "libmxlamb_cuda.so"))
+            extra = ["-DMXLAMB_WITH_CUDA", "-L" + os.path.dirname(os.path.abspath(cuda_lib)),
+                     "-lmxlamb_cuda", "-Wl,-rpath,$ORIGIN"]
+        compile_operator_library(output, self.build_temp, extra_flags=extra)
 
 
-setup(
-    ext_modules=[Extension("mxlamb.libmxlamb", sources=[])],
-    cmdclass={"build_ext": BuildOperators},
-)
+if __name__ == "__main__":  # pip and setuptools run this file as __main__; tests import it
+    setup(
+        ext_modules=[Extension("mxlamb.libmxlamb", sources=[])],
+        cmdclass={"build_ext": BuildOperators},
+    )

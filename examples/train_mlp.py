@@ -12,7 +12,7 @@ import numpy as np
 from mxnet import autograd, gluon
 from tqdm import tqdm
 
-import mxlamb
+import mxlamb  # noqa: F401  (makes "lamb" mxlamb.LAMB)
 
 
 def rings(n, seed):

@@ -17,6 +17,9 @@
 
 #include "lamb_cpu.h"
 #include "mxnet/lib_api.h"
+#ifdef MXLAMB_WITH_CUDA
+#include "lamb_cuda.h"
+#endif
 
 using mxnet::ext::MXReturnValue;
 using mxnet::ext::MXTensor;
@@ -332,6 +335,107 @@ MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
   return MX_SUCCESS;
 }
 
+#ifdef MXLAMB_WITH_CUDA
+// ------------------------------------------------------------------------------------ GPU
+
+// The group as the CUDA interface takes it; the vectors own the host-side pointer arrays.
+struct CudaGroup {
+  std::vector<float*> weights, means, vars;
+  std::vector<const void*> grads;
+  std::vector<void*> lowp;
+  std::vector<int64_t> sizes, counts;
+  std::vector<float> lrs, wds;
+  MxlambCudaGroup group{};
+
+  CudaGroup(const StepAttrs& s, const Attrs& attrs) {
+    std::vector<double> count_values;
+    get_list("mxlamb", attrs, "step_counts", s.n, &count_values);
+    for (int t = 0; t < s.n; ++t) {
+      lrs.push_back(s.tensors[t].lr);
+      wds.push_back(s.tensors[t].wd);
+      counts.push_back(static_cast<int64_t>(count_values[t]));
+    }
+    double beta1, beta2;
+    get_double("mxlamb", attrs, "beta1", 0.9, &beta1);
+    get_double("mxlamb", attrs, "beta2", 0.999, &beta2);
+    group.num_tensors = s.n;
+    group.lrs = lrs.data();
+    group.wds = wds.data();
+    group.step_counts = counts.data();
+    group.beta1 = static_cast<float>(beta1);
+    group.beta2 = static_cast<float>(beta2);
+    group.epsilon = s.step.epsilon;
+    group.rescale_grad = s.step.rescale_grad;
+    group.clip_gradient = s.step.clip_gradient;
+    group.bias_correction = get_bool(attrs, "bias_correction", true);
+    group.lower_bound = s.lower_bound;
+    group.upper_bound = s.upper_bound;
+  }
+
+  void finish() {
+    group.weights = weights.data();
+    group.grads = grads.empty() ? nullptr : grads.data();
+    group.means = means.data();
+    group.vars = vars.data();
+    group.weights_lowp = lowp.empty() ? nullptr : lowp.data();
+    group.sizes = sizes.data();
+  }
+};
+
+bool cuda_ok(const char* op, int err) {
+  if (err == 0) return true;
+  return fail(op, "CUDA error " + std::to_string(err));
+}
+
+MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                 std::vector<MXTensor>* out, const OpResource& res) {
+  StepAttrs s;
+  if (!parse_step(kPhase1, attrs, &s)) return MX_FAIL;
+  CudaGroup g(s, attrs);
+  for (int t = 0; t < s.n; ++t) {
+    MXTensor* x = &(*in)[t * kPhase1Slots];
+    g.weights.push_back(x[kWeight].data<float>());
+    g.grads.push_back(x[kGrad].data_ptr);
+    g.means.push_back(x[kMean].data<float>());
+    g.vars.push_back(x[kVar].data<float>());
+    g.sizes.push_back(x[kWeight].size());
+    g.group.grad_dtype = static_cast<int>(x[kGrad].dtype);
+  }
+  g.finish();
+  const size_t bytes = mxlamb_cuda_workspace_bytes(&g.group);
+  void* workspace = res.alloc_gpu(static_cast<int>(bytes));
+  return cuda_ok(kPhase1, mxlamb_cuda_phase1(&g.group, (*out)[0].data<double>(), workspace, bytes,
+                                             res.get_cuda_stream()))
+             ? MX_SUCCESS
+             : MX_FAIL;
+}
+
+MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                 std::vector<MXTensor>* out, const OpResource& res) {
+  StepAttrs s;
+  if (!parse_step(kPhase2, attrs, &s)) return MX_FAIL;
+  CudaGroup g(s, attrs);
+  g.group.lowp_dtype = s.multi_precision ? static_cast<int>((*out)[0].dtype) : 0;
+  for (int t = 0; t < s.n; ++t) {
+    MXTensor* x = &(*in)[t * kPhase2Slots];
+    MXTensor& o = (*out)[t];
+    // Without multi-precision the output is the fp32 weight; phase 2 reads and writes it.
+    g.weights.push_back(s.multi_precision ? x[kP2Weight].data<float>() : o.data<float>());
+    if (s.multi_precision) g.lowp.push_back(o.data_ptr);
+    g.means.push_back(x[kP2Mean].data<float>());
+    g.vars.push_back(x[kP2Var].data<float>());
+    g.sizes.push_back(x[kP2Weight].size());
+  }
+  g.finish();
+  const size_t bytes = mxlamb_cuda_workspace_bytes(&g.group);
+  void* workspace = res.alloc_gpu(static_cast<int>(bytes));
+  return cuda_ok(kPhase2, mxlamb_cuda_phase2(&g.group, in->back().data<double>(), workspace,
+                                             bytes, res.get_cuda_stream()))
+             ? MX_SUCCESS
+             : MX_FAIL;
+}
+#endif  // MXLAMB_WITH_CUDA
+
 }  // namespace
 }  // namespace mxlamb
 
@@ -340,6 +444,9 @@ REGISTER_OP(mxlamb_phase1)
     .setInferType(mxlamb::phase1_type)
     .setInferShape(mxlamb::phase1_shape)
     .setMutateInputs(mxlamb::phase1_mutate)
+#ifdef MXLAMB_WITH_CUDA
+    .setForward(mxlamb::phase1_forward_gpu, "gpu")
+#endif
     .setForward(mxlamb::phase1_forward, "cpu");
 
 REGISTER_OP(mxlamb_phase2)
@@ -347,6 +454,9 @@ REGISTER_OP(mxlamb_phase2)
     .setInferType(mxlamb::phase2_type)
     .setInferShape(mxlamb::phase2_shape)
     .setMutateInputs(mxlamb::phase2_mutate)
+#ifdef MXLAMB_WITH_CUDA
+    .setForward(mxlamb::phase2_forward_gpu, "gpu")
+#endif
     .setForward(mxlamb::phase2_forward, "cpu");
 
 // Called by mx.library.load: refuse an MXNet other than the one this library was built for

@@ -1,0 +1,163 @@
+"""The CUDA kernels (src/operators/lamb_cuda.cu) through their plain C interface.
+
+CI has nvcc but no GPU: it compiles the sources (a broken kernel fails CI). On a machine with a
+GPU and CuPy, the kernels run on device arrays against the same float64 reference and grid as
+the CPU tests; without a GPU those tests skip.
+"""
+import ctypes
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reference import ReferenceLAMB
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+from setup import compile_cuda_library  # noqa: E402
+
+NVCC = shutil.which("nvcc")
+needs_nvcc = pytest.mark.skipif(NVCC is None and not os.environ.get("CI"),
+                                reason="nvcc not found (CI requires it)")
+
+
+@needs_nvcc
+def test_cuda_kernels_compile(tmp_path):
+    lib = compile_cuda_library(str(tmp_path / "libmxlamb_cuda.so"))
+    symbols = subprocess.run(["nm", "-D", lib], capture_output=True, text=True).stdout
+    for name in ("mxlamb_cuda_phase1", "mxlamb_cuda_phase2", "mxlamb_cuda_workspace_bytes"):
+        assert name in symbols
+
+
+@needs_nvcc
+def test_mxnet_gpu_binding_compiles(tmp_path):
+    """lamb_op.cc with the forwardGPU registrations (MXLAMB_CUDA=1 builds)."""
+    mxnet = pytest.importorskip("mxnet")
+    include = mxnet.libinfo.find_include_path()
+    subprocess.check_call(["g++", "-std=c++17", "-fsyntax-only", "-DMXLAMB_WITH_CUDA",
+                           "-DMXLAMB_MXNET_VERSION=10901", "-I", include,
+                           "-I", os.path.join(ROOT, "src", "operators"),
+                           os.path.join(ROOT, "src", "operators", "lamb_op.cc")])
+
+
+class Group(ctypes.Structure):
+    _fields_ = [("num_tensors", ctypes.c_int),
+                ("weights", ctypes.POINTER(ctypes.c_void_p)),
+                ("grads", ctypes.POINTER(ctypes.c_void_p)),
+                ("means", ctypes.POINTER(ctypes.c_void_p)),
+                ("vars", ctypes.POINTER(ctypes.c_void_p)),
+                ("weights_lowp", ctypes.POINTER(ctypes.c_void_p)),
+                ("sizes", ctypes.POINTER(ctypes.c_int64)),
+                ("grad_dtype", ctypes.c_int), ("lowp_dtype", ctypes.c_int),
+                ("lrs", ctypes.POINTER(ctypes.c_float)), ("wds", ctypes.POINTER(ctypes.c_float)),
+                ("step_counts", ctypes.POINTER(ctypes.c_int64)),
+                ("beta1", ctypes.c_float), ("beta2", ctypes.c_float),
+                ("epsilon", ctypes.c_float), ("rescale_grad", ctypes.c_float),
+                ("clip_gradient", ctypes.c_float), ("bias_correction", ctypes.c_int),
+                ("lower_bound", ctypes.c_double), ("upper_bound", ctypes.c_double)]
+
+
+def gpu_available():
+    try:
+        import cupy
+        return cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no CuPy, no driver or no device
+        return False
+
+
+needs_gpu = pytest.mark.skipif(not gpu_available(), reason="no CUDA GPU (and CuPy) here")
+
+
+@pytest.fixture(scope="module")
+def cuda_lib(tmp_path_factory):
+    path = compile_cuda_library(str(tmp_path_factory.mktemp("cuda") / "libmxlamb_cuda.so"))
+    lib = ctypes.CDLL(path)
+    lib.mxlamb_cuda_workspace_bytes.restype = ctypes.c_size_t
+    lib.mxlamb_cuda_workspace_bytes.argtypes = [ctypes.POINTER(Group)]
+    for fn in (lib.mxlamb_cuda_phase1, lib.mxlamb_cuda_phase2):
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.POINTER(Group), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
+                       ctypes.c_void_p]
+    return lib
+
+
+def pointers(arrays):
+    return (ctypes.c_void_p * len(arrays))(*[a.data.ptr for a in arrays])
+
+
+SIZES = [1, 7, 255, 256, 4097, 18011, 65535, 65536, 65537, 300007]
+GRID = [dict(wd=wd, bounds=b, bias_correction=bc, rescale_grad=rs, clip_gradient=clip)
+        for wd, b, bc, rs, clip in [(0.0, (None, None), True, 1.0, None),
+                                    (0.01, (2.0, 20.0), True, 0.5, 0.3),
+                                    (0.01, (None, None), False, 1.0, 0.3),
+                                    (0.1, (2.0, None), True, 2.0, None)]]
+TOLERANCE = {"float32": (2e-5, 2e-6), "float16": (2e-3, 1e-4), "bfloat16": (1.6e-2, 1e-3)}
+FLAGS = {"float32": 0, "float16": 2, "bfloat16": 12}
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
+@pytest.mark.parametrize("options", GRID)
+def test_cuda_kernels_match_the_reference(cuda_lib, dtype, options):
+    import cupy as cp
+    rng = np.random.RandomState(0)
+    n = len(SIZES)
+    lr, steps = 0.02, 7
+    w0 = [rng.randn(s).astype(np.float32) for s in SIZES]
+    w0[1][:] = 0  # a zero-initialised weight still moves
+    grads = [[rng.randn(s).astype(np.float32) for s in SIZES] for _ in range(steps)]
+
+    def to_storage(x):  # float32 host values -> device array of `dtype`, and their exact values
+        if dtype == "float32":
+            return cp.asarray(x), x.astype(np.float64)
+        if dtype == "float16":
+            h = x.astype(np.float16)
+            return cp.asarray(h), h.astype(np.float64)
+        bits = (x.view(np.uint32) + 0x7fff + ((x.view(np.uint32) >> 16) & 1)) >> 16
+        bits = bits.astype(np.uint16)
+        return cp.asarray(bits), (bits.astype(np.uint32) << 16).view(np.float32).astype(np.float64)
+
+    lowp = [to_storage(w) for w in w0] if dtype != "float32" else None
+    master = [cp.asarray(l[1].astype(np.float32)) for l in lowp] if lowp else [cp.asarray(w) for w in w0]
+    means = [cp.zeros(s, cp.float32) for s in SIZES]
+    variances = [cp.zeros(s, cp.float32) for s in SIZES]
+    ref = ReferenceLAMB(beta1=0.9, beta2=0.999, epsilon=1e-6, lower_bound=options["bounds"][0],
+                        upper_bound=options["bounds"][1], bias_correction=options["bias_correction"],
+                        rescale_grad=options["rescale_grad"], clip_gradient=options["clip_gradient"])
+    for i, m in enumerate(master):
+        ref.init(i, cp.asnumpy(m))
+    sumsq = cp.zeros((n, 2), cp.float64)
+    for t in range(1, steps + 1):
+        step_grads = [to_storage(g) for g in grads[t - 1]]
+        for i in range(n):
+            ref.step(i, step_grads[i][1], lr, options["wd"])
+        group = Group(
+            num_tensors=n, weights=pointers(master), grads=pointers([g[0] for g in step_grads]),
+            means=pointers(means), vars=pointers(variances),
+            weights_lowp=pointers([l[0] for l in lowp]) if lowp else None,
+            sizes=(ctypes.c_int64 * n)(*SIZES), grad_dtype=FLAGS[dtype], lowp_dtype=FLAGS[dtype],
+            lrs=(ctypes.c_float * n)(*[lr] * n), wds=(ctypes.c_float * n)(*[options["wd"]] * n),
+            step_counts=(ctypes.c_int64 * n)(*[t] * n), beta1=0.9, beta2=0.999, epsilon=1e-6,
+            rescale_grad=options["rescale_grad"],
+            clip_gradient=-1.0 if options["clip_gradient"] is None else options["clip_gradient"],
+            bias_correction=int(options["bias_correction"]),
+            lower_bound=options["bounds"][0] or -1.0, upper_bound=options["bounds"][1] or -1.0)
+        bytes_ = cuda_lib.mxlamb_cuda_workspace_bytes(ctypes.byref(group))
+        workspace = cp.empty(bytes_, cp.uint8)
+        stream = cp.cuda.get_current_stream().ptr
+        assert cuda_lib.mxlamb_cuda_phase1(ctypes.byref(group), sumsq.data.ptr,
+                                           workspace.data.ptr, bytes_, stream) == 0
+        assert cuda_lib.mxlamb_cuda_phase2(ctypes.byref(group), sumsq.data.ptr,
+                                           workspace.data.ptr, bytes_, stream) == 0
+    cp.cuda.get_current_stream().synchronize()
+    for i in range(n):
+        np.testing.assert_allclose(cp.asnumpy(master[i]), ref.weight[i], *TOLERANCE["float32"])
+        np.testing.assert_allclose(cp.asnumpy(means[i]), ref.mean[i], *TOLERANCE["float32"])
+        np.testing.assert_allclose(cp.asnumpy(variances[i]), ref.var[i], *TOLERANCE["float32"])
+        if lowp:
+            expected = to_storage(cp.asnumpy(master[i]))[0]
+            np.testing.assert_array_equal(cp.asnumpy(lowp[i][0]), cp.asnumpy(expected))
+    assert np.abs(cp.asnumpy(master[1])).max() > 0  # zero-initialised weight moved
