@@ -42,13 +42,14 @@ def run(opt, weights, grads, via="updater"):
     return dict(zip(indices, states))
 
 
-def run_reference(options, lr, wd, weights, grads):
+def run_reference(options, lr, wd, weights, grads, lr_mult=None, wd_mult=None):
     ref = ReferenceLAMB(**options)
     for i, w in enumerate(weights):
         ref.init(i, to_f64(w))
     for step_grads in grads:
         for i, g in enumerate(step_grads):
-            ref.step(i, to_f64(g), lr * LR_MULT.get(i, 1.0), wd * WD_MULT.get(i, 1.0))
+            ref.step(i, to_f64(g), lr * (lr_mult or {}).get(i, 1.0),
+                     wd * (wd_mult or {}).get(i, 1.0))
     return ref
 
 
@@ -94,7 +95,7 @@ def check(dtype, wd, bounds, bias_correction, rescale_grad, clip_gradient, aggre
     ref = run_reference(dict(beta1=0.9, beta2=0.99, epsilon=1e-6, lower_bound=bounds[0],
                              upper_bound=bounds[1], bias_correction=bias_correction,
                              rescale_grad=rescale_grad, clip_gradient=clip_gradient),
-                        lr, wd, weights, grads)
+                        lr, wd, weights, grads, LR_MULT, WD_MULT)
     states = run(opt, weights, grads, via)
     assert_matches_reference(ref, weights, states, dtype, multi_precision)
     # The caller's gradients are never modified; every tensor counted once per step.
@@ -148,12 +149,7 @@ def test_many_mixed_tensors_in_one_group(aggregate_num):
     shapes = [(int(n),) for n in rng.randint(1, 3000, size=120)]
     weights, grads = make_problem(shapes, "float32", seed=3, steps=3)
     opt = mxlamb.LAMB(learning_rate=0.01, wd=0.01, aggregate_num=aggregate_num)
-    ref = ReferenceLAMB()
-    for i, w in enumerate(weights):
-        ref.init(i, to_f64(w))
-    for step in grads:
-        for i, g in enumerate(step):
-            ref.step(i, to_f64(g), 0.01, 0.01)
+    ref = run_reference({}, 0.01, 0.01, weights, grads)
     run(opt, weights, grads)
     for i, w in enumerate(weights):
         np.testing.assert_allclose(to_f64(w), ref.weight[i], *TOLERANCE["float32"])
@@ -165,12 +161,7 @@ def test_mixed_fp32_and_fp16_in_one_fused_step():
     weights = [mx_array(rng.randn(50), d) for d in dtypes]
     grads = [[mx_array(rng.randn(50), d) for d in dtypes] for _ in range(3)]
     opt = mxlamb.LAMB(learning_rate=0.01, multi_precision=True, aggregate_num=2)
-    ref = ReferenceLAMB()
-    for i, w in enumerate(weights):
-        ref.init(i, to_f64(w))
-    for step in grads:
-        for i, g in enumerate(step):
-            ref.step(i, to_f64(g), 0.01, 0.0)
+    ref = run_reference({}, 0.01, 0.0, weights, grads)
     run(opt, weights, grads, via="fused_step")
     for i, (w, d) in enumerate(zip(weights, dtypes)):
         np.testing.assert_allclose(to_f64(w), ref.weight[i], *TOLERANCE[d])

@@ -275,11 +275,16 @@ struct LaunchPhase2 {
   }
 };
 
-int check_group(const MxlambCudaGroup* g, void* workspace, size_t bytes, Layout* l) {
+// Checks the arguments and writes the tables; *ready is false when there is nothing to do.
+cudaError_t prepare(const MxlambCudaGroup* g, void* workspace, size_t bytes, cudaStream_t stream,
+                    Layout* l, bool* ready) {
+  *ready = false;
   if (g == nullptr || g->num_tensors < 0 || workspace == nullptr) return cudaErrorInvalidValue;
   *l = layout_of(*g);
   if (bytes < l->total) return cudaErrorInvalidValue;
-  return cudaSuccess;
+  if (l->num_chunks == 0) return cudaSuccess;
+  *ready = true;
+  return write_tables(*g, *l, static_cast<char*>(workspace), stream);
 }
 
 }  // namespace
@@ -295,12 +300,12 @@ extern "C" size_t mxlamb_cuda_workspace_bytes(const MxlambCudaGroup* group) {
 extern "C" int mxlamb_cuda_phase1(const MxlambCudaGroup* group, double* sumsq, void* workspace,
                                   size_t workspace_bytes, void* stream_ptr) {
   using namespace mxlamb::cuda;
-  Layout l;
-  if (int err = check_group(group, workspace, workspace_bytes, &l)) return err;
-  if (l.num_chunks == 0) return cudaSuccess;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   char* ws = static_cast<char*>(workspace);
-  if (cudaError_t err = write_tables(*group, l, ws, stream)) return err;
+  Layout l;
+  bool ready;
+  if (cudaError_t err = prepare(group, workspace, workspace_bytes, stream, &l, &ready)) return err;
+  if (!ready) return cudaSuccess;
   if (cudaError_t err = dispatch<LaunchPhase1>(group->grad_dtype, l, ws, step_of(*group), stream)) {
     return err;
   }
@@ -313,12 +318,12 @@ extern "C" int mxlamb_cuda_phase1(const MxlambCudaGroup* group, double* sumsq, v
 extern "C" int mxlamb_cuda_phase2(const MxlambCudaGroup* group, const double* sumsq,
                                   void* workspace, size_t workspace_bytes, void* stream_ptr) {
   using namespace mxlamb::cuda;
-  Layout l;
-  if (int err = check_group(group, workspace, workspace_bytes, &l)) return err;
-  if (l.num_chunks == 0) return cudaSuccess;
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   char* ws = static_cast<char*>(workspace);
-  if (cudaError_t err = write_tables(*group, l, ws, stream)) return err;
+  Layout l;
+  bool ready;
+  if (cudaError_t err = prepare(group, workspace, workspace_bytes, stream, &l, &ready)) return err;
+  if (!ready) return cudaSuccess;
   const int lowp = group->weights_lowp != nullptr ? group->lowp_dtype : MXLAMB_FLOAT32;
   return dispatch<LaunchPhase2>(lowp, l, ws, step_of(*group), sumsq, group->lower_bound,
                                 group->upper_bound, stream);
