@@ -24,8 +24,7 @@ enum class DType : int {
   kBfloat16 = 12,
 };
 
-// IEEE binary16, stored as its bits. _Float16 gives correctly rounded conversions in software
-// on the baseline and F16C / AVX-512 instructions where the compiler may use them.
+// IEEE binary16, stored as its bits.
 struct half_t {
   uint16_t bits;
 };
@@ -37,10 +36,31 @@ struct bf16_t {
 
 MXLAMB_INLINE float to_float(float x) { return x; }
 
+// Integer operations and selects only, so the compiler vectorises them on every ISA level and
+// denormal-as-zero settings cannot change the result.
+MXLAMB_INLINE uint32_t float_bits(float x) {
+  uint32_t u;
+  std::memcpy(&u, &x, sizeof(u));
+  return u;
+}
+
+MXLAMB_INLINE float bits_float(uint32_t u) {
+  float x;
+  std::memcpy(&x, &u, sizeof(x));
+  return x;
+}
+
 MXLAMB_INLINE float to_float(half_t x) {
-  _Float16 h;
-  std::memcpy(&h, &x.bits, sizeof(h));
-  return static_cast<float>(h);
+  const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
+  const uint32_t magnitude = x.bits & 0x7fffu;
+  const uint32_t shifted = magnitude << 13;
+  // normal: rebias the exponent (15 -> 127); subnormal: 2^-14 + m 2^-24, minus 2^-14;
+  // inf/NaN: all exponent bits set.
+  const uint32_t normal = shifted + (112u << 23);
+  const uint32_t subnormal = float_bits(bits_float(shifted + (113u << 23)) - bits_float(113u << 23));
+  const uint32_t special = shifted | 0x7f800000u;
+  const uint32_t out = magnitude >= 0x7c00u ? special : (magnitude < 0x0400u ? subnormal : normal);
+  return bits_float(out | sign);
 }
 
 MXLAMB_INLINE float to_float(bf16_t x) {
@@ -56,12 +76,22 @@ MXLAMB_INLINE T from_float(float x);
 template <>
 MXLAMB_INLINE float from_float<float>(float x) { return x; }
 
+// Round to nearest even (after F. Giesen's float_to_half_fast3_rtne), branch-free.
 template <>
 MXLAMB_INLINE half_t from_float<half_t>(float x) {
-  const _Float16 h = static_cast<_Float16>(x);
-  half_t out;
-  std::memcpy(&out.bits, &h, sizeof(h));
-  return out;
+  const uint32_t all = float_bits(x);
+  const uint32_t sign = all & 0x80000000u;
+  const uint32_t f = all ^ sign;
+  // >= 65536 (or inf/NaN): inf, or a quiet NaN
+  const uint32_t special = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
+  // < 2^-14: the float addition rounds the subnormal half's mantissa into place
+  const uint32_t subnormal = float_bits(bits_float(f) + 0.5f) - (126u << 23);
+  // normal: rebias, add half an ulp minus one plus the lowest kept bit, truncate
+  const uint32_t normal = (f + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
+  const uint32_t out = f >= 0x47800000u ? special : (f < 0x38800000u ? subnormal : normal);
+  half_t h;
+  h.bits = static_cast<uint16_t>(out | (sign >> 16));
+  return h;
 }
 
 template <>
