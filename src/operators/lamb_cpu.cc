@@ -28,6 +28,7 @@ void lamb_phase1_cpu(const std::vector<Phase1Span>& tensors, const StepCoeffs& s
     part.grad = static_cast<const char*>(whole.grad) + chunk.begin * grad_bytes;
     part.mean = whole.mean + chunk.begin;
     part.var = whole.var + chunk.begin;
+    if (whole.var_max != nullptr) part.var_max = whole.var_max + chunk.begin;
     part.n = chunk.end - chunk.begin;
     k.phase1(part, step, coeffs[chunk.tensor], &partial[2 * c], &partial[2 * c + 1]);
   });
@@ -44,14 +45,9 @@ void lamb_phase1_cpu(const std::vector<Phase1Span>& tensors, const StepCoeffs& s
 }
 
 void lamb_phase2_cpu(const std::vector<Phase2Span>& tensors, const StepCoeffs& step,
-                     const std::vector<TensorCoeffs>& coeffs, const double* sumsq,
-                     double lower_bound, double upper_bound) {
+                     const std::vector<TensorCoeffs>& coeffs,
+                     const std::vector<float>& step_sizes, const EmaCoeffs& ema) {
   const KernelTable& k = active_kernels();
-  std::vector<float> step_size(tensors.size());
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const double ratio = trust_ratio(sumsq[2 * t], sumsq[2 * t + 1], lower_bound, upper_bound);
-    step_size[t] = static_cast<float>(static_cast<double>(coeffs[t].lr) * ratio);
-  }
   const ChunkPlan plan(sizes_of(tensors));
   for_each_chunk(plan, [&](int64_t, const Chunk& chunk) {
     const Phase2Span& whole = tensors[chunk.tensor];
@@ -63,9 +59,29 @@ void lamb_phase2_cpu(const std::vector<Phase2Span>& tensors, const StepCoeffs& s
     }
     part.mean = whole.mean + chunk.begin;
     part.var = whole.var + chunk.begin;
+    if (whole.average != nullptr) part.average = whole.average + chunk.begin;
     part.n = chunk.end - chunk.begin;
-    k.phase2(part, step, coeffs[chunk.tensor], step_size[chunk.tensor]);
+    k.phase2(part, step, coeffs[chunk.tensor], step_sizes[chunk.tensor], ema);
   });
+}
+
+void grad_sumsq_cpu(const std::vector<GradSpan>& grads, double* out) {
+  const KernelTable& k = active_kernels();
+  const ChunkPlan plan(sizes_of(grads));
+  std::vector<double> partial(plan.chunks.size());
+  for_each_chunk(plan, [&](int64_t c, const Chunk& chunk) {
+    const GradSpan& whole = grads[chunk.tensor];
+    const size_t bytes = whole.grad_type == DType::kFloat32 ? 4 : 2;
+    GradSpan part = whole;
+    part.grad = static_cast<const char*>(whole.grad) + chunk.begin * bytes;
+    part.n = chunk.end - chunk.begin;
+    partial[c] = k.grad_sumsq(part);
+  });
+  for (size_t t = 0; t < grads.size(); ++t) {
+    double sum = 0.0;
+    for (int64_t c = plan.first_chunk[t]; c < plan.first_chunk[t + 1]; ++c) sum += partial[c];
+    out[t] = sum;
+  }
 }
 
 }  // namespace mxlamb

@@ -13,10 +13,14 @@ namespace mxlamb {
 void lamb_phase1_cpu(const std::vector<Phase1Span>& tensors, const StepCoeffs& step,
                      const std::vector<TensorCoeffs>& coeffs, double* sumsq);
 
-// Phase 2 for every tensor: w <- w - lr * trust_ratio * u, the ratio from phase 1's sums.
+// Phase 2 for every tensor: w <- w - step_sizes[t] * u (step_size() of lamb_math.h), and the
+// weight EMA where a span has one.
 void lamb_phase2_cpu(const std::vector<Phase2Span>& tensors, const StepCoeffs& step,
-                     const std::vector<TensorCoeffs>& coeffs, const double* sumsq,
-                     double lower_bound, double upper_bound);
+                     const std::vector<TensorCoeffs>& coeffs,
+                     const std::vector<float>& step_sizes, const EmaCoeffs& ema);
+
+// sum(g^2) of every gradient, in double: out[t].
+void grad_sumsq_cpu(const std::vector<GradSpan>& grads, double* out);
 
 }  // namespace mxlamb
 

@@ -98,11 +98,11 @@ __global__ void __launch_bounds__(kBlock)
   double weight_sumsq = 0.0, update_sumsq = 0.0;
   for (int64_t i = c.begin + threadIdx.x; i < end; i += kBlock) {
     float mean = t.mean[i], var = t.var[i];
-    update_moments(scaled_grad(load(grad, i), step), &mean, &var, step);
+    update_moments(scaled_grad(load(grad, i), step, t.coeffs), &mean, &var, step);
     t.mean[i] = mean;
     t.var[i] = var;
     const float w = t.weight[i];
-    const float u = raw_update(w, mean, var, step.epsilon, t.coeffs);
+    const float u = raw_update(w, mean, var, t.coeffs);
     weight_sumsq += static_cast<double>(w) * w;
     update_sumsq += static_cast<double>(u) * u;
   }
@@ -134,15 +134,15 @@ __global__ void __launch_bounds__(kBlock)
                   const double* sumsq, double lower_bound, double upper_bound) {
   const ChunkEntry c = chunks[blockIdx.x];
   const TensorEntry t = tensors[c.tensor];
-  const double ratio =
-      trust_ratio(sumsq[2 * c.tensor], sumsq[2 * c.tensor + 1], lower_bound, upper_bound);
-  const float step_size = static_cast<float>(static_cast<double>(t.coeffs.lr) * ratio);
+  const float step_size = mxlamb::step_size(t.coeffs.lr, sumsq[2 * c.tensor],
+                                            sumsq[2 * c.tensor + 1], lower_bound, upper_bound,
+                                            true);
   LowT* lowp = static_cast<LowT*>(t.weight_lowp);
   const int64_t end = c.begin + kChunk < t.n ? c.begin + kChunk : t.n;
   for (int64_t i = c.begin + threadIdx.x; i < end; i += kBlock) {
     const float w = t.weight[i];
     const float updated =
-        apply_update(w, raw_update(w, t.mean[i], t.var[i], step.epsilon, t.coeffs), step_size);
+        apply_update(w, raw_update(w, t.mean[i], t.var[i], t.coeffs), step_size);
     t.weight[i] = updated;
     if (lowp != nullptr) store(lowp, i, updated);
   }
@@ -153,8 +153,6 @@ StepCoeffs step_of(const MxlambCudaGroup& g) {
                     g.beta2,
                     static_cast<float>(1.0 - static_cast<double>(g.beta1)),
                     static_cast<float>(1.0 - static_cast<double>(g.beta2)),
-                    g.epsilon,
-                    g.rescale_grad,
                     g.clip_gradient};
 }
 
@@ -225,10 +223,10 @@ cudaError_t write_tables(const MxlambCudaGroup& g, const Layout& l, char* worksp
   for (int t = 0; t < g.num_tensors; ++t) {
     const double count = static_cast<double>(g.step_counts[t]);
     TensorCoeffs coeffs;
-    coeffs.inv_bias1 =
-        g.bias_correction ? static_cast<float>(1.0 / (1.0 - std::pow(double{g.beta1}, count))) : 1.f;
-    coeffs.inv_bias2 =
-        g.bias_correction ? static_cast<float>(1.0 / (1.0 - std::pow(double{g.beta2}, count))) : 1.f;
+    coeffs.inv_bias1 = static_cast<float>(inverse_bias(g.beta1, count, g.bias_correction));
+    coeffs.inv_bias2 = static_cast<float>(inverse_bias(g.beta2, count, g.bias_correction));
+    coeffs.epsilon = g.epsilon;
+    coeffs.grad_scale = g.rescale_grad;
     coeffs.wd = g.wds[t];
     coeffs.lr = g.lrs[t];
     tensors[t] = TensorEntry{g.weights[t], g.grads[t], g.means[t], g.vars[t],

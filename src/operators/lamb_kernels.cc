@@ -35,10 +35,23 @@ template <typename GradT>
 MXLAMB_INLINE float phase1_element(float w, GradT grad, float* mean, float* var,
                                    const StepCoeffs& step, const TensorCoeffs& tensor) {
   float m = *mean, v = *var;
-  update_moments(scaled_grad(to_float(grad), step), &m, &v, step);
+  update_moments(scaled_grad(to_float(grad), step, tensor), &m, &v, step);
   *mean = m;
   *var = v;
-  return raw_update(w, m, v, step.epsilon, tensor);
+  return raw_update(w, m, v, tensor);
+}
+
+// The same under AMSGrad: the running max of var is kept and used for u.
+template <typename GradT>
+MXLAMB_INLINE float phase1_element(float w, GradT grad, float* mean, float* var, float* var_max,
+                                   const StepCoeffs& step, const TensorCoeffs& tensor) {
+  float m = *mean, v = *var;
+  update_moments(scaled_grad(to_float(grad), step, tensor), &m, &v, step);
+  const float v_max = amsgrad_var(*var_max, v);
+  *mean = m;
+  *var = v;
+  *var_max = v_max;
+  return raw_update(w, m, v_max, tensor);
 }
 
 // Adds the squares of one block of kSumLanes values to the lane accumulators.
@@ -49,13 +62,24 @@ MXLAMB_INLINE void accumulate_squares(const float* x, double* acc) {
   }
 }
 
-template <typename GradT>
+template <bool kAmsgrad, typename GradT>
+MXLAMB_INLINE float phase1_at(int64_t i, const float* __restrict__ w,
+                              const GradT* __restrict__ g, float* __restrict__ m,
+                              float* __restrict__ v, float* __restrict__ v_max,
+                              const StepCoeffs& step, const TensorCoeffs& tensor) {
+  if (kAmsgrad) return phase1_element(w[i], g[i], &m[i], &v[i], &v_max[i], step, tensor);
+  return phase1_element(w[i], g[i], &m[i], &v[i], step, tensor);
+}
+
+// kAmsgrad is a template parameter so that the plain loop has no per-element branch.
+template <typename GradT, bool kAmsgrad>
 void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs& tensor,
                  double* weight_sumsq, double* update_sumsq) {
   const float* __restrict__ w = s.weight;
   const GradT* __restrict__ g = static_cast<const GradT*>(s.grad);
   float* __restrict__ m = s.mean;
   float* __restrict__ v = s.var;
+  float* __restrict__ v_max = kAmsgrad ? s.var_max : nullptr;
   double acc_w[kSumLanes] = {};
   double acc_u[kSumLanes] = {};
   float u[kSumLanes];
@@ -63,7 +87,7 @@ void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs
   const int64_t body = s.n - s.n % kSumLanes;
   for (int64_t i = 0; i < body; i += kSumLanes) {
     for (int lane = 0; lane < kSumLanes; ++lane) {
-      u[lane] = phase1_element(w[i + lane], g[i + lane], &m[i + lane], &v[i + lane], step, tensor);
+      u[lane] = phase1_at<kAmsgrad>(i + lane, w, g, m, v, v_max, step, tensor);
     }
     accumulate_squares(w + i, acc_w);
     accumulate_squares(u, acc_u);
@@ -74,7 +98,7 @@ void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs
     float u_tail[kSumLanes] = {};
     for (int64_t i = body; i < s.n; ++i) {
       w_tail[i - body] = w[i];
-      u_tail[i - body] = phase1_element(w[i], g[i], &m[i], &v[i], step, tensor);
+      u_tail[i - body] = phase1_at<kAmsgrad>(i, w, g, m, v, v_max, step, tensor);
     }
     accumulate_squares(w_tail, acc_w);
     accumulate_squares(u_tail, acc_u);
@@ -83,45 +107,83 @@ void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs
   *update_sumsq = sum_lanes(acc_u);
 }
 
-template <typename LowT>
-void phase2_span(const Phase2Span& s, const StepCoeffs& step, const TensorCoeffs& tensor,
-                 float step_size) {
+template <typename LowT, bool kEma>
+void phase2_span(const Phase2Span& s, const TensorCoeffs& tensor, float step_size,
+                 const EmaCoeffs& ema) {
   const float* w = s.weight;  // may alias w_out: no __restrict__
   float* w_out = s.weight_out;
   LowT* __restrict__ w_lowp = static_cast<LowT*>(s.weight_lowp);
   const float* __restrict__ m = s.mean;
   const float* __restrict__ v = s.var;
+  float* __restrict__ avg = s.average;
   for (int64_t i = 0; i < s.n; ++i) {
-    const float updated =
-        apply_update(w[i], raw_update(w[i], m[i], v[i], step.epsilon, tensor), step_size);
+    const float updated = apply_update(w[i], raw_update(w[i], m[i], v[i], tensor), step_size);
     w_out[i] = updated;
     if (w_lowp != nullptr) w_lowp[i] = from_float<LowT>(updated);
+    if (kEma) avg[i] = moving_average(avg[i], updated, ema);
   }
+}
+
+template <typename GradT>
+double grad_sumsq_span(const GradSpan& s) {
+  const GradT* __restrict__ g = static_cast<const GradT*>(s.grad);
+  double acc[kSumLanes] = {};
+  float block[kSumLanes];
+  const int64_t body = s.n - s.n % kSumLanes;
+  for (int64_t i = 0; i < body; i += kSumLanes) {
+    for (int lane = 0; lane < kSumLanes; ++lane) block[lane] = to_float(g[i + lane]);
+    accumulate_squares(block, acc);
+  }
+  if (body < s.n) {
+    float tail[kSumLanes] = {};
+    for (int64_t i = body; i < s.n; ++i) tail[i - body] = to_float(g[i]);
+    accumulate_squares(tail, acc);
+  }
+  return sum_lanes(acc);
 }
 
 void phase1(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs& tensor,
             double* weight_sumsq, double* update_sumsq) {
+  const bool amsgrad = s.var_max != nullptr;
   switch (s.grad_type) {
     case DType::kFloat16:
-      return phase1_span<half_t>(s, step, tensor, weight_sumsq, update_sumsq);
+      return amsgrad ? phase1_span<half_t, true>(s, step, tensor, weight_sumsq, update_sumsq)
+                     : phase1_span<half_t, false>(s, step, tensor, weight_sumsq, update_sumsq);
     case DType::kBfloat16:
-      return phase1_span<bf16_t>(s, step, tensor, weight_sumsq, update_sumsq);
+      return amsgrad ? phase1_span<bf16_t, true>(s, step, tensor, weight_sumsq, update_sumsq)
+                     : phase1_span<bf16_t, false>(s, step, tensor, weight_sumsq, update_sumsq);
     default:
-      return phase1_span<float>(s, step, tensor, weight_sumsq, update_sumsq);
+      return amsgrad ? phase1_span<float, true>(s, step, tensor, weight_sumsq, update_sumsq)
+                     : phase1_span<float, false>(s, step, tensor, weight_sumsq, update_sumsq);
   }
 }
 
-void phase2(const Phase2Span& s, const StepCoeffs& step, const TensorCoeffs& tensor,
-            float step_size) {
-  if (s.weight_lowp == nullptr) return phase2_span<float>(s, step, tensor, step_size);
-  if (s.lowp_type == DType::kBfloat16) return phase2_span<bf16_t>(s, step, tensor, step_size);
-  return phase2_span<half_t>(s, step, tensor, step_size);
+template <typename LowT>
+void phase2_typed(const Phase2Span& s, const TensorCoeffs& tensor, float step_size,
+                  const EmaCoeffs& ema) {
+  if (s.average != nullptr) return phase2_span<LowT, true>(s, tensor, step_size, ema);
+  return phase2_span<LowT, false>(s, tensor, step_size, ema);
+}
+
+void phase2(const Phase2Span& s, const StepCoeffs&, const TensorCoeffs& tensor, float step_size,
+            const EmaCoeffs& ema) {
+  if (s.weight_lowp == nullptr) return phase2_typed<float>(s, tensor, step_size, ema);
+  if (s.lowp_type == DType::kBfloat16) return phase2_typed<bf16_t>(s, tensor, step_size, ema);
+  return phase2_typed<half_t>(s, tensor, step_size, ema);
+}
+
+double grad_sumsq(const GradSpan& s) {
+  switch (s.grad_type) {
+    case DType::kFloat16: return grad_sumsq_span<half_t>(s);
+    case DType::kBfloat16: return grad_sumsq_span<bf16_t>(s);
+    default: return grad_sumsq_span<float>(s);
+  }
 }
 
 }  // namespace
 
 KernelTable MXLAMB_CAT(kernels_, MXLAMB_ISA)() {
-  return KernelTable{MXLAMB_STR(MXLAMB_ISA), &phase1, &phase2};
+  return KernelTable{MXLAMB_STR(MXLAMB_ISA), &phase1, &phase2, &grad_sumsq};
 }
 
 }  // namespace mxlamb

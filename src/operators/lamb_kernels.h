@@ -24,6 +24,7 @@ struct Phase1Span {
   const void* grad;     // grad_type elements
   float* mean;
   float* var;
+  float* var_max;  // AMSGrad's running max of var (updated here), or nullptr
   int64_t n;
   DType grad_type;
 };
@@ -34,8 +35,16 @@ struct Phase2Span {
   void* weight_lowp;    // the fp16/bf16 model weight under multi-precision, else nullptr
   DType lowp_type;
   const float* mean;
-  const float* var;
+  const float* var;     // the running max of var under AMSGrad
+  float* average;       // the weight EMA to update after the step, or nullptr
   int64_t n;
+};
+
+// One span of one gradient, for the gradient statistics (sums of squares).
+struct GradSpan {
+  const void* grad;
+  int64_t n;
+  DType grad_type;
 };
 
 // Phase 1 on a span: updates mean and var, returns sum(w^2) and sum(u^2) of the span.
@@ -43,13 +52,17 @@ using Phase1Fn = void (*)(const Phase1Span& span, const StepCoeffs& step,
                           const TensorCoeffs& tensor, double* weight_sumsq,
                           double* update_sumsq);
 // Phase 2 on a span: w <- w - step_size * u, u recomputed from mean and var.
+// With span.average set, also avg <- mu avg + (1 - mu) w.
 using Phase2Fn = void (*)(const Phase2Span& span, const StepCoeffs& step,
-                          const TensorCoeffs& tensor, float step_size);
+                          const TensorCoeffs& tensor, float step_size, const EmaCoeffs& ema);
+// sum(grad^2) of a span, in double (same lanes and order as the phase-1 sums).
+using GradSumsqFn = double (*)(const GradSpan& span);
 
 struct KernelTable {
   const char* isa;
   Phase1Fn phase1;
   Phase2Fn phase2;
+  GradSumsqFn grad_sumsq;
 };
 
 KernelTable kernels_baseline();

@@ -5,11 +5,17 @@
 // else computes a moment, a raw update or a trust ratio.
 //
 // Stages, named after the paper:
-//   phase 1  g = clip(rescale_grad * grad)            -> scaled_grad
+//   phase 1  g = clip(grad_scale * grad)              -> scaled_grad
 //            m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2   -> update_moments
+//            (AMSGrad: v' = max(v', v), used in place of v) -> amsgrad_var
 //            u = (m / c1) / (sqrt(v / c2) + eps) + wd w   -> raw_update
 //   norms    r1 = ||w|| (clamped to [lower, upper]), r2 = ||u||
 //   phase 2  w <- w - lr * trust_ratio(r1, r2) * u      -> apply_update
+//            avg <- mu avg + (1 - mu) w  (weight EMA)     -> moving_average
+//
+// grad_scale is rescale_grad times whatever the step's gradient statistics ask for (loss
+// unscaling, global and per-tensor norm clipping, 1/N for accumulated gradients): see
+// gradient_scale below.
 //
 // Phase 2 does not read a stored u: it recomputes u from the (already updated) m and v with
 // the same raw_update, so the u it applies is bit-for-bit the u whose norm phase 1 took, and
@@ -35,23 +41,52 @@ struct StepCoeffs {
   // 1 - beta, rounded from double: in float, 1 - 0.999f is 1.3e-5 relative off.
   float one_minus_beta1;
   float one_minus_beta2;
-  float epsilon;
-  float rescale_grad;
   float clip_gradient;  // < 0: no clipping
 };
 
-// Per-tensor values: they differ inside one group (lr_mult, wd_mult, per-index step counts).
+// Per-tensor values: they differ inside one group (lr_mult, wd_mult, per-index step counts,
+// per-tensor gradient clipping).
 struct TensorCoeffs {
-  float inv_bias1;  // 1 / (1 - beta1^t), from double; 1 when bias correction is off
-  float inv_bias2;  // 1 / (1 - beta2^t), from double; 1 when bias correction is off
+  float inv_bias1;   // 1 / (1 - beta1^t), from double; 1 when bias correction is off
+  float inv_bias2;   // 1 / (1 - beta2^t), from double; 1 when bias correction is off
+  float epsilon;     // see step_epsilon
+  float grad_scale;  // see gradient_scale
   float wd;
   float lr;
 };
 
+// Bias correction 1 / (1 - beta^t) in double (1 when off).
+MXLAMB_HD double inverse_bias(double beta, double t, bool bias_correction) {
+  return bias_correction ? 1.0 / (1.0 - std::pow(beta, t)) : 1.0;
+}
+
+// The epsilon added to sqrt(v_hat). LAMB and MXNet add epsilon itself; Keras' Adam/AdamW adds
+// it to sqrt(v) before bias correction, which is epsilon * sqrt(1 - beta2^t) added to
+// sqrt(v_hat) ("epsilon hat" of Kingma & Ba, section 2).
+MXLAMB_HD double step_epsilon(double epsilon, double inv_bias2, bool epsilon_hat) {
+  return epsilon_hat ? epsilon / std::sqrt(inv_bias2) : epsilon;
+}
+
+// min(1, max_norm / norm), and 1 when no clipping is asked (max_norm <= 0) or the norm is 0
+// or not finite (a non-finite gradient is the caller's business: it propagates or is skipped).
+MXLAMB_HD double clip_factor(double norm, double max_norm) {
+  if (!(max_norm > 0.0) || !(norm > max_norm) || !(norm < HUGE_VAL)) return 1.0;
+  return max_norm / norm;
+}
+
+// The multiplier of one tensor's raw gradient, in this order:
+//   base    = rescale_grad / loss_scale (/ N for N accumulated gradients)
+//   global  = clip_factor(base * ||all gradients of the step||, global_clipnorm)
+//   tensor  = clip_factor(base * global * ||this gradient||, clipnorm)
+// Element-wise clip_gradient comes after, in scaled_grad.
+MXLAMB_HD double gradient_scale(double base_and_global, double grad_sumsq, double clipnorm) {
+  return base_and_global * clip_factor(base_and_global * std::sqrt(grad_sumsq), clipnorm);
+}
+
 // Clip without fminf/fmaxf: those turn a NaN gradient into +-clip_gradient, i.e. a finite but
 // wrong update. Plain comparisons are false for NaN, so NaN propagates as it does in MXNet.
-MXLAMB_HD float scaled_grad(float grad, const StepCoeffs& s) {
-  float g = grad * s.rescale_grad;
+MXLAMB_HD float scaled_grad(float grad, const StepCoeffs& s, const TensorCoeffs& t) {
+  float g = grad * t.grad_scale;
   if (s.clip_gradient >= 0.0f) {
     g = g > s.clip_gradient ? s.clip_gradient : g;
     g = g < -s.clip_gradient ? -s.clip_gradient : g;
@@ -64,13 +99,16 @@ MXLAMB_HD void update_moments(float g, float* mean, float* var, const StepCoeffs
   *var = s.beta2 * *var + s.one_minus_beta2 * g * g;
 }
 
+// AMSGrad (Reddi et al.; Keras' amsgrad): the largest second moment so far replaces v.
+// A NaN v propagates (the comparison is false).
+MXLAMB_HD float amsgrad_var(float var_max, float var) { return var <= var_max ? var_max : var; }
+
 // Epsilon is added outside the square root, and weight decay is part of u (as in MXNet), so
 // it is scaled by the trust ratio too.
-MXLAMB_HD float raw_update(float weight, float mean, float var, float epsilon,
-                           const TensorCoeffs& t) {
+MXLAMB_HD float raw_update(float weight, float mean, float var, const TensorCoeffs& t) {
   const float mean_hat = mean * t.inv_bias1;
   const float var_hat = var * t.inv_bias2;
-  return mean_hat / (std::sqrt(var_hat) + epsilon) + t.wd * weight;
+  return mean_hat / (std::sqrt(var_hat) + t.epsilon) + t.wd * weight;
 }
 
 // The trust ratio ||w|| / ||u|| from the two sums of squares (accumulated in double).
@@ -87,9 +125,26 @@ MXLAMB_HD double trust_ratio(double weight_sumsq, double update_sumsq, double lo
   return r1 / r2;
 }
 
-// step = lr * trust_ratio, computed once per tensor.
+// lr * trust_ratio, once per tensor; lr alone where layer adaptation is off (AdamW, or a
+// tensor excluded from adaptation).
+MXLAMB_HD float step_size(double lr, double weight_sumsq, double update_sumsq,
+                          double lower_bound, double upper_bound, bool layer_adaptation) {
+  if (!layer_adaptation) return static_cast<float>(lr);
+  return static_cast<float>(lr * trust_ratio(weight_sumsq, update_sumsq, lower_bound, upper_bound));
+}
+
 MXLAMB_HD float apply_update(float weight, float update, float step) {
   return weight - step * update;
+}
+
+// Exponential moving average of the weights, after the update: avg = mu avg + (1 - mu) w.
+struct EmaCoeffs {
+  float momentum;
+  float one_minus_momentum;  // from double
+};
+
+MXLAMB_HD float moving_average(float average, float weight, const EmaCoeffs& e) {
+  return e.momentum * average + e.one_minus_momentum * weight;
 }
 
 }  // namespace mxlamb

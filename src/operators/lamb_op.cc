@@ -1,13 +1,27 @@
-// MXNet operator registrations (lib_api.h) for the multi-tensor LAMB phases.
+// MXNet operator registrations (lib_api.h) for the multi-tensor LAMB step.
 //
-//   mxlamb_phase1(w_0, g_0, m_0, v_0, ..., w_{N-1}, g_{N-1}, m_{N-1}, v_{N-1})
-//       -> sumsq (N, 2) float64: [sum(w_t^2), sum(u_t^2)]; m, v updated in place.
-//   mxlamb_phase2(w_0, m_0, v_0, ..., w_{N-1}, m_{N-1}, v_{N-1}, sumsq, out=weights)
-//       -> weights updated with lr * trust_ratio * u.
+//   mxlamb_phase1(w_0, g_0, m_0, v_0, [vmax_0], ..., [grad_sumsq, control], [counts])
+//       -> sumsq (N, 2) float64: [sum(w_t^2), sum(u_t^2)]; m, v (and vmax) updated in place.
+//   mxlamb_phase2(w_0, m_0, v_0, [ema_0], ..., sumsq, [control], [counts], out=weights)
+//       -> weights updated with lr * trust_ratio * u (and the EMA after them).
+//   mxlamb_grad_stats(g_0, ..., g_{P-1}, step_state)
+//       -> grad_sumsq (P,) float64 and control (2,) float64 = [gradient multiplier, apply];
+//          step_state (3,) float64 = [loss scale, clean steps, skipped steps] updated.
+//   mxlamb_trust_ratio(sumsq) -> (N,) float64, the ratios phase 2 applied (read on request).
 //
-// w is the fp32 weight, or under multi_precision the fp32 master copy (then g is the fp16 or
-// bfloat16 gradient, phase 2 updates the master in place and writes the rounded model weight
-// to out, whose type the attribute weight_dtype gives). Per-tensor values (lrs, wds, step_counts) are comma-separated lists.
+// w is the fp32 weight, or under multi_precision the fp32 master copy (then g is the fp16,
+// bfloat16 or fp32 gradient, phase 2 updates the master in place and writes the rounded model
+// weight to out, whose type the attribute weight_dtype gives). Per-tensor values (lrs, wds,
+// step_counts, layer_adaptation, stat_rows, count_slots) are comma-separated lists.
+//
+// The optional inputs, each switched on by an attribute:
+//   amsgrad=1           vmax per tensor (phase 1 updates it; phase 2 gets it as its v)
+//   use_ema=1           the weight average per tensor (phase 2)
+//   has_stats=1         grad_sumsq and control from mxlamb_grad_stats: the gradient multiplier
+//                       (loss unscaling, global clipping) and whether the step applies; a
+//                       skipped step leaves every array untouched
+//   device_counts=1     counts: per-parameter applied-step counts (float64), slots count_slots;
+//                       phase 1 increments them for an applied step, so t skips skipped steps
 #include <cerrno>
 #include <cmath>
 #include <cstdlib>
@@ -30,11 +44,6 @@ using Attrs = std::unordered_map<std::string, std::string>;
 
 namespace mxlamb {
 namespace {
-
-constexpr int kPhase1Slots = 4;  // weight, grad, mean, var
-constexpr int kWeight = 0, kGrad = 1, kMean = 2, kVar = 3;
-constexpr int kPhase2Slots = 3;  // weight, mean, var
-constexpr int kP2Weight = 0, kP2Mean = 1, kP2Var = 2;
 
 bool fail(const std::string& op, const std::string& message) {
   MX_ERROR_MSG << op << ": " << message;
@@ -105,47 +114,111 @@ bool get_num_tensors(const std::string& op, const Attrs& attrs, int* n) {
   return true;
 }
 
-struct StepAttrs {
-  int n = 0;
-  bool multi_precision = false;
-  StepCoeffs step{};
-  std::vector<TensorCoeffs> tensors;
-  double lower_bound = -1.0, upper_bound = -1.0;
+bool get_flags(const std::string& op, const Attrs& attrs, const char* key, int n,
+               std::vector<char>* out) {
+  out->assign(n, 1);
+  if (attrs.find(key) == attrs.end()) return true;
+  std::vector<double> values;
+  if (!get_list(op, attrs, key, n, &values)) return false;
+  for (int t = 0; t < n; ++t) (*out)[t] = values[t] != 0.0;
+  return true;
+}
+
+// Which inputs a phase operator has, from its attributes.
+struct Layout {
+  int n = 0;             // tensors
+  int slots = 0;         // inputs per tensor
+  int grad_sumsq = -1;   // input positions of the trailing inputs (-1: absent)
+  int control = -1;
+  int counts = -1;
+  int sumsq = -1;        // phase 2 only
+  int total = 0;
 };
 
-// Reads everything both phases need; per-tensor bias corrections come from each step count.
-bool parse_step(const std::string& op, const Attrs& attrs, StepAttrs* s) {
-  double beta1, beta2, epsilon, rescale, clip;
-  std::vector<double> lrs, wds, counts;
-  if (!get_num_tensors(op, attrs, &s->n) || !get_double(op, attrs, "beta1", 0.9, &beta1) ||
-      !get_double(op, attrs, "beta2", 0.999, &beta2) ||
-      !get_double(op, attrs, "epsilon", 1e-6, &epsilon) ||
-      !get_double(op, attrs, "rescale_grad", 1.0, &rescale) ||
+bool layout_of(const std::string& op, const Attrs& attrs, bool phase1, Layout* l) {
+  if (!get_num_tensors(op, attrs, &l->n)) return false;
+  if (phase1) {
+    l->slots = 4 + (get_bool(attrs, "amsgrad", false) ? 1 : 0);
+  } else {
+    l->slots = 3 + (get_bool(attrs, "use_ema", false) ? 1 : 0);
+  }
+  int next = l->n * l->slots;
+  if (!phase1) l->sumsq = next++;
+  if (get_bool(attrs, "has_stats", false)) {
+    if (phase1) l->grad_sumsq = next++;
+    l->control = next++;
+  }
+  if (get_bool(attrs, "device_counts", false)) l->counts = next++;
+  l->total = next;
+  return true;
+}
+
+// Phase 1 slots
+constexpr int kWeight = 0, kGrad = 1, kMean = 2, kVar = 3, kVarMax = 4;
+// Phase 2 slots
+constexpr int kP2Weight = 0, kP2Mean = 1, kP2Var = 2, kP2Average = 3;
+
+struct StepAttrs {
+  Layout layout;
+  bool multi_precision = false;
+  bool amsgrad = false;
+  StepCoeffs step{};
+  EmaCoeffs ema{};
+  double beta1 = 0.9, beta2 = 0.999, epsilon = 1e-6, rescale = 1.0, clipnorm = -1.0;
+  bool bias_correction = true, epsilon_hat = false;
+  double lower_bound = -1.0, upper_bound = -1.0;
+  std::vector<double> lrs, wds, counts;    // counts: host step counts (without device_counts)
+  std::vector<double> stat_rows, count_slots;
+  std::vector<char> layer_adaptation;
+};
+
+// Reads the attributes both phases share.
+bool parse_step(const std::string& op, const Attrs& attrs, bool phase1, StepAttrs* s) {
+  Layout& l = s->layout;
+  double clip, ema_momentum;
+  if (!layout_of(op, attrs, phase1, &l) || !get_double(op, attrs, "beta1", 0.9, &s->beta1) ||
+      !get_double(op, attrs, "beta2", 0.999, &s->beta2) ||
+      !get_double(op, attrs, "epsilon", 1e-6, &s->epsilon) ||
+      !get_double(op, attrs, "rescale_grad", 1.0, &s->rescale) ||
       !get_double(op, attrs, "clip_gradient", -1.0, &clip) ||
+      !get_double(op, attrs, "clipnorm", -1.0, &s->clipnorm) ||
+      !get_double(op, attrs, "ema_momentum", 0.99, &ema_momentum) ||
       !get_double(op, attrs, "lower_bound", -1.0, &s->lower_bound) ||
       !get_double(op, attrs, "upper_bound", -1.0, &s->upper_bound) ||
-      !get_list(op, attrs, "lrs", s->n, &lrs) || !get_list(op, attrs, "wds", s->n, &wds) ||
-      !get_list(op, attrs, "step_counts", s->n, &counts)) {
+      !get_list(op, attrs, "lrs", l.n, &s->lrs) || !get_list(op, attrs, "wds", l.n, &s->wds) ||
+      !get_flags(op, attrs, "layer_adaptation", l.n, &s->layer_adaptation)) {
     return false;
   }
-  s->multi_precision = get_bool(attrs, "multi_precision", false);
-  const bool bias_correction = get_bool(attrs, "bias_correction", true);
-  s->step = StepCoeffs{static_cast<float>(beta1),       static_cast<float>(beta2),
-                       static_cast<float>(1.0 - beta1), static_cast<float>(1.0 - beta2),
-                       static_cast<float>(epsilon),     static_cast<float>(rescale),
-                       static_cast<float>(clip)};
-  s->tensors.resize(s->n);
-  for (int t = 0; t < s->n; ++t) {
-    if (counts[t] < 1) return fail(op, "step_counts must be >= 1");
-    TensorCoeffs& c = s->tensors[t];
-    c.inv_bias1 = bias_correction ? static_cast<float>(1.0 / (1.0 - std::pow(beta1, counts[t])))
-                                  : 1.0f;
-    c.inv_bias2 = bias_correction ? static_cast<float>(1.0 / (1.0 - std::pow(beta2, counts[t])))
-                                  : 1.0f;
-    c.wd = static_cast<float>(wds[t]);
-    c.lr = static_cast<float>(lrs[t]);
+  if (l.counts >= 0 ? !get_list(op, attrs, "count_slots", l.n, &s->count_slots)
+                    : !get_list(op, attrs, "step_counts", l.n, &s->counts)) {
+    return false;
   }
+  if (l.grad_sumsq >= 0 && !get_list(op, attrs, "stat_rows", l.n, &s->stat_rows)) return false;
+  for (double c : s->counts) {
+    if (!(c >= 1)) return fail(op, "step_counts must be >= 1");
+  }
+  s->multi_precision = get_bool(attrs, "multi_precision", false);
+  s->amsgrad = get_bool(attrs, "amsgrad", false);
+  s->bias_correction = get_bool(attrs, "bias_correction", true);
+  s->epsilon_hat = get_bool(attrs, "epsilon_hat", false);
+  s->step = StepCoeffs{static_cast<float>(s->beta1), static_cast<float>(s->beta2),
+                       static_cast<float>(1.0 - s->beta1), static_cast<float>(1.0 - s->beta2),
+                       static_cast<float>(clip)};
+  s->ema = EmaCoeffs{static_cast<float>(ema_momentum), static_cast<float>(1.0 - ema_momentum)};
   return true;
+}
+
+// The per-tensor coefficients at step count t (grad_scale is set by the caller).
+TensorCoeffs tensor_coeffs(const StepAttrs& s, int t, double count) {
+  TensorCoeffs c;
+  const double inv_bias2 = inverse_bias(s.beta2, count, s.bias_correction);
+  c.inv_bias1 = static_cast<float>(inverse_bias(s.beta1, count, s.bias_correction));
+  c.inv_bias2 = static_cast<float>(inv_bias2);
+  c.epsilon = static_cast<float>(step_epsilon(s.epsilon, inv_bias2, s.epsilon_hat));
+  c.grad_scale = static_cast<float>(s.rescale);
+  c.wd = static_cast<float>(s.wds[t]);
+  c.lr = static_cast<float>(s.lrs[t]);
+  return c;
 }
 
 DType dtype_of(const MXTensor& t) { return static_cast<DType>(static_cast<int>(t.dtype)); }
@@ -172,103 +245,217 @@ std::string tensor_label(int t, const char* slot) {
   return std::string(slot) + " of tensor " + std::to_string(t);
 }
 
+// Type and shape checks of the trailing float64 inputs that phase 1 and phase 2 share.
+bool check_trailing_types(const char* op, const Layout& l, const std::vector<int>& in) {
+  const int64_t kF64 = static_cast<int>(DType::kFloat64);
+  for (int i = l.n * l.slots; i < l.total; ++i) {
+    if (in[i] != kF64) {
+      const char* what = i == l.sumsq ? "sumsq" : i == l.grad_sumsq ? "grad_sumsq"
+                         : i == l.control ? "control" : "counts";
+      return fail(op, std::string(what) + " is " + dtype_name(in[i]) + ", expected float64");
+    }
+  }
+  return true;
+}
+
+bool check_trailing_shapes(const char* op, const Layout& l,
+                           const std::vector<std::vector<unsigned int>>& in) {
+  if (l.grad_sumsq >= 0 && in[l.grad_sumsq].size() != 1) {
+    return fail(op, "grad_sumsq must be the 1-d output of mxlamb_grad_stats");
+  }
+  if (l.control >= 0 && in[l.control] != std::vector<unsigned int>{2u}) {
+    return fail(op, "control must be the (2,) output of mxlamb_grad_stats");
+  }
+  if (l.counts >= 0 && in[l.counts].size() != 1) return fail(op, "counts must be 1-d");
+  if (l.sumsq >= 0 && in[l.sumsq] != std::vector<unsigned int>{static_cast<unsigned>(l.n), 2u}) {
+    return fail(op, "sumsq must have shape (num_tensors, 2)");
+  }
+  return true;
+}
+
+// Every tensor slot must have its weight's shape.
+bool check_slot_shapes(const char* op, const Layout& l, const char* const* names,
+                       const std::vector<std::vector<unsigned int>>& in) {
+  for (int t = 0; t < l.n; ++t) {
+    const auto& weight = in[t * l.slots];
+    for (int slot = 1; slot < l.slots; ++slot) {
+      if (in[t * l.slots + slot] != weight) {
+        return fail(op, tensor_label(t, names[slot]) + " has another shape than its weight");
+      }
+    }
+  }
+  return true;
+}
+
+// Row `value` of a table of `size` rows, or an error naming the attribute.
+bool check_index(const char* op, const char* key, double value, int64_t size, int64_t* out) {
+  if (!(value >= 0) || value != std::floor(value) || value >= static_cast<double>(size)) {
+    return fail(op, std::string("attribute ") + key + " has " + std::to_string(value) +
+                        ", outside a table of " + std::to_string(size));
+  }
+  *out = static_cast<int64_t>(value);
+  return true;
+}
+
+// Whether the step applies, and the gradient multiplier before per-tensor clipping.
+struct StepControl {
+  bool apply = true;
+  double multiplier = 1.0;
+};
+
+StepControl step_control(const StepAttrs& s, std::vector<MXTensor>& in) {
+  StepControl c;
+  c.multiplier = s.rescale;
+  if (s.layout.control >= 0) {
+    const double* control = in[s.layout.control].data<double>();
+    c.multiplier = control[0];
+    c.apply = control[1] != 0.0;
+  }
+  return c;
+}
+
+// Slots of the device step counts, range-checked.
+bool count_slots(const char* op, const StepAttrs& s, std::vector<MXTensor>& in,
+                 std::vector<int64_t>* slots) {
+  if (s.layout.counts < 0) return true;
+  const int64_t size = in[s.layout.counts].size();
+  slots->resize(s.layout.n);
+  for (int t = 0; t < s.layout.n; ++t) {
+    if (!check_index(op, "count_slots", s.count_slots[t], size, &(*slots)[t])) return false;
+  }
+  return true;
+}
+
 // ---------------------------------------------------------------------------------- phase 1
 
 const char* const kPhase1 = "mxlamb_phase1";
-const char* const kPhase1SlotNames[kPhase1Slots] = {"weight", "grad", "mean", "var"};
+const char* const kPhase1SlotNames[] = {"weight", "grad", "mean", "var", "vmax"};
 
 MXReturnValue phase1_parse(const Attrs& attrs, int* num_in, int* num_out) {
-  int n;
-  if (!get_num_tensors(kPhase1, attrs, &n)) return MX_FAIL;
-  *num_in = n * kPhase1Slots;
+  Layout l;
+  if (!layout_of(kPhase1, attrs, true, &l)) return MX_FAIL;
+  *num_in = l.total;
   *num_out = 1;
   return MX_SUCCESS;
 }
 
 MXReturnValue phase1_type(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
+  Layout l;
+  if (!layout_of(kPhase1, attrs, true, &l)) return MX_FAIL;
   const bool mp = get_bool(attrs, "multi_precision", false);
-  for (size_t i = 0; i < in->size(); ++i) {
-    const int slot = static_cast<int>(i % kPhase1Slots);
+  for (int i = 0; i < l.n * l.slots; ++i) {
+    const int slot = i % l.slots;
     const int flag = (*in)[i];
-    const bool ok = slot == kGrad && mp ? is_low_precision(flag) : flag == 0;
+    // Under multi-precision the gradient is the model's type, or float32 (accumulated).
+    const bool ok = slot == kGrad && mp ? is_low_precision(flag) || flag == 0 : flag == 0;
     if (!ok) {
-      fail(kPhase1, tensor_label(static_cast<int>(i / kPhase1Slots), kPhase1SlotNames[slot]) +
-                        " is " + dtype_name(flag) + ", expected " +
-                        (slot == kGrad && mp ? "float16 or bfloat16" : "float32"));
+      fail(kPhase1, tensor_label(i / l.slots, kPhase1SlotNames[slot]) + " is " +
+                        dtype_name(flag) + ", expected " +
+                        (slot == kGrad && mp ? "float16, bfloat16 or float32" : "float32"));
       return MX_FAIL;
     }
   }
+  if (!check_trailing_types(kPhase1, l, *in)) return MX_FAIL;
   (*out)[0] = static_cast<int>(DType::kFloat64);
   return MX_SUCCESS;
 }
 
 MXReturnValue phase1_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
                            std::vector<std::vector<unsigned int>>* out) {
-  const int n = static_cast<int>(in->size()) / kPhase1Slots;
-  for (int t = 0; t < n; ++t) {
-    const auto& weight = (*in)[t * kPhase1Slots + kWeight];
-    for (int slot = 1; slot < kPhase1Slots; ++slot) {
-      if ((*in)[t * kPhase1Slots + slot] != weight) {
-        fail(kPhase1, tensor_label(t, kPhase1SlotNames[slot]) + " has another shape than its weight");
-        return MX_FAIL;
-      }
-    }
+  Layout l;
+  if (!layout_of(kPhase1, attrs, true, &l) ||
+      !check_slot_shapes(kPhase1, l, kPhase1SlotNames, *in) ||
+      !check_trailing_shapes(kPhase1, l, *in)) {
+    return MX_FAIL;
   }
-  (*out)[0] = {static_cast<unsigned int>(n), 2u};
+  (*out)[0] = {static_cast<unsigned int>(l.n), 2u};
   return MX_SUCCESS;
 }
 
 MXReturnValue phase1_mutate(const Attrs& attrs, std::vector<int>* mutated) {
-  int n;
-  if (!get_num_tensors(kPhase1, attrs, &n)) return MX_FAIL;
-  for (int t = 0; t < n; ++t) {
-    mutated->push_back(t * kPhase1Slots + kMean);
-    mutated->push_back(t * kPhase1Slots + kVar);
+  Layout l;
+  if (!layout_of(kPhase1, attrs, true, &l)) return MX_FAIL;
+  for (int t = 0; t < l.n; ++t) {
+    for (int slot = kMean; slot < l.slots; ++slot) mutated->push_back(t * l.slots + slot);
   }
+  if (l.counts >= 0) mutated->push_back(l.counts);
   return MX_SUCCESS;
 }
 
 MXReturnValue phase1_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                              std::vector<MXTensor>* out, const OpResource&) {
   StepAttrs s;
-  if (!parse_step(kPhase1, attrs, &s)) return MX_FAIL;
-  std::vector<Phase1Span> spans(s.n);
-  for (int t = 0; t < s.n; ++t) {
-    MXTensor* x = &(*in)[t * kPhase1Slots];
-    spans[t] = Phase1Span{x[kWeight].data<float>(), x[kGrad].data_ptr, x[kMean].data<float>(),
-                          x[kVar].data<float>(), x[kWeight].size(), dtype_of(x[kGrad])};
+  if (!parse_step(kPhase1, attrs, true, &s)) return MX_FAIL;
+  const Layout& l = s.layout;
+  double* sumsq = (*out)[0].data<double>();
+  const StepControl control = step_control(s, *in);
+  if (!control.apply) {
+    // A skipped step touches nothing; its trust ratios read as NaN.
+    for (int i = 0; i < 2 * l.n; ++i) sumsq[i] = std::nan("");
+    return MX_SUCCESS;
   }
-  lamb_phase1_cpu(spans, s.step, s.tensors, (*out)[0].data<double>());
+  if (s.clipnorm > 0 && l.grad_sumsq < 0) {
+    fail(kPhase1, "clipnorm needs has_stats=1 (the gradients' sums of squares)");
+    return MX_FAIL;
+  }
+  std::vector<int64_t> slots, rows(l.n);
+  if (!count_slots(kPhase1, s, *in, &slots)) return MX_FAIL;
+  const double* grad_sumsq = nullptr;
+  if (l.grad_sumsq >= 0) {
+    grad_sumsq = (*in)[l.grad_sumsq].data<double>();
+    const int64_t size = (*in)[l.grad_sumsq].size();
+    for (int t = 0; t < l.n; ++t) {
+      if (!check_index(kPhase1, "stat_rows", s.stat_rows[t], size, &rows[t])) return MX_FAIL;
+    }
+  }
+  double* counts = l.counts >= 0 ? (*in)[l.counts].data<double>() : nullptr;
+  std::vector<TensorCoeffs> coeffs(l.n);
+  std::vector<Phase1Span> spans(l.n);
+  for (int t = 0; t < l.n; ++t) {
+    double count = counts != nullptr ? counts[slots[t]] + 1.0 : s.counts[t];
+    if (counts != nullptr) counts[slots[t]] = count;
+    coeffs[t] = tensor_coeffs(s, t, count);
+    coeffs[t].grad_scale = static_cast<float>(
+        grad_sumsq != nullptr ? gradient_scale(control.multiplier, grad_sumsq[rows[t]], s.clipnorm)
+                              : control.multiplier);
+    MXTensor* x = &(*in)[t * l.slots];
+    spans[t] = Phase1Span{x[kWeight].data<float>(),
+                          x[kGrad].data_ptr,
+                          x[kMean].data<float>(),
+                          x[kVar].data<float>(),
+                          s.amsgrad ? x[kVarMax].data<float>() : nullptr,
+                          x[kWeight].size(),
+                          dtype_of(x[kGrad])};
+  }
+  lamb_phase1_cpu(spans, s.step, coeffs, sumsq);
   return MX_SUCCESS;
 }
 
 // ---------------------------------------------------------------------------------- phase 2
 
 const char* const kPhase2 = "mxlamb_phase2";
-const char* const kPhase2SlotNames[kPhase2Slots] = {"weight", "mean", "var"};
+const char* const kPhase2SlotNames[] = {"weight", "mean", "var", "average"};
 
 MXReturnValue phase2_parse(const Attrs& attrs, int* num_in, int* num_out) {
-  int n;
-  if (!get_num_tensors(kPhase2, attrs, &n)) return MX_FAIL;
-  *num_in = n * kPhase2Slots + 1;
-  *num_out = n;
+  Layout l;
+  if (!layout_of(kPhase2, attrs, false, &l)) return MX_FAIL;
+  *num_in = l.total;
+  *num_out = l.n;
   return MX_SUCCESS;
 }
 
 MXReturnValue phase2_type(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
+  Layout l;
+  if (!layout_of(kPhase2, attrs, false, &l)) return MX_FAIL;
   const bool mp = get_bool(attrs, "multi_precision", false);
-  const int n = static_cast<int>(out->size());
-  for (int i = 0; i < n * kPhase2Slots; ++i) {
+  for (int i = 0; i < l.n * l.slots; ++i) {
     if ((*in)[i] != 0) {
-      fail(kPhase2, tensor_label(i / kPhase2Slots, kPhase2SlotNames[i % kPhase2Slots]) + " is " +
+      fail(kPhase2, tensor_label(i / l.slots, kPhase2SlotNames[i % l.slots]) + " is " +
                         dtype_name((*in)[i]) + ", expected float32");
       return MX_FAIL;
     }
   }
-  if (in->back() != static_cast<int>(DType::kFloat64)) {
-    fail(kPhase2, "sumsq must be the float64 output of mxlamb_phase1");
-    return MX_FAIL;
-  }
+  if (!check_trailing_types(kPhase2, l, *in)) return MX_FAIL;
   // MXNet infers output types before it looks at out=, so the model weights' type under
   // multi-precision comes as an attribute (mshadow's flag: 2 float16, 12 bfloat16).
   double weight_dtype = 0;
@@ -278,38 +465,31 @@ MXReturnValue phase2_type(const Attrs& attrs, std::vector<int>* in, std::vector<
                   "12 (bfloat16)");
     return MX_FAIL;
   }
-  for (int t = 0; t < n; ++t) (*out)[t] = static_cast<int>(weight_dtype);
+  for (int t = 0; t < l.n; ++t) (*out)[t] = static_cast<int>(weight_dtype);
   return MX_SUCCESS;
 }
 
 MXReturnValue phase2_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
                            std::vector<std::vector<unsigned int>>* out) {
-  const int n = static_cast<int>(out->size());
-  for (int t = 0; t < n; ++t) {
-    const auto& weight = (*in)[t * kPhase2Slots + kP2Weight];
-    for (int slot = 1; slot < kPhase2Slots; ++slot) {
-      if ((*in)[t * kPhase2Slots + slot] != weight) {
-        fail(kPhase2, tensor_label(t, kPhase2SlotNames[slot]) + " has another shape than its weight");
-        return MX_FAIL;
-      }
-    }
-    (*out)[t] = weight;
-  }
-  const std::vector<unsigned int> expected = {static_cast<unsigned int>(n), 2u};
-  if (in->back() != expected) {
-    fail(kPhase2, "sumsq must have shape (num_tensors, 2)");
+  Layout l;
+  if (!layout_of(kPhase2, attrs, false, &l) ||
+      !check_slot_shapes(kPhase2, l, kPhase2SlotNames, *in) ||
+      !check_trailing_shapes(kPhase2, l, *in)) {
     return MX_FAIL;
   }
+  for (int t = 0; t < l.n; ++t) (*out)[t] = (*in)[t * l.slots + kP2Weight];
   return MX_SUCCESS;
 }
 
 MXReturnValue phase2_mutate(const Attrs& attrs, std::vector<int>* mutated) {
-  int n;
-  if (!get_num_tensors(kPhase2, attrs, &n)) return MX_FAIL;
+  Layout l;
+  if (!layout_of(kPhase2, attrs, false, &l)) return MX_FAIL;
   // Under multi-precision the fp32 master copy is updated in place; without it the weight is
   // written through out= only.
-  if (get_bool(attrs, "multi_precision", false)) {
-    for (int t = 0; t < n; ++t) mutated->push_back(t * kPhase2Slots + kP2Weight);
+  const bool mp = get_bool(attrs, "multi_precision", false);
+  for (int t = 0; t < l.n; ++t) {
+    if (mp) mutated->push_back(t * l.slots + kP2Weight);
+    if (l.slots > kP2Average) mutated->push_back(t * l.slots + kP2Average);
   }
   return MX_SUCCESS;
 }
@@ -317,26 +497,205 @@ MXReturnValue phase2_mutate(const Attrs& attrs, std::vector<int>* mutated) {
 MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                              std::vector<MXTensor>* out, const OpResource&) {
   StepAttrs s;
-  if (!parse_step(kPhase2, attrs, &s)) return MX_FAIL;
-  std::vector<Phase2Span> spans(s.n);
-  for (int t = 0; t < s.n; ++t) {
-    MXTensor* x = &(*in)[t * kPhase2Slots];
+  if (!parse_step(kPhase2, attrs, false, &s)) return MX_FAIL;
+  const Layout& l = s.layout;
+  if (!step_control(s, *in).apply) return MX_SUCCESS;  // skipped: nothing is written
+  std::vector<int64_t> slots;
+  if (!count_slots(kPhase2, s, *in, &slots)) return MX_FAIL;
+  const double* counts = l.counts >= 0 ? (*in)[l.counts].data<double>() : nullptr;
+  const double* sumsq = (*in)[l.sumsq].data<double>();
+  std::vector<TensorCoeffs> coeffs(l.n);
+  std::vector<float> step_sizes(l.n);
+  std::vector<Phase2Span> spans(l.n);
+  for (int t = 0; t < l.n; ++t) {
+    // Phase 1 has already counted this step in the device counts.
+    coeffs[t] = tensor_coeffs(s, t, counts != nullptr ? counts[slots[t]] : s.counts[t]);
+    step_sizes[t] = step_size(s.lrs[t], sumsq[2 * t], sumsq[2 * t + 1], s.lower_bound,
+                              s.upper_bound, s.layer_adaptation[t] != 0);
+    MXTensor* x = &(*in)[t * l.slots];
     MXTensor& o = (*out)[t];
     float* master = x[kP2Weight].data<float>();
+    float* average = l.slots > kP2Average ? x[kP2Average].data<float>() : nullptr;
     spans[t] = s.multi_precision
                    ? Phase2Span{master, master, o.data_ptr, dtype_of(o), x[kP2Mean].data<float>(),
-                                x[kP2Var].data<float>(), x[kP2Weight].size()}
+                                x[kP2Var].data<float>(), average, x[kP2Weight].size()}
                    : Phase2Span{master, o.data<float>(), nullptr, DType::kFloat32,
-                                x[kP2Mean].data<float>(), x[kP2Var].data<float>(),
+                                x[kP2Mean].data<float>(), x[kP2Var].data<float>(), average,
                                 x[kP2Weight].size()};
   }
-  lamb_phase2_cpu(spans, s.step, s.tensors, in->back().data<double>(), s.lower_bound,
-                  s.upper_bound);
+  lamb_phase2_cpu(spans, s.step, coeffs, step_sizes, s.ema);
+  return MX_SUCCESS;
+}
+
+// ----------------------------------------------------------------------------- grad stats
+
+const char* const kGradStats = "mxlamb_grad_stats";
+constexpr int kLossScale = 0, kCleanSteps = 1, kSkippedSteps = 2;
+
+MXReturnValue grad_stats_parse(const Attrs& attrs, int* num_in, int* num_out) {
+  int n;
+  if (!get_num_tensors(kGradStats, attrs, &n)) return MX_FAIL;
+  *num_in = n + 1;
+  *num_out = 2;
+  return MX_SUCCESS;
+}
+
+MXReturnValue grad_stats_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  const int n = static_cast<int>(in->size()) - 1;
+  for (int t = 0; t < n; ++t) {
+    if ((*in)[t] != 0 && !is_low_precision((*in)[t])) {
+      fail(kGradStats, tensor_label(t, "grad") + " is " + dtype_name((*in)[t]) +
+                           ", expected float32, float16 or bfloat16");
+      return MX_FAIL;
+    }
+  }
+  if (in->back() != static_cast<int>(DType::kFloat64)) {
+    fail(kGradStats, "step_state must be float64");
+    return MX_FAIL;
+  }
+  (*out)[0] = (*out)[1] = static_cast<int>(DType::kFloat64);
+  return MX_SUCCESS;
+}
+
+MXReturnValue grad_stats_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                               std::vector<std::vector<unsigned int>>* out) {
+  if (in->back() != std::vector<unsigned int>{3u}) {
+    fail(kGradStats, "step_state must have shape (3,)");
+    return MX_FAIL;
+  }
+  (*out)[0] = {static_cast<unsigned int>(in->size() - 1)};
+  (*out)[1] = {2u};
+  return MX_SUCCESS;
+}
+
+MXReturnValue grad_stats_mutate(const Attrs& attrs, std::vector<int>* mutated) {
+  int n;
+  if (!get_num_tensors(kGradStats, attrs, &n)) return MX_FAIL;
+  mutated->push_back(n);
+  return MX_SUCCESS;
+}
+
+// One step's gradient statistics, before any phase 1 of the step:
+//   base     = rescale_grad / loss scale (the dynamic one from step_state, if on)
+//   control  = [base * clip_factor(base * ||g||, global_clipnorm), apply]
+// A step whose gradients are not all finite is skipped (apply = 0) when skip_nonfinite or
+// dynamic loss scaling is on, and counted in step_state. Dynamic loss scaling halves the
+// scale (not below 1) on such a step and doubles it after growth_interval clean steps.
+MXReturnValue grad_stats_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                 std::vector<MXTensor>* out, const OpResource&) {
+  int n;
+  double rescale, global_clipnorm, growth_interval;
+  if (!get_num_tensors(kGradStats, attrs, &n) ||
+      !get_double(kGradStats, attrs, "rescale_grad", 1.0, &rescale) ||
+      !get_double(kGradStats, attrs, "global_clipnorm", -1.0, &global_clipnorm) ||
+      !get_double(kGradStats, attrs, "growth_interval", 0.0, &growth_interval)) {
+    return MX_FAIL;
+  }
+  const bool dynamic = growth_interval > 0;
+  const bool skip_nonfinite = get_bool(attrs, "skip_nonfinite", false) || dynamic;
+  std::vector<GradSpan> grads(n);
+  for (int t = 0; t < n; ++t) {
+    grads[t] = GradSpan{(*in)[t].data_ptr, (*in)[t].size(), dtype_of((*in)[t])};
+  }
+  double* grad_sumsq = (*out)[0].data<double>();
+  grad_sumsq_cpu(grads, grad_sumsq);
+  double total = 0.0;
+  for (int t = 0; t < n; ++t) total += grad_sumsq[t];
+  const bool finite = std::isfinite(total);
+
+  double* state = in->back().data<double>();
+  const double base = dynamic ? rescale / state[kLossScale] : rescale;
+  double* control = (*out)[1].data<double>();
+  control[0] = base * clip_factor(base * std::sqrt(total), global_clipnorm);
+  control[1] = finite || !skip_nonfinite ? 1.0 : 0.0;
+  if (control[1] == 0.0) state[kSkippedSteps] += 1.0;
+  if (dynamic) {
+    if (!finite) {
+      state[kLossScale] = std::fmax(state[kLossScale] / 2.0, 1.0);
+      state[kCleanSteps] = 0.0;
+    } else if ((state[kCleanSteps] += 1.0) >= growth_interval) {
+      state[kLossScale] *= 2.0;
+      state[kCleanSteps] = 0.0;
+    }
+  }
+  return MX_SUCCESS;
+}
+
+// ---------------------------------------------------------------------------- trust ratio
+
+const char* const kTrustRatio = "mxlamb_trust_ratio";
+
+MXReturnValue trust_ratio_parse(const Attrs& attrs, int* num_in, int* num_out) {
+  int n;
+  if (!get_num_tensors(kTrustRatio, attrs, &n)) return MX_FAIL;
+  *num_in = 1;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue trust_ratio_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  if ((*in)[0] != static_cast<int>(DType::kFloat64)) {
+    fail(kTrustRatio, "sumsq must be the float64 output of mxlamb_phase1");
+    return MX_FAIL;
+  }
+  (*out)[0] = static_cast<int>(DType::kFloat64);
+  return MX_SUCCESS;
+}
+
+MXReturnValue trust_ratio_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
+                                std::vector<std::vector<unsigned int>>* out) {
+  int n;
+  if (!get_num_tensors(kTrustRatio, attrs, &n)) return MX_FAIL;
+  if ((*in)[0] != std::vector<unsigned int>{static_cast<unsigned>(n), 2u}) {
+    fail(kTrustRatio, "sumsq must have shape (num_tensors, 2)");
+    return MX_FAIL;
+  }
+  (*out)[0] = {static_cast<unsigned int>(n)};
+  return MX_SUCCESS;
+}
+
+// The ratio phase 2 multiplied lr by (1 where layer adaptation is off; NaN for a skipped step).
+MXReturnValue trust_ratio_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                                  std::vector<MXTensor>* out, const OpResource&) {
+  int n;
+  double lower, upper;
+  std::vector<char> adapt;
+  if (!get_num_tensors(kTrustRatio, attrs, &n) ||
+      !get_double(kTrustRatio, attrs, "lower_bound", -1.0, &lower) ||
+      !get_double(kTrustRatio, attrs, "upper_bound", -1.0, &upper) ||
+      !get_flags(kTrustRatio, attrs, "layer_adaptation", n, &adapt)) {
+    return MX_FAIL;
+  }
+  const double* sumsq = (*in)[0].data<double>();
+  double* ratios = (*out)[0].data<double>();
+  for (int t = 0; t < n; ++t) {
+    const bool skipped = std::isnan(sumsq[2 * t]);
+    ratios[t] = skipped ? sumsq[2 * t]
+                : adapt[t] ? trust_ratio(sumsq[2 * t], sumsq[2 * t + 1], lower, upper)
+                           : 1.0;
+  }
   return MX_SUCCESS;
 }
 
 #ifdef MXLAMB_WITH_CUDA
 // ------------------------------------------------------------------------------------ GPU
+//
+// The CUDA kernels take plain LAMB (every MXNet LAMB option, fp32 and multi-precision). The
+// mxlamb extras (AMSGrad, EMA, gradient statistics, device step counts, per-tensor layer
+// adaptation, Keras' epsilon) are CPU-only for now and refused here by name.
+
+bool gpu_supports(const char* op, const Attrs& attrs) {
+  for (const char* key : {"amsgrad", "use_ema", "has_stats", "device_counts", "epsilon_hat"}) {
+    if (get_bool(attrs, key, false)) {
+      return fail(op, std::string(key) + " is not implemented on GPU yet (CPU only)");
+    }
+  }
+  if (attrs.find("layer_adaptation") != attrs.end()) {
+    return fail(op, "layer_adaptation (exclude_from_layer_adaptation, AdamW) is not "
+                    "implemented on GPU yet (CPU only)");
+  }
+  return true;
+}
 
 // The group as the CUDA interface takes it; the vectors own the host-side pointer arrays.
 struct CudaGroup {
@@ -347,27 +706,22 @@ struct CudaGroup {
   std::vector<float> lrs, wds;
   MxlambCudaGroup group{};
 
-  CudaGroup(const StepAttrs& s, const Attrs& attrs) {
-    std::vector<double> count_values;
-    get_list("mxlamb", attrs, "step_counts", s.n, &count_values);
-    for (int t = 0; t < s.n; ++t) {
-      lrs.push_back(s.tensors[t].lr);
-      wds.push_back(s.tensors[t].wd);
-      counts.push_back(static_cast<int64_t>(count_values[t]));
+  explicit CudaGroup(const StepAttrs& s) {
+    for (int t = 0; t < s.layout.n; ++t) {
+      lrs.push_back(static_cast<float>(s.lrs[t]));
+      wds.push_back(static_cast<float>(s.wds[t]));
+      counts.push_back(static_cast<int64_t>(s.counts[t]));
     }
-    double beta1, beta2;
-    get_double("mxlamb", attrs, "beta1", 0.9, &beta1);
-    get_double("mxlamb", attrs, "beta2", 0.999, &beta2);
-    group.num_tensors = s.n;
+    group.num_tensors = s.layout.n;
     group.lrs = lrs.data();
     group.wds = wds.data();
     group.step_counts = counts.data();
-    group.beta1 = static_cast<float>(beta1);
-    group.beta2 = static_cast<float>(beta2);
-    group.epsilon = s.step.epsilon;
-    group.rescale_grad = s.step.rescale_grad;
+    group.beta1 = s.step.beta1;
+    group.beta2 = s.step.beta2;
+    group.epsilon = static_cast<float>(s.epsilon);
+    group.rescale_grad = static_cast<float>(s.rescale);
     group.clip_gradient = s.step.clip_gradient;
-    group.bias_correction = get_bool(attrs, "bias_correction", true);
+    group.bias_correction = s.bias_correction;
     group.lower_bound = s.lower_bound;
     group.upper_bound = s.upper_bound;
   }
@@ -390,10 +744,10 @@ bool cuda_ok(const char* op, int err) {
 MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   StepAttrs s;
-  if (!parse_step(kPhase1, attrs, &s)) return MX_FAIL;
-  CudaGroup g(s, attrs);
-  for (int t = 0; t < s.n; ++t) {
-    MXTensor* x = &(*in)[t * kPhase1Slots];
+  if (!gpu_supports(kPhase1, attrs) || !parse_step(kPhase1, attrs, true, &s)) return MX_FAIL;
+  CudaGroup g(s);
+  for (int t = 0; t < s.layout.n; ++t) {
+    MXTensor* x = &(*in)[t * s.layout.slots];
     g.weights.push_back(x[kWeight].data<float>());
     g.grads.push_back(x[kGrad].data_ptr);
     g.means.push_back(x[kMean].data<float>());
@@ -413,11 +767,11 @@ MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
 MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   StepAttrs s;
-  if (!parse_step(kPhase2, attrs, &s)) return MX_FAIL;
-  CudaGroup g(s, attrs);
+  if (!gpu_supports(kPhase2, attrs) || !parse_step(kPhase2, attrs, false, &s)) return MX_FAIL;
+  CudaGroup g(s);
   g.group.lowp_dtype = s.multi_precision ? static_cast<int>((*out)[0].dtype) : 0;
-  for (int t = 0; t < s.n; ++t) {
-    MXTensor* x = &(*in)[t * kPhase2Slots];
+  for (int t = 0; t < s.layout.n; ++t) {
+    MXTensor* x = &(*in)[t * s.layout.slots];
     MXTensor& o = (*out)[t];
     // Without multi-precision the output is the fp32 weight; phase 2 reads and writes it.
     g.weights.push_back(s.multi_precision ? x[kP2Weight].data<float>() : o.data<float>());
@@ -429,8 +783,8 @@ MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
   g.finish();
   const size_t bytes = mxlamb_cuda_workspace_bytes(&g.group);
   void* workspace = res.alloc_gpu(static_cast<int>(bytes));
-  return cuda_ok(kPhase2, mxlamb_cuda_phase2(&g.group, in->back().data<double>(), workspace,
-                                             bytes, res.get_cuda_stream()))
+  return cuda_ok(kPhase2, mxlamb_cuda_phase2(&g.group, (*in)[s.layout.sumsq].data<double>(),
+                                             workspace, bytes, res.get_cuda_stream()))
              ? MX_SUCCESS
              : MX_FAIL;
 }
@@ -458,6 +812,19 @@ REGISTER_OP(mxlamb_phase2)
     .setForward(mxlamb::phase2_forward_gpu, "gpu")
 #endif
     .setForward(mxlamb::phase2_forward, "cpu");
+
+REGISTER_OP(mxlamb_grad_stats)
+    .setParseAttrs(mxlamb::grad_stats_parse)
+    .setInferType(mxlamb::grad_stats_type)
+    .setInferShape(mxlamb::grad_stats_shape)
+    .setMutateInputs(mxlamb::grad_stats_mutate)
+    .setForward(mxlamb::grad_stats_forward, "cpu");
+
+REGISTER_OP(mxlamb_trust_ratio)
+    .setParseAttrs(mxlamb::trust_ratio_parse)
+    .setInferType(mxlamb::trust_ratio_type)
+    .setInferShape(mxlamb::trust_ratio_shape)
+    .setForward(mxlamb::trust_ratio_forward, "cpu");
 
 // Called by mx.library.load: refuse an MXNet other than the one this library was built for
 // (the Python loader checks first and raises an ImportError that says what to run).
