@@ -1,5 +1,8 @@
 """LAMB: layer-wise adaptive moments for large-batch training, on mxlamb's C++ operators."""
+import collections
+import contextlib
 import numbers
+import re
 
 import numpy
 
@@ -8,8 +11,9 @@ from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 from mxnet.optimizer import Optimizer
 
 from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
+from .loss_scaler import LossScaler
 
-__all__ = ["LAMB"]
+__all__ = ["LAMB", "TrustRatios"]
 
 _BFLOAT16 = numpy.dtype(_DTYPE_MX_TO_NP[12])
 _LOW_PRECISION = (numpy.dtype(numpy.float16), _BFLOAT16)
@@ -18,6 +22,19 @@ _FLOAT32 = numpy.dtype(numpy.float32)
 # Keyword arguments of mxnet.optimizer.Optimizer that LAMB passes on.
 _OPTIMIZER_KWARGS = ("rescale_grad", "param_idx2name", "wd", "clip_gradient", "lr_scheduler",
                      "sym", "begin_num_update", "multi_precision", "param_dict")
+# mxlamb's training options (Keras' names), on LAMB and AdamW alike.
+_EXTRA_OPTIONS = ("global_clipnorm", "clipnorm", "use_ema", "ema_momentum",
+                  "ema_overwrite_frequency", "gradient_accumulation_steps", "loss_scale_factor",
+                  "loss_scaler", "skip_nonfinite", "exclude_from_weight_decay",
+                  "exclude_from_layer_adaptation")
+
+TrustRatios = collections.namedtuple("TrustRatios", ["keys", "values"])
+TrustRatios.__doc__ = """Per-parameter trust ratios of the last step: ``keys`` (parameter
+names, or indices where no name is known) and ``values`` (a float64 NDArray in that order;
+NaN for a skipped step, 1 where layer adaptation is off)."""
+
+# The per-parameter arrays of one step, as _checked_state unpacks a state.
+Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum"])
 
 
 def _number(name, value, low=None, high=None, low_open=False, high_open=False):
@@ -39,6 +56,34 @@ def _flag(name, value):
     if not isinstance(value, (bool, numpy.bool_)):
         raise ValueError("LAMB: %s must be True or False, got %r" % (name, value))
     return bool(value)
+
+
+def _positive_or_none(name, value):
+    return None if value is None else _number(name, value, low=0.0, low_open=True)
+
+
+def _count_or_none(name, value):
+    if value is None:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
+        raise ValueError("LAMB: %s must be an integer >= 1 or None, got %r" % (name, value))
+    return int(value)
+
+
+def _patterns(name, value):
+    """A list of compiled regular expressions, or ValueError naming the option."""
+    if value is None:
+        return []
+    if isinstance(value, str) or not isinstance(value, (list, tuple)):
+        raise ValueError("LAMB: %s must be a list of regular expressions, got %r" % (name, value))
+    compiled = []
+    for pattern in value:
+        try:
+            compiled.append(re.compile(pattern))
+        except (re.error, TypeError) as err:
+            raise ValueError("LAMB: %s has an invalid regular expression %r (%s)"
+                             % (name, pattern, err)) from None
+    return compiled
 
 
 def _as_list(x):
@@ -85,6 +130,32 @@ class LAMB(Optimizer):
         Tensors per multi-tensor operator call in ``fused_step`` (any positive number).
     use_fused_step : bool, default True
         Whether MXNet 1.x's ``update`` calls go to ``fused_step`` (else ``step``).
+    global_clipnorm : float or None
+        Scale all gradients of the step by ``min(1, global_clipnorm / ||all gradients||)``
+        (after rescale_grad and loss unscaling), computed on the device.
+    clipnorm : float or None
+        Clip each gradient to this L2 norm (after global_clipnorm).
+    use_ema, ema_momentum, ema_overwrite_frequency : bool, float in [0, 1), int or None
+        Keep ``avg = ema_momentum * avg + (1 - ema_momentum) * w`` after every applied step;
+        every ``ema_overwrite_frequency`` applied steps the weights are replaced by it. See
+        :meth:`finalize_variable_values` and :meth:`averaged_weights`.
+    gradient_accumulation_steps : int or None
+        Sum gradients over N calls and apply one update with their mean on every N-th; the
+        learning-rate schedule sees every call, the bias-correction count t only updates.
+    loss_scale_factor : float or None
+        Gradients are divided by it (a static loss scale).
+    loss_scaler : mxlamb.LossScaler or None
+        Dynamic loss scaling: gradients are divided by its current scale, a step with
+        non-finite gradients is skipped on the device and the scale halves; it doubles after
+        ``growth_interval`` clean steps.
+    skip_nonfinite : bool, default False
+        Skip, on the device, a whole step whose gradients hold an inf or NaN (weights, moments
+        and step counts untouched) and count it (:attr:`skipped_steps`). By default a non-finite
+        gradient propagates into the weights, as in MXNet.
+    exclude_from_weight_decay, exclude_from_layer_adaptation : list of str or None
+        Regular expressions searched in parameter names (``param_idx2name`` or the Trainer's
+        names); a match gets wd 0, or a trust ratio of 1 (a plain Adam step). BERT recipes
+        use ``['bias', 'gamma', 'beta', 'LayerNorm']``.
     **kwargs
         The usual :class:`mxnet.optimizer.Optimizer` arguments: ``wd`` (>= 0, part of ``u``
         and so scaled by the trust ratio, as in MXNet), ``rescale_grad``, ``clip_gradient``
@@ -100,22 +171,25 @@ class LAMB(Optimizer):
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6,
                  lower_bound=None, upper_bound=None, bias_correction=True, aggregate_num=4,
-                 use_fused_step=True, **kwargs):
+                 use_fused_step=True, global_clipnorm=None, clipnorm=None, use_ema=False,
+                 ema_momentum=0.99, ema_overwrite_frequency=None,
+                 gradient_accumulation_steps=None, loss_scale_factor=None, loss_scaler=None,
+                 skip_nonfinite=False, exclude_from_weight_decay=None,
+                 exclude_from_layer_adaptation=None, **kwargs):
         for key in kwargs:
             if key not in _OPTIMIZER_KWARGS:
-                raise ValueError("LAMB: unknown argument %s=%r (LAMB takes learning_rate, beta1, "
+                raise ValueError("%s: unknown argument %s=%r (it takes learning_rate, beta1, "
                                  "beta2, epsilon, lower_bound, upper_bound, bias_correction, "
-                                 "aggregate_num, use_fused_step, %s)"
-                                 % (key, kwargs[key], ", ".join(_OPTIMIZER_KWARGS)))
+                                 "aggregate_num, use_fused_step, %s, %s)"
+                                 % (type(self).__name__, key, kwargs[key],
+                                    ", ".join(_EXTRA_OPTIONS), ", ".join(_OPTIMIZER_KWARGS)))
         if learning_rate is not None:
             learning_rate = _number("learning_rate", learning_rate, low=0.0)
         self.beta1 = _number("beta1", beta1, 0.0, 1.0, high_open=True)
         self.beta2 = _number("beta2", beta2, 0.0, 1.0, high_open=True)
         self.epsilon = _number("epsilon", epsilon, low=0.0, low_open=True)
-        self.lower_bound = None if lower_bound is None else _number(
-            "lower_bound", lower_bound, low=0.0, low_open=True)
-        self.upper_bound = None if upper_bound is None else _number(
-            "upper_bound", upper_bound, low=0.0, low_open=True)
+        self.lower_bound = _positive_or_none("lower_bound", lower_bound)
+        self.upper_bound = _positive_or_none("upper_bound", upper_bound)
         if (self.lower_bound is not None and self.upper_bound is not None
                 and self.lower_bound > self.upper_bound):
             raise ValueError("LAMB: lower_bound=%r is greater than upper_bound=%r"
@@ -126,6 +200,24 @@ class LAMB(Optimizer):
             raise ValueError("LAMB: aggregate_num must be an integer >= 1, got %r"
                              % (aggregate_num,))
         self.use_fused_step = _flag("use_fused_step", use_fused_step)
+        self.global_clipnorm = _positive_or_none("global_clipnorm", global_clipnorm)
+        self.clipnorm = _positive_or_none("clipnorm", clipnorm)
+        self.use_ema = _flag("use_ema", use_ema)
+        self.ema_momentum = _number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True)
+        self.ema_overwrite_frequency = _count_or_none("ema_overwrite_frequency",
+                                                      ema_overwrite_frequency)
+        self.gradient_accumulation_steps = _count_or_none("gradient_accumulation_steps",
+                                                          gradient_accumulation_steps)
+        self.loss_scale_factor = _positive_or_none("loss_scale_factor", loss_scale_factor)
+        if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
+            raise ValueError("LAMB: loss_scaler must be an mxlamb.LossScaler or None, got %r"
+                             % (loss_scaler,))
+        self.loss_scaler = loss_scaler
+        self.skip_nonfinite = _flag("skip_nonfinite", skip_nonfinite)
+        self.exclude_from_weight_decay = _patterns("exclude_from_weight_decay",
+                                                   exclude_from_weight_decay)
+        self.exclude_from_layer_adaptation = _patterns("exclude_from_layer_adaptation",
+                                                       exclude_from_layer_adaptation)
         if "wd" in kwargs:
             _number("wd", kwargs["wd"], low=0.0)
         if "rescale_grad" in kwargs:
@@ -137,21 +229,37 @@ class LAMB(Optimizer):
         super().__init__(learning_rate=learning_rate, **kwargs)
         # Set after Optimizer.__init__, which resets it to 0.
         self.aggregate_num = int(aggregate_num)
-        self._checked = {}  # index -> (weight, grad, state, (master, mean, var)) as last checked
+        # What subclasses change (AdamW): trust ratio on, MXNet's epsilon, no AMSGrad.
+        self._layer_adaptation = True
+        self._epsilon_hat = False
+        self._amsgrad = False
+        self._step_state = None     # [loss scale, clean steps, skipped steps] without a scaler
+        self._device_counts = {}    # context -> float64 applied-step counts (by count slot)
+        self._count_slots = {}      # index -> slot in those counts
+        self._applied_steps = {}    # index -> applied updates (host count)
+        self._micro_steps = {}      # index -> gradients accumulated since the last update
+        self._known = {}            # context -> indices whose states were made there
+        self._pending = {}          # context -> {index: item} of a step still being collected
+        self._last_tables = {}      # index -> (phase-1 table, row, ratio attributes)
+        self._names = {}            # index -> (wd excluded, layer adaptation)
+        self._checked = {}          # index -> (weight, grad, state, Slots) as last checked
 
     def __getstate__(self):
         state = super().__getstate__()
-        del state["_checked"]  # holds arrays; rebuilt on the first step
+        for transient in ("_checked", "_pending", "_last_tables", "_names"):
+            del state[transient]  # arrays of one step, rebuilt on the next
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
-        self._checked = {}
+        self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
 
     # ------------------------------------------------------------------------------ states
 
     def create_state(self, index, weight):
-        """Mean and variance (float32, zeros) for ``weight``."""
+        """Mean and variance (float32, zeros) for ``weight``, then AMSGrad's max of the
+        variance, the weight average (a copy of the weight) and the gradient sum, each when
+        its option is on."""
         if weight.stype != "default":
             raise ValueError("LAMB: parameter %s has %s storage; LAMB needs dense weights "
                              "(its trust ratio is a whole-tensor norm)"
@@ -161,11 +269,19 @@ class LAMB(Optimizer):
                 "LAMB: parameter %s is %s; LAMB updates float32 weights, and float16/bfloat16 "
                 "weights with multi_precision=True" % (self._describe(index),
                                                        self._dtype_name(weight.dtype)))
-        return (self._zeros(weight), self._zeros(weight))
+        self._known.setdefault(weight.context, set()).add(index)
+        state = [self._zeros(weight), self._zeros(weight)]
+        if self._amsgrad:
+            state.append(self._zeros(weight))
+        if self.use_ema:
+            state.append(weight.copy())
+        if self.gradient_accumulation_steps is not None:
+            state.append(self._zeros(weight))
+        return tuple(state)
 
     def create_state_multi_precision(self, index, weight):
-        """``(weight32, (mean, var))`` for a float16/bfloat16 weight under multi_precision,
-        else ``create_state(index, weight)``."""
+        """``(weight32, create_state(index, weight32))`` for a float16/bfloat16 weight under
+        multi_precision, else ``create_state(index, weight)``."""
         if numpy.dtype(weight.dtype) in _LOW_PRECISION and self.multi_precision:
             master = (weight.astype(numpy.float32) if weight.size else
                       ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
@@ -183,65 +299,257 @@ class LAMB(Optimizer):
 
     def step(self, indices, weights, grads, states):
         """Per-tensor update: phase 1 then phase 2 for one tensor at a time."""
-        for index, weight, grad, state in zip(indices, weights, grads, states):
-            self._update_count(index)
-            self._update_group([index], [weight], [grad], [state])
+        self._run_step(indices, weights, grads, states, group_size=1)
 
     def fused_step(self, indices, weights, grads, states):
         """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call."""
-        self._update_count(list(indices))
-        # One weight dtype per operator call (the mode and the output type are per call).
-        by_dtype = {}
-        for item in zip(indices, weights, grads, states):
-            by_dtype.setdefault(numpy.dtype(item[1].dtype), []).append(item)
-        for items in by_dtype.values():
-            for start in range(0, len(items), self.aggregate_num):
-                self._update_group(*zip(*items[start:start + self.aggregate_num]))
+        self._run_step(indices, weights, grads, states, group_size=self.aggregate_num)
 
     # ------------------------------------------------------------------------- 1.x API
 
     def update(self, index, weight, grad, state):
-        """MXNet 1.x entry point: single arrays, or lists when the Updater aggregates."""
-        indices, weights, grads = _as_list(index), _as_list(weight), _as_list(grad)
+        """MXNet 1.x entry point: single arrays, or lists when the Updater aggregates.
+
+        With options that need every gradient of a step first (global_clipnorm, clipnorm,
+        skip_nonfinite, loss_scaler), the Updater's calls of one step (it sends groups of
+        aggregate_num, and one call per weight dtype) are collected until every parameter of
+        the context has come, and the step runs then."""
         states = list(state) if isinstance(index, (list, tuple)) else [state]
-        if self.use_fused_step:
-            self.fused_step(indices, weights, grads, states)
-        else:
-            self.step(indices, weights, grads, states)
+        items = list(zip(_as_list(index), _as_list(weight), _as_list(grad), states))
+        if self._needs_whole_step:
+            items = self._collect_step(items)
+            if not items:
+                return
+        (self.fused_step if self.use_fused_step else self.step)(*map(list, zip(*items)))
 
     # The master copy lives in the state and the operators handle it: no separate path.
     update_multi_precision = update
 
-    # --------------------------------------------------------------------- the kernels
+    # ------------------------------------------------------------------------ the user's
 
-    def _update_group(self, indices, weights, grads, states):
-        """One phase-1/phase-2 pair over a group of tensors of one mode."""
-        unpacked = [self._checked_state(*item) for item in zip(indices, weights, grads, states)]
-        live = [i for i, w in enumerate(weights) if w.size > 0]
-        if not live:
+    @property
+    def skipped_steps(self):
+        """How many steps were skipped for non-finite gradients (reads the device)."""
+        state = self._current_step_state(create=False)
+        return 0 if state is None else int(state[2].asscalar())
+
+    def trust_ratios(self):
+        """The trust ratios of the last step as :class:`TrustRatios` (no host sync until the
+        values are read)."""
+        keys, parts = [], []
+        by_table = collections.OrderedDict()
+        for index, (table, row, attrs) in sorted(self._last_tables.items(),
+                                                 key=lambda kv: str(kv[0])):
+            by_table.setdefault(id(table), (table, attrs, []))[2].append((index, row))
+        for table, attrs, rows in by_table.values():
+            ratios = ndarray.mxlamb_trust_ratio(table, **attrs)
+            for index, row in rows:
+                keys.append(self._name_of(index))
+                parts.append(ratios[row:row + 1])
+        values = (ndarray.concat(*parts, dim=0) if parts
+                  else ndarray.empty((0,), dtype=numpy.float64))
+        return TrustRatios(keys, values)
+
+    def finalize_variable_values(self, params=None):
+        """Copies the weight averages into the weights (Keras' name): all parameters this
+        optimizer has stepped, or those of ``params`` (Gluon Parameters or a ParameterDict)."""
+        for weight, slots in self._ema_targets(params):
+            self._assign_weight(weight, slots, slots.average)
+
+    @contextlib.contextmanager
+    def averaged_weights(self, params=None):
+        """Within the block the model weights hold the averages (for evaluation); on exit
+        they get their trained values back. Master copies are not touched."""
+        saved = [(weight, weight.copy()) for weight, _ in self._ema_targets(params)]
+        for weight, slots in self._ema_targets(params):
+            self._cast_into(slots.average, weight)
+        try:
+            yield self
+        finally:
+            for weight, value in saved:
+                value.copyto(weight)
+
+    # ------------------------------------------------------------------------ the step
+
+    @property
+    def _needs_whole_step(self):
+        return (self.global_clipnorm is not None or self.clipnorm is not None
+                or self.skip_nonfinite or self.loss_scaler is not None)
+
+    @property
+    def _may_skip(self):
+        return self.skip_nonfinite or self.loss_scaler is not None
+
+    def _collect_step(self, items):
+        """Holds the Updater's calls until a whole step of this context has come."""
+        context = items[0][1].context
+        pending = self._pending.setdefault(context, collections.OrderedDict())
+        for item in items:
+            if item[0] in pending:
+                missing = sorted(self._expected(context) - set(pending), key=str)
+                self._pending[context] = collections.OrderedDict()
+                raise RuntimeError(
+                    "LAMB: %s needs the gradients of every parameter in each step, but "
+                    "parameter(s) %s got none before parameter %s came again (frozen, or "
+                    "Trainer.step(ignore_stale_grad=True) skipping it?); the step was not applied"
+                    % (self._whole_step_reason(), ", ".join(self._describe(i) for i in missing),
+                       self._describe(item[0])))
+            pending[item[0]] = item
+            self._known.setdefault(context, set()).add(item[0])
+        if not self._expected(context) <= set(pending):
+            return None
+        self._pending[context] = collections.OrderedDict()
+        return list(pending.values())
+
+    def _expected(self, context):
+        expected = set(self._known.get(context, ()))
+        for index, param in self.param_dict.items():
+            if getattr(param, "grad_req", "write") != "null":
+                expected.add(index)
+        return expected
+
+    def _whole_step_reason(self):
+        for name in ("global_clipnorm", "clipnorm", "loss_scaler"):
+            if getattr(self, name) is not None:
+                return name
+        return "skip_nonfinite"
+
+    def _run_step(self, indices, weights, grads, states, group_size):
+        self._update_count(list(indices))
+        items = [(index, weight, grad, self._checked_state(index, weight, grad, state))
+                 for index, weight, grad, state in zip(indices, weights, grads, states)]
+        items = [item for item in items if item[1].size > 0]
+        items, grad_scale = self._accumulate(items)
+        if not items:
             return
-        weights = [weights[i] for i in live]
-        grads = [grads[i] for i in live]
-        masters, means, variances = zip(*(unpacked[i] for i in live))
+        stats = self._gradient_statistics(items, grad_scale) if self._needs_whole_step else None
+        # One weight dtype per operator call (the mode and the output type are per call).
+        by_dtype = collections.OrderedDict()
+        for row, item in enumerate(items):
+            by_dtype.setdefault(numpy.dtype(item[1].dtype), []).append((row, item))
+        for members in by_dtype.values():
+            for start in range(0, len(members), group_size):
+                self._update_group(members[start:start + group_size], grad_scale, stats)
+        for index, weight, _, slots in items:
+            self._applied_steps[index] = self._applied_steps.get(index, 0) + 1
+            if slots.accum is not None:
+                slots.accum[:] = 0
+            if (self.use_ema and self.ema_overwrite_frequency is not None
+                    and self._applied_steps[index] % self.ema_overwrite_frequency == 0):
+                self._assign_weight(weight, slots, slots.average)
+
+    def _accumulate(self, items):
+        """With gradient_accumulation_steps N: adds each gradient (rescaled) to its sum and
+        returns the items whose N-th gradient this is, with their sums as gradients and 1/N
+        as the scale. Without: the items and rescale_grad / loss_scale_factor."""
+        scale = self.rescale_grad / (self.loss_scale_factor or 1.0)
+        steps = self.gradient_accumulation_steps
+        if steps is None:
+            return items, scale
+        ready = []
+        for index, weight, grad, slots in items:
+            accum = slots.accum
+            accum += grad.astype(numpy.float32, copy=False) * scale
+            self._micro_steps[index] = self._micro_steps.get(index, 0) + 1
+            if self._micro_steps[index] == steps:
+                self._micro_steps[index] = 0
+                ready.append((index, weight, slots.accum, slots))
+        return ready, 1.0 / steps
+
+    def _gradient_statistics(self, items, grad_scale):
+        """mxlamb_grad_stats over every gradient of the step: (grad_sumsq, control)."""
+        attrs = {"num_tensors": len(items), "rescale_grad": grad_scale,
+                 "global_clipnorm": self.global_clipnorm or -1.0,
+                 "skip_nonfinite": self._may_skip}
+        if self.loss_scaler is not None:
+            attrs["growth_interval"] = self.loss_scaler.growth_interval
+        grads = [self._kernel_grad(item[1], item[2]) for item in items]
+        state = self._current_step_state(create=True, context=items[0][1].context)
+        return ndarray.mxlamb_grad_stats(*grads, state, **attrs)
+
+    def _current_step_state(self, create, context=None):
+        if self.loss_scaler is not None:
+            return self.loss_scaler.state
+        if self._step_state is None and create:
+            self._step_state = ndarray.array([1.0, 0.0, 0.0], ctx=context, dtype=numpy.float64)
+        return self._step_state
+
+    def _counts_for(self, indices, context):
+        """The device step counts of ``context`` and the slots of ``indices`` in them."""
+        for index in indices:
+            self._count_slots.setdefault(index, len(self._count_slots))
+        counts = self._device_counts.get(context)
+        needed = len(self._count_slots)
+        if counts is None or counts.shape[0] < needed:
+            grown = ndarray.zeros((max(16, 2 * needed),), ctx=context, dtype=numpy.float64)
+            if counts is not None:
+                grown[:counts.shape[0]] = counts
+            counts = self._device_counts[context] = grown
+        return counts, [self._count_slots[index] for index in indices]
+
+    @staticmethod
+    def _kernel_grad(weight, grad):
         # MXNet 1.9's extension API cannot hand a bfloat16 array to a library operator
         # (lib_api.cc rejects dtype flag 12): bfloat16 gradients are widened by MXNet's cast,
-        # the float32 kernels update the master copy, and MXNet's cast (round to nearest
-        # even) writes the model weight.
+        # and the float32 kernels update the master copy.
+        if numpy.dtype(grad.dtype) == _BFLOAT16:
+            return grad.astype(numpy.float32)
+        return grad
+
+    def _update_group(self, members, grad_scale, stats):
+        """One phase-1/phase-2 pair over a group of tensors of one weight dtype. ``members``
+        are (row in the step, (index, weight, grad, Slots))."""
+        rows = [row for row, _ in members]
+        indices, weights, grads, slots = zip(*(item for _, item in members))
+        context = weights[0].context
         bfloat16 = numpy.dtype(weights[0].dtype) == _BFLOAT16
-        if bfloat16:
-            grads = [g.astype(numpy.float32) for g in grads]
-        attrs = self._attributes([indices[i] for i in live], weights[0], bfloat16)
-        phase1_inputs = [x for t in zip(masters, grads, means, variances) for x in t]
-        sumsq = ndarray.mxlamb_phase1(*phase1_inputs, **attrs)
-        phase2_inputs = [x for t in zip(masters, means, variances) for x in t]
-        ndarray.mxlamb_phase2(*phase2_inputs, sumsq, out=list(masters if bfloat16 else weights),
-                              **attrs)
+        grads = [self._kernel_grad(w, g) for w, g in zip(weights, grads)]
+        attrs = self._attributes(indices, weights[0], grad_scale, bfloat16)
+        extra1, extra2 = [], []
+        if stats is not None:
+            attrs["has_stats"] = True
+            attrs["stat_rows"] = ",".join(map(str, rows))
+            if self.clipnorm is not None:
+                attrs["clipnorm"] = self.clipnorm
+            extra1 += [stats[0], stats[1]]
+            extra2.append(stats[1])
+        if self._may_skip:
+            counts, count_slots = self._counts_for(indices, context)
+            attrs["device_counts"] = True
+            attrs["count_slots"] = ",".join(map(str, count_slots))
+            extra1.append(counts)
+            extra2.append(counts)
+        else:
+            attrs["step_counts"] = ",".join(
+                str(self._applied_steps.get(i, 0) + 1) for i in indices)
+        phase1_inputs = []
+        phase2_inputs = []
+        for s, g in zip(slots, grads):
+            phase1_inputs += [s.master, g, s.mean, s.var]
+            if self._amsgrad:
+                phase1_inputs.append(s.var_max)
+            phase2_inputs += [s.master, s.mean, s.var_max if self._amsgrad else s.var]
+            if self.use_ema:
+                phase2_inputs.append(s.average)
+        table = ndarray.mxlamb_phase1(*phase1_inputs, *extra1, **attrs)
+        masters = [s.master for s in slots]
+        ndarray.mxlamb_phase2(*phase2_inputs, table, *extra2,
+                              out=list(masters if bfloat16 else weights), **attrs)
         if bfloat16:
             for weight, master in zip(weights, masters):
                 ndarray.cast(master, dtype=weight.dtype, out=weight)
+        ratio_attrs = {"num_tensors": len(indices),
+                       "lower_bound": attrs["lower_bound"], "upper_bound": attrs["upper_bound"]}
+        if "layer_adaptation" in attrs:
+            ratio_attrs["layer_adaptation"] = attrs["layer_adaptation"]
+        for row, index in enumerate(indices):
+            self._last_tables[index] = (table, row, ratio_attrs)
 
-    def _attributes(self, indices, weight, float32_kernels=False):
+    def _attributes(self, indices, weight, grad_scale, float32_kernels=False):
         multi_precision = self._is_multi_precision(weight) and not float32_kernels
+        options = [self._tensor_options(i) for i in indices]
+        wds = [0.0 if excluded else wd
+               for wd, (excluded, _) in zip(self._get_wds(indices), options)]
         attrs = {
             "num_tensors": len(indices),
             "multi_precision": multi_precision,
@@ -249,23 +557,75 @@ class LAMB(Optimizer):
             "beta2": self.beta2,
             "epsilon": self.epsilon,
             "bias_correction": self.bias_correction,
-            "rescale_grad": self.rescale_grad,
+            "rescale_grad": grad_scale,
             "clip_gradient": -1.0 if self.clip_gradient is None else self.clip_gradient,
             "lower_bound": -1.0 if self.lower_bound is None else self.lower_bound,
             "upper_bound": -1.0 if self.upper_bound is None else self.upper_bound,
             "lrs": ",".join(map(repr, self._get_lrs(indices))),
-            "wds": ",".join(map(repr, self._get_wds(indices))),
-            "step_counts": ",".join(str(self._index_update_count[i]) for i in indices),
+            "wds": ",".join(map(repr, wds)),
         }
+        if not all(adapt for _, adapt in options):
+            attrs["layer_adaptation"] = ",".join("1" if adapt else "0" for _, adapt in options)
+        if self._epsilon_hat:
+            attrs["epsilon_hat"] = True
+        if self._amsgrad:
+            attrs["amsgrad"] = True
+        if self.use_ema:
+            attrs["use_ema"] = True
+            attrs["ema_momentum"] = self.ema_momentum
         if multi_precision:
             attrs["weight_dtype"] = 2  # float16
         return attrs
 
+    def _tensor_options(self, index):
+        """(excluded from weight decay, layer adaptation) of a parameter, by its name."""
+        options = self._names.get(index)
+        if options is None:
+            name = self._name_of(index)
+            name = name if isinstance(name, str) else ""
+            excluded = any(p.search(name) for p in self.exclude_from_weight_decay)
+            adapt = self._layer_adaptation and not any(
+                p.search(name) for p in self.exclude_from_layer_adaptation)
+            options = self._names[index] = (excluded, adapt)
+        return options
+
     def _is_multi_precision(self, weight):
         return self.multi_precision and numpy.dtype(weight.dtype) in _LOW_PRECISION
 
+    # ------------------------------------------------------------------------ EMA helpers
+
+    def _ema_targets(self, params):
+        """(model weight, Slots) of every parameter with an average, or of ``params``."""
+        if not self.use_ema:
+            raise ValueError("LAMB: weight averages need use_ema=True")
+        if params is None:
+            return [(cached[0], cached[3]) for cached in self._checked.values()]
+        if hasattr(params, "values"):
+            params = list(params.values())
+        wanted = {id(p) for p in params}
+        targets = []
+        for index, cached in self._checked.items():
+            param = self.param_dict.get(index)
+            if param is not None and id(param) in wanted:
+                targets.append((cached[0], cached[3]))
+        return targets
+
+    @staticmethod
+    def _cast_into(source, target):
+        if numpy.dtype(source.dtype) == numpy.dtype(target.dtype):
+            source.copyto(target)
+        else:
+            ndarray.cast(source, dtype=target.dtype, out=target)
+
+    def _assign_weight(self, weight, slots, value):
+        if slots.master is not weight:
+            value.copyto(slots.master)
+        self._cast_into(value, weight)
+
+    # ------------------------------------------------------------------------ checks
+
     def _checked_state(self, index, weight, grad, state):
-        """``(master, mean, var)`` of one parameter (master is the weight itself without
+        """The :class:`Slots` of one parameter (master is the weight itself without
         multi-precision). Refuses, naming the parameter, what the operators would get wrong,
         before any array is written.
 
@@ -279,6 +639,16 @@ class LAMB(Optimizer):
         result = self._check_state(index, weight, grad, state)
         self._checked[index] = (weight, grad, state, result)
         return result
+
+    def _state_layout(self):
+        names = ["mean", "var"]
+        if self._amsgrad:
+            names.append("var_max")
+        if self.use_ema:
+            names.append("average")
+        if self.gradient_accumulation_steps is not None:
+            names.append("accum")
+        return names
 
     def _check_state(self, index, weight, grad, state):
         def refuse(what):
@@ -300,24 +670,37 @@ class LAMB(Optimizer):
                    % (self._dtype_name(grad.dtype), self._dtype_name(dtype)))
         if grad.context != weight.context:
             refuse("gradient is on %s, weight on %s" % (grad.context, weight.context))
+        layout = self._state_layout()
+        expected = "(%s)" % ", ".join(layout)
+        if multi_precision:
+            expected = "(weight32, %s)" % expected
         try:
-            master, (mean, var) = state if multi_precision else (weight, state)
+            master, arrays = state if multi_precision else (weight, state)
+            arrays = tuple(arrays)
         except (TypeError, ValueError):
-            refuse("state is not %s" % ("(weight32, (mean, var))" if multi_precision
-                                         else "(mean, var)"))
-        for name, array in (("weight32", master), ("mean", mean), ("var", var)):
+            refuse("state is not %s" % expected)
+        if len(arrays) != len(layout) or not all(isinstance(a, ndarray.NDArray)
+                                                 for a in arrays + (master,)):
+            refuse("state is not %s (made with other options?)" % expected)
+        named = dict(zip(layout, arrays))
+        for name, array in [("weight32", master)] + list(named.items()):
             if (array.shape != weight.shape or numpy.dtype(array.dtype) != _FLOAT32
                     or array.context != weight.context):
                 refuse("state %s is %s %s on %s, expected float32 %s on %s"
                        % (name, self._dtype_name(array.dtype), array.shape, array.context,
                           weight.shape, weight.context))
-        return master, mean, var
+        return Slots(master, named["mean"], named["var"], named.get("var_max"),
+                     named.get("average"), named.get("accum"))
 
-    def _describe(self, index):
+    def _name_of(self, index):
         name = self.idx2name.get(index)
         if name is None and index in self.param_dict:
             name = self.param_dict[index].name
-        return "%r (%s)" % (index, name) if name is not None and name != index else repr(index)
+        return index if name is None else name
+
+    def _describe(self, index):
+        name = self._name_of(index)
+        return "%r (%s)" % (index, name) if name != index else repr(index)
 
     @staticmethod
     def _dtype_name(dtype):

@@ -57,3 +57,102 @@ class ReferenceLAMB:
         w = self.weight[key]
         self.weight[key] = w - lr * self.trust_ratio(w, u) * u
         return self.weight[key]
+
+
+class ReferenceStep:
+    """A whole training step with mxlamb's options, in float64, from their definitions
+    (Keras' optimizer docs for the names): on top of ReferenceLAMB (or ReferenceAdamW)
+
+        g_i = grad_i * rescale_grad / loss_scale
+        global_clipnorm:  g_i *= min(1, c / sqrt(sum_i ||g_i||^2))
+        clipnorm:         g_i *= min(1, c / ||g_i||)
+        skip_nonfinite:   a step with any non-finite g_i changes nothing (and is counted)
+        exclusions:       wd 0 / trust ratio 1 for names matching the patterns
+        EMA:              avg = mu avg + (1 - mu) w after each applied step
+    """
+
+    def __init__(self, inner, global_clipnorm=None, clipnorm=None, loss_scale=1.0,
+                 skip_nonfinite=False, ema_momentum=None, no_decay=(), no_adaptation=()):
+        self.inner = inner
+        self.global_clipnorm, self.clipnorm = global_clipnorm, clipnorm
+        self.loss_scale, self.skip_nonfinite = loss_scale, skip_nonfinite
+        self.ema_momentum = ema_momentum
+        self.no_decay, self.no_adaptation = set(no_decay), set(no_adaptation)
+        self.average, self.skipped = {}, 0
+
+    def init(self, key, weight):
+        self.inner.init(key, weight)
+        self.average[key] = np.asarray(weight, dtype=np.float64).copy()
+
+    def step(self, grads, lr, wd):
+        """grads: {key: gradient}. Returns {key: new weight}."""
+        rescale = self.inner.rescale_grad / self.loss_scale
+        g = {k: np.asarray(v, dtype=np.float64) * rescale for k, v in grads.items()}
+        if not all(np.all(np.isfinite(v)) for v in g.values()) and self.skip_nonfinite:
+            self.skipped += 1
+            return {k: self.inner.weight[k] for k in grads}
+        if self.global_clipnorm is not None:
+            norm = np.sqrt(sum(np.sum(v * v) for v in g.values()))
+            if norm > self.global_clipnorm:
+                g = {k: v * (self.global_clipnorm / norm) for k, v in g.items()}
+        if self.clipnorm is not None:
+            for k, v in g.items():
+                norm = np.sqrt(np.sum(v * v))
+                if norm > self.clipnorm:
+                    g[k] = v * (self.clipnorm / norm)
+        saved = self.inner.rescale_grad
+        self.inner.rescale_grad = 1.0
+        try:
+            for k, v in g.items():
+                decay = 0.0 if k in self.no_decay else wd
+                if k in self.no_adaptation:
+                    u = self.inner.raw_update(k, v, decay)
+                    self.inner.weight[k] = self.inner.weight[k] - lr * u
+                else:
+                    self.inner.step(k, v, lr, decay)
+                if self.ema_momentum is not None:
+                    mu = self.ema_momentum
+                    self.average[k] = mu * self.average[k] + (1 - mu) * self.inner.weight[k]
+        finally:
+            self.inner.rescale_grad = saved
+        return {k: self.inner.weight[k] for k in grads}
+
+
+class ReferenceAdamW:
+    """Keras' AdamW update, written as Keras documents it (not through LAMB):
+
+        m = b1 m + (1 - b1) g;  v = b2 v + (1 - b2) g^2;  (amsgrad: vh = max(vh, v); v = vh)
+        alpha = lr sqrt(1 - b2^t) / (1 - b1^t)
+        w = w - lr wd w - alpha m / (sqrt(v) + epsilon)
+    """
+
+    def __init__(self, beta1=0.9, beta2=0.999, epsilon=1e-7, amsgrad=False, rescale_grad=1.0,
+                 clip_gradient=None):
+        self.beta1, self.beta2, self.epsilon, self.amsgrad = beta1, beta2, epsilon, amsgrad
+        self.rescale_grad, self.clip_gradient = rescale_grad, clip_gradient
+        self.weight, self.mean, self.var, self.vmax, self.t = {}, {}, {}, {}, {}
+
+    def init(self, key, weight):
+        w = np.asarray(weight, dtype=np.float64)
+        self.weight[key] = w.copy()
+        self.mean[key], self.var[key], self.vmax[key] = (np.zeros_like(w) for _ in range(3))
+        self.t[key] = 0
+
+    def step(self, key, grad, lr, wd):
+        g = np.asarray(grad, dtype=np.float64) * self.rescale_grad
+        if self.clip_gradient is not None:
+            g = np.clip(g, -self.clip_gradient, self.clip_gradient)
+        self.t[key] += 1
+        t = self.t[key]
+        self.mean[key] = self.beta1 * self.mean[key] + (1 - self.beta1) * g
+        self.var[key] = self.beta2 * self.var[key] + (1 - self.beta2) * g * g
+        v = self.var[key]
+        if self.amsgrad:
+            v = self.vmax[key] = np.maximum(self.vmax[key], v)
+        alpha = lr * np.sqrt(1 - self.beta2 ** t) / (1 - self.beta1 ** t)
+        w = self.weight[key]
+        self.weight[key] = w - lr * wd * w - alpha * self.mean[key] / (np.sqrt(v) + self.epsilon)
+        return self.weight[key]
+
+    # ReferenceStep calls raw_update for tensors without adaptation; AdamW has none anyway.
+    raw_update = None

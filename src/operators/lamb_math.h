@@ -60,11 +60,11 @@ MXLAMB_HD double inverse_bias(double beta, double t, bool bias_correction) {
   return bias_correction ? 1.0 / (1.0 - std::pow(beta, t)) : 1.0;
 }
 
-// The epsilon added to sqrt(v_hat). LAMB and MXNet add epsilon itself; Keras' Adam/AdamW adds
-// it to sqrt(v) before bias correction, which is epsilon * sqrt(1 - beta2^t) added to
-// sqrt(v_hat) ("epsilon hat" of Kingma & Ba, section 2).
+// The epsilon added to sqrt(v_hat). LAMB and MXNet add epsilon itself. Keras' Adam/AdamW add
+// it to sqrt(v) before bias correction (the "epsilon hat" of Kingma & Ba, section 2):
+// m_hat / (sqrt(v) + eps) * sqrt(1 - beta2^t) = m_hat / (sqrt(v_hat) + eps * sqrt(inv_bias2)).
 MXLAMB_HD double step_epsilon(double epsilon, double inv_bias2, bool epsilon_hat) {
-  return epsilon_hat ? epsilon / std::sqrt(inv_bias2) : epsilon;
+  return epsilon_hat ? epsilon * std::sqrt(inv_bias2) : epsilon;
 }
 
 // min(1, max_norm / norm), and 1 when no clipping is asked (max_norm <= 0) or the norm is 0
