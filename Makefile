@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mxlamb-built
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench sanitize rss clean
 
 $(STAMP): setup.py setup.cfg pyproject.toml requirements.txt $(wildcard src/operators/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,6 +24,23 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py
+
+# The operator library built with AddressSanitizer and UndefinedBehaviorSanitizer, and the
+# operator, optimizer, option and fuzz tests run on it (the sanitizer runtimes preloaded into
+# the uninstrumented Python). Leak checking is off: CPython and libmxnet keep memory to exit.
+SAN_LIB := build/sanitize/libmxlamb.so
+SAN_FLAGS := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer -g -O1
+sanitize: $(STAMP)
+	$(BIN)/python -c "import setup; setup.compile_operator_library('$(SAN_LIB)', 'build/sanitize/obj', extra_flags='$(SAN_FLAGS)'.split())" >/dev/null
+	MXLAMB_LIBRARY=$(SAN_LIB) MXLAMB_FUZZ_EXAMPLES=100 \
+	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
+	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_operators.py tests/test_optimizer.py \
+	    tests/test_training_options.py tests/test_fuzz.py
+
+# 10,000 steps of a small model; prints the RSS curve and fails if it grows.
+rss: $(STAMP)
+	$(BIN)/python benchmarks/rss_long_run.py --steps 10000
 
 clean:
 	rm -rf build mxlamb/libmxlamb.so *.egg-info

@@ -7,10 +7,11 @@ Module API. MXNet's own class stays at ``mxnet.optimizer.optimizer.LAMB``.
 from mxnet.optimizer import Optimizer
 
 from .adamw import AdamW
+from .checkpoint import load_states, save_states
 from .lamb import LAMB, TrustRatios
 from .loss_scaler import LossScaler
 
-__all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios"]
+__all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states"]
 __version__ = "0.2.0"
 
 # Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point.

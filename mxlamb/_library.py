@@ -11,7 +11,9 @@ import mxnet as mx
 
 __all__ = ["LIBRARY_PATH", "native", "mxnet_version_number"]
 
-LIBRARY_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "libmxlamb.so")
+# MXLAMB_LIBRARY names another build of the library (make sanitize loads an ASan/UBSan one).
+LIBRARY_PATH = os.path.abspath(os.environ.get("MXLAMB_LIBRARY") or os.path.join(
+    os.path.dirname(os.path.abspath(__file__)), "libmxlamb.so"))
 _REBUILD = ("rebuild it against the installed mxnet with: "
             "pip install --no-build-isolation --force-reinstall .  (from the mxlamb source tree)")
 

@@ -1,0 +1,96 @@
+"""mxlamb.save_states / load_states: no pickle, exact round trip, refusal of files that do not
+fit the Trainer."""
+import mxnet as mx
+import numpy as np
+import pytest
+from mxnet import autograd, gluon
+
+import mxlamb
+from test_integration import make_net, rings_data
+
+OPTIONS = {"learning_rate": 0.01, "wd": 0.01, "global_clipnorm": 1.0, "use_ema": True,
+           "skip_nonfinite": True, "gradient_accumulation_steps": 2}
+
+
+def train(net, trainer, x, y, start, stop):
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for step in range(start, stop):
+        lo = (step * 64) % len(x)
+        with autograd.record():
+            loss = loss_fn(net(mx.nd.array(x[lo:lo + 64])), mx.nd.array(y[lo:lo + 64]))
+        loss.backward()
+        trainer.step(64)
+
+
+def test_round_trip_mid_run_continues_bit_identically(tmp_path):
+    x, y = rings_data()
+    straight = make_net()
+    train(straight, gluon.Trainer(straight.collect_params(), "lamb", OPTIONS), x, y, 0, 9)
+
+    first = make_net()
+    trainer = gluon.Trainer(first.collect_params(), "lamb", OPTIONS)
+    train(first, trainer, x, y, 0, 5)  # mid-accumulation: one gradient is pending in the sums
+    first.save_parameters(str(tmp_path / "net.params"))
+    mxlamb.save_states(trainer, str(tmp_path / "trainer.states"))
+    # The file is an mx.nd.save file of arrays only: loadable without unpickling anything.
+    loaded = mx.nd.load(str(tmp_path / "trainer.states"))
+    assert all(isinstance(v, mx.nd.NDArray) for v in loaded.values())
+
+    resumed = make_net(seed=1)
+    resumed.load_parameters(str(tmp_path / "net.params"))
+    trainer = gluon.Trainer(resumed.collect_params(), "lamb", OPTIONS)
+    mxlamb.load_states(trainer, str(tmp_path / "trainer.states"))
+    assert trainer._optimizer.num_update == 5
+    train(resumed, trainer, x, y, 5, 9)
+    for (name, a), b in zip(straight.collect_params().items(),
+                            resumed.collect_params().values()):
+        np.testing.assert_array_equal(a.data().asnumpy(), b.data().asnumpy(), err_msg=name)
+
+
+def test_refuses_other_parameters_and_changes_nothing(tmp_path):
+    x, y = rings_data()
+    net = make_net()
+    trainer = gluon.Trainer(net.collect_params(), "lamb", {"learning_rate": 0.01})
+    train(net, trainer, x, y, 0, 2)
+    path = str(tmp_path / "s")
+    mxlamb.save_states(trainer, path)
+
+    other = gluon.nn.HybridSequential(prefix="mlp_")  # same names, other shapes
+    with other.name_scope():
+        other.add(gluon.nn.Dense(7, in_units=2), gluon.nn.Dense(2, in_units=7),
+                  gluon.nn.Dense(2, in_units=2))
+    other.initialize()
+    assert ([p.name for p in other.collect_params().values()]
+            == [p.name for p in net.collect_params().values()])
+    t2 = gluon.Trainer(other.collect_params(), "lamb", {"learning_rate": 0.01})
+    with pytest.raises(ValueError, match="shape"):
+        mxlamb.load_states(t2, path)
+    assert t2._updaters[0].states == {}
+
+    fewer = gluon.nn.Dense(2, in_units=2, prefix="solo_")
+    fewer.initialize()
+    t3 = gluon.Trainer(fewer.collect_params(), "lamb", {"learning_rate": 0.01})
+    with pytest.raises(ValueError, match="parameters"):
+        mxlamb.load_states(t3, path)
+    assert t3._updaters[0].states == {}
+
+
+def test_refuses_a_file_that_is_not_ours(tmp_path):
+    net = gluon.nn.Dense(2, in_units=3, prefix="plain_")
+    net.initialize()
+    trainer = gluon.Trainer(net.collect_params(), "lamb", {"learning_rate": 0.01})
+    path = str(tmp_path / "plain.params")
+    mx.nd.save(path, {"w": mx.nd.ones((2,))})
+    with pytest.raises(ValueError, match="not an mxlamb state file"):
+        mxlamb.load_states(trainer, path)
+    meta = np.frombuffer(b'{"format": "evil", "version": 9}', dtype=np.uint8)
+    mx.nd.save(path, {"__mxlamb_meta__": mx.nd.array(meta, dtype=np.uint8)})
+    with pytest.raises(ValueError, match="format 'evil'"):
+        mxlamb.load_states(trainer, path)
+    assert trainer._updaters[0].states == {}
+
+
+def test_uninitialised_parameters_are_refused_clearly(tmp_path):
+    trainer = gluon.Trainer(make_net().collect_params(), "lamb", {"learning_rate": 0.01})
+    with pytest.raises(ValueError, match="forward pass"):
+        mxlamb.save_states(trainer, str(tmp_path / "s"))
