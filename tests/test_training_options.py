@@ -452,3 +452,15 @@ def test_adamw_bad_values(kwargs, name):
 def test_loss_scaler_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=name):
         mxlamb.LossScaler(**kwargs)
+
+
+def test_demo_plots_trust_ratios(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    png = tmp_path / "ratios.png"
+    subprocess.check_call([sys.executable, os.path.join(root, "examples", "train_mlp.py"),
+                           "--epochs", "2", "--trust-ratios", str(png)],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
