@@ -1,0 +1,50 @@
+"""Bad input is a clear error naming the argument or the parameter, and nothing is changed."""
+import mxnet as mx
+import numpy as np
+import pytest
+
+import mxlamb
+from conftest import mx_array, to_f64
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"learning_rate": -0.1}, "learning_rate"), ({"beta1": 1.0}, "beta1"),
+    ({"beta2": -0.1}, "beta2"), ({"epsilon": 0.0}, "epsilon"),
+    ({"lower_bound": 2.0, "upper_bound": 1.0}, "lower_bound"),
+    ({"aggregate_num": 0}, "aggregate_num"), ({"aggregate_num": 2.5}, "aggregate_num"),
+    ({"wd": -1.0}, "wd"), ({"clip_gradient": -1.0}, "clip_gradient"),
+    ({"rescale_grad": 0.0}, "rescale_grad"), ({"momentum": 0.9}, "momentum"),
+    ({"bias_correction": "no"}, "bias_correction")])
+def test_bad_hyper_parameters(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        mxlamb.LAMB(**kwargs)
+
+
+def bad_cases():
+    w = lambda: mx_array(np.ones(4))
+    yield "shape", w(), mx_array(np.ones(5))
+    yield "gradient is float16", w(), mx_array(np.ones(4), "float16")
+    yield "float64", mx.nd.ones((4,), dtype="float64"), mx.nd.ones((4,), dtype="float64")
+    yield "int32", mx.nd.ones((4,), dtype="int32"), mx.nd.ones((4,), dtype="int32")
+    yield "row_sparse", w(), mx.nd.ones((4,)).tostype("row_sparse")
+    yield "on cpu\\(1\\)", w(), mx.nd.ones((4,), ctx=mx.cpu(1))
+
+
+@pytest.mark.parametrize("case", list(bad_cases()), ids=lambda c: c[0])
+def test_bad_arrays_at_step_time_name_the_parameter_and_change_nothing(case):
+    match, bad_weight, bad_grad = case
+    opt = mxlamb.LAMB(learning_rate=0.1, aggregate_num=2,
+                      param_idx2name={0: "fc_weight", 1: "odd_weight"})
+    updater = mx.optimizer.get_updater(opt)
+    good = mx_array(np.ones(4))
+    updater([0], [mx_array(np.ones(4))], [good])  # a first clean step
+    before = to_f64(good)
+    states_before = [to_f64(s) for s in updater.states[0]]
+    with pytest.raises(ValueError, match="odd_weight.*" + match):
+        if bad_weight.dtype in (np.float64, np.int32):
+            updater.states[1] = (mx.nd.zeros((4,)), mx.nd.zeros((4,)))  # skip create_state
+            updater.states_synced[1] = True
+        updater([0, 1], [mx_array(np.ones(4)), bad_grad], [good, bad_weight])
+    np.testing.assert_array_equal(to_f64(good), before)
+    for s, b in zip(updater.states[0], states_before):
+        np.testing.assert_array_equal(to_f64(s), b)
