@@ -10,6 +10,7 @@ from .adamw import AdamW
 from .checkpoint import load_states, save_states
 from .lamb import LAMB, TrustRatios
 from .loss_scaler import LossScaler
+from . import dist  # noqa: F401  (mxlamb.dist: the launcher and prepare())
 
 __all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states"]
 __version__ = "0.2.0"

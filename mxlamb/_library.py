@@ -7,7 +7,10 @@ before any weight can be touched.
 import ctypes
 import os
 
-import mxnet as mx
+# A kvstore server unpickles the optimizer (importing mxlamb) in the middle of mxnet's own
+# import: mx.library and mx.__version__ are not there yet, so import what is used by name.
+from mxnet import library
+from mxnet.libinfo import __version__ as _MXNET_VERSION
 
 __all__ = ["LIBRARY_PATH", "native", "mxnet_version_number"]
 
@@ -20,7 +23,7 @@ _REBUILD = ("rebuild it against the installed mxnet with: "
 
 def mxnet_version_number(version=None):
     """'1.9.1' -> 10901, the number MXNet passes to an extension library's initialize()."""
-    parts = ((version or mx.__version__).split(".") + ["0", "0"])[:3]
+    parts = ((version or _MXNET_VERSION).split(".") + ["0", "0"])[:3]
     major, minor, patch = (int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
     return major * 10000 + minor * 100 + patch
 
@@ -43,11 +46,11 @@ def _load():
     built_for, running = lib.mxlamb_built_for_mxnet(), mxnet_version_number()
     if built_for != running:
         raise ImportError("mxlamb's operator library was built for mxnet %d but mxnet %s (%d) is "
-                          "installed; %s" % (built_for, mx.__version__, running, _REBUILD))
+                          "installed; %s" % (built_for, _MXNET_VERSION, running, _REBUILD))
     isa_error = lib.mxlamb_isa_error().decode()
     if isa_error:
         raise ImportError("mxlamb: " + isa_error)
-    mx.library.load(LIBRARY_PATH, verbose=False)
+    library.load(LIBRARY_PATH, verbose=False)
     return lib
 
 

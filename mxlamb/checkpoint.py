@@ -15,7 +15,6 @@ import json
 import numpy
 
 from mxnet import ndarray
-from mxnet.gluon.parameter import DeferredInitializationError
 
 from .lamb import LAMB
 
@@ -29,6 +28,10 @@ _COUNTERS = ("_index_update_count", "_applied_steps", "_micro_steps", "_count_sl
 
 
 def _trainer_parts(trainer):
+    # Imported here: mxlamb must import while mxnet is half-imported (a kvstore server
+    # unpickles the optimizer then, before mxnet.gluon exists).
+    from mxnet.gluon.parameter import DeferredInitializationError
+
     if not trainer._kv_initialized:
         try:
             trainer._init_kvstore()

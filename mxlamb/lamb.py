@@ -2,6 +2,7 @@
 import collections
 import contextlib
 import numbers
+import os
 import re
 
 import numpy
@@ -11,6 +12,7 @@ from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 from mxnet.optimizer import Optimizer
 
 from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
+from .dist import stop_server
 from .loss_scaler import LossScaler
 
 __all__ = ["LAMB", "TrustRatios"]
@@ -243,16 +245,29 @@ class LAMB(Optimizer):
         self._last_tables = {}      # index -> (phase-1 table, row, ratio attributes)
         self._names = {}            # index -> (wd excluded, layer adaptation)
         self._checked = {}          # index -> (weight, grad, state, Slots) as last checked
+        self._on_server = False     # unpickled in a kvstore server (see update)
+        self._full_sizes = {}       # index -> (name, size), for a kvstore server
 
     def __getstate__(self):
         state = super().__getstate__()
         for transient in ("_checked", "_pending", "_last_tables", "_names"):
             del state[transient]  # arrays of one step, rebuilt on the next
+        # Optimizer.__getstate__ drops param_dict (the Gluon Parameters), so a kvstore server
+        # would lose each parameter's name, lr_mult and wd_mult (and with the name the
+        # exclusions by name). They travel by index instead; param_dict wins where present.
+        params = self.param_dict
+        state["idx2name"] = {**self.idx2name, **{i: p.name for i, p in params.items()}}
+        state["lr_mult"] = {**self.lr_mult, **{i: p.lr_mult for i, p in params.items()}}
+        state["wd_mult"] = {**self.wd_mult, **{i: p.wd_mult for i, p in params.items()}}
+        state["_full_sizes"] = {**self._full_sizes, **{
+            i: (p.name, int(numpy.prod(p.shape))) for i, p in params.items()
+            if p.shape is not None and all(p.shape)}}
         return state
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
+        self._on_server = os.environ.get("DMLC_ROLE") == "server"
 
     # ------------------------------------------------------------------------------ states
 
@@ -316,6 +331,8 @@ class LAMB(Optimizer):
         the context has come, and the step runs then."""
         states = list(state) if isinstance(index, (list, tuple)) else [state]
         items = list(zip(_as_list(index), _as_list(weight), _as_list(grad), states))
+        if self._on_server:
+            self._check_on_server(items)
         if self._needs_whole_step:
             items = self._collect_step(items)
             if not items:
@@ -368,6 +385,38 @@ class LAMB(Optimizer):
         finally:
             for weight, value in saved:
                 value.copyto(weight)
+
+    # ------------------------------------------------------------------ on a kvstore server
+
+    def _check_on_server(self, items):
+        """A kvstore server (update_on_kvstore=True) sees one key at a time, and with two or
+        more servers possibly a slice of it. MXNet's server swallows an exception from the
+        updater and keeps wrong weights, so a step that would be wrong stops the server."""
+        if self._needs_whole_step:
+            stop_server("LAMB: %s needs every gradient of a step, but a kvstore server sees "
+                        "only its own keys, one at a time; use update_on_kvstore=False"
+                        % self._whole_step_reason())
+        if not self._layer_adaptation:
+            return  # elementwise: a slice updates like the whole
+        servers = int(os.environ.get("DMLC_NUM_SERVER", "1"))
+        bound = int(os.environ.get("MXNET_KVSTORE_BIGARRAY_BOUND", "1000000"))
+        for index, weight, _, _ in items:
+            name, size = self._full_sizes.get(index, (self._name_of(index), None))
+            if size is not None:
+                if weight.size != size:
+                    stop_server("LAMB: this kvstore server holds %d of the %d elements of "
+                                "parameter %r (MXNet slices arrays of at least "
+                                "MXNET_KVSTORE_BIGARRAY_BOUND elements across servers), and "
+                                "its trust ratio needs the whole tensor; set "
+                                "MXNET_KVSTORE_BIGARRAY_BOUND above %d on the workers, or run "
+                                "one server (mxlamb.launch does the first)"
+                                % (weight.size, size, name, size))
+            elif servers > 1 and weight.size >= bound // servers:
+                stop_server("LAMB: parameter %r (%d elements on this server) may be a slice of "
+                            "a bigger array (MXNET_KVSTORE_BIGARRAY_BOUND=%d, %d servers) and "
+                            "its size is unknown here (no Gluon Trainer gave it); set "
+                            "MXNET_KVSTORE_BIGARRAY_BOUND above every parameter's size, or run "
+                            "one server" % (name, weight.size, bound, servers))
 
     # ------------------------------------------------------------------------ the step
 

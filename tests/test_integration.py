@@ -217,6 +217,6 @@ def test_missing_library_is_an_import_error_saying_what_to_run(tmp_path):
 
 def test_library_for_another_mxnet_is_an_import_error(monkeypatch):
     from mxlamb import _library
-    monkeypatch.setattr(mx, "__version__", "1.8.0")
+    monkeypatch.setattr(_library, "_MXNET_VERSION", "1.8.0")
     with pytest.raises(ImportError, match="built for mxnet 10901 but mxnet 1.8.0"):
         _library._load()

@@ -1,0 +1,92 @@
+"""A small LAMB training job for the distributed tests: run by each worker under
+``python -m mxlamb.dist`` (or ``horovodrun``), or alone as the single-process reference on
+the global batch. Writes the final weights (rank 0 only) to an .npz file."""
+import argparse
+import os
+
+import numpy as np
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+import mxlamb
+
+GLOBAL_BATCH = 16
+IN_UNITS = 40
+
+
+def build_net():
+    net = gluon.nn.HybridSequential(prefix="net_")
+    with net.name_scope():
+        net.add(gluon.nn.Dense(48, in_units=IN_UNITS, activation="tanh"))
+        net.add(gluon.nn.Dense(10, in_units=48))
+    mx.random.seed(7)
+    net.initialize(mx.init.Xavier())
+    return net
+
+
+def batches(steps):
+    rng = np.random.RandomState(11)
+    for _ in range(steps):
+        yield (rng.randn(GLOBAL_BATCH, IN_UNITS).astype(np.float32),
+               rng.randint(0, 10, size=GLOBAL_BATCH).astype(np.float32))
+
+
+class MainModuleLAMB(mxlamb.LAMB):
+    """Defined in the job's __main__: a server cannot unpickle it."""
+
+
+# wd and the per-parameter multipliers and exclusions below must reach a kvstore server too.
+OPTIONS = {"learning_rate": 0.02, "wd": 0.1, "lower_bound": 1e-3, "upper_bound": 10.0,
+           "exclude_from_weight_decay": ["dense1_bias"]}
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--mode", choices=["single", "dist", "horovod"], required=True)
+    parser.add_argument("--update-on-kvstore", type=int, default=1)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--optimizer", choices=["lamb", "main-module"], default="lamb")
+    parser.add_argument("--global-clipnorm", type=float, default=None)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    net = build_net()
+    params = net.collect_params()
+    params["net_dense1_weight"].lr_mult = 0.5
+    params["net_dense0_bias"].wd_mult = 0.0
+    options = dict(OPTIONS, global_clipnorm=args.global_clipnorm)
+    optimizer = (mxlamb.LAMB(**options) if args.optimizer == "lamb"
+                 else MainModuleLAMB(**options))
+    rank, workers = 0, 1
+    if args.mode == "dist":
+        trainer = gluon.Trainer(params, optimizer, kvstore="dist_sync",
+                                update_on_kvstore=bool(args.update_on_kvstore))
+        mxlamb.dist.prepare(trainer, GLOBAL_BATCH)
+        rank, workers = trainer._kvstore.rank, trainer._kvstore.num_workers
+    elif args.mode == "horovod":
+        import horovod.mxnet as hvd
+        hvd.init()
+        rank, workers = hvd.rank(), hvd.size()
+        hvd.broadcast_parameters(params, root_rank=0)
+        trainer = hvd.DistributedTrainer(params, optimizer)
+    else:
+        trainer = gluon.Trainer(params, optimizer, kvstore=None)
+
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    share = GLOBAL_BATCH // workers
+    for data, label in batches(args.steps):
+        data = mx.nd.array(data[rank * share:(rank + 1) * share])
+        label = mx.nd.array(label[rank * share:(rank + 1) * share])
+        with autograd.record():
+            loss = loss_fn(net(data), label)
+        loss.backward()
+        # Horovod's DistributedTrainer averages gradients over ranks; the kvstore sums them.
+        trainer.step(share if args.mode == "horovod" else GLOBAL_BATCH)
+    mx.nd.waitall()
+    if rank == 0:
+        np.savez(args.out, **{name: p.data().asnumpy() for name, p in params.items()})
+
+
+if __name__ == "__main__":
+    main()
