@@ -12,7 +12,7 @@ from .lamb import LAMB, TrustRatios
 from .loss_scaler import LossScaler
 from . import dist  # noqa: F401  (mxlamb.dist: the launcher and prepare())
 
-__all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states"]
+__all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states", "dist"]
 __version__ = "0.2.0"
 
 # Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point.

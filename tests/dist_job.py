@@ -1,8 +1,7 @@
 """A small LAMB training job for the distributed tests: run by each worker under
-``python -m mxlamb.dist`` (or ``horovodrun``), or alone as the single-process reference on
+``python -m mxlamb.launch`` (or ``horovodrun``), or alone as the single-process reference on
 the global batch. Writes the final weights (rank 0 only) to an .npz file."""
 import argparse
-import os
 
 import numpy as np
 
@@ -30,6 +29,19 @@ def batches(steps):
     for _ in range(steps):
         yield (rng.randn(GLOBAL_BATCH, IN_UNITS).astype(np.float32),
                rng.randint(0, 10, size=GLOBAL_BATCH).astype(np.float32))
+
+
+def assert_same_weights(reference, out):
+    """The weights in ``out`` (.npz) equal ``reference`` (a dict) to fp32 round-off, and the
+    run did train (every weight matrix moved from its initial value)."""
+    weights = dict(np.load(out))
+    assert sorted(weights) == sorted(reference)
+    for name in reference:
+        # Summed over workers, the gradients add up in another order than in one backward pass.
+        np.testing.assert_allclose(weights[name], reference[name], rtol=1e-5, atol=1e-5,
+                                   err_msg=name)
+    initial = {name: p.data().asnumpy() for name, p in build_net().collect_params().items()}
+    assert all(np.abs(weights[n] - initial[n]).max() > 1e-3 for n in reference if "weight" in n)
 
 
 class MainModuleLAMB(mxlamb.LAMB):

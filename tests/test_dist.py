@@ -13,6 +13,7 @@ import mxnet as mx
 from mxnet import gluon
 
 import mxlamb
+from dist_job import assert_same_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "dist_job.py")
@@ -43,27 +44,6 @@ def single(tmp_path_factory):
     subprocess.run([sys.executable, JOB, "--mode", "single", "--out", str(out)], check=True,
                    timeout=120)
     return dict(np.load(out))
-
-
-def assert_same_weights(reference, out):
-    weights = dict(np.load(out))
-    assert sorted(weights) == sorted(reference)
-    for name in reference:
-        # The server sums the two workers' gradients in another order than one backward pass.
-        np.testing.assert_allclose(weights[name], reference[name], rtol=1e-5, atol=1e-5,
-                                   err_msg=name)
-    # And the run did train: the weights moved away from their initial values.
-    initial = {name: p.data().asnumpy() for name, p in build_initial().items()}
-    assert all(np.abs(weights[n] - initial[n]).max() > 1e-3 for n in reference if "weight" in n)
-
-
-def build_initial():
-    sys.path.insert(0, HERE)
-    try:
-        import dist_job
-    finally:
-        sys.path.remove(HERE)
-    return dist_job.build_net().collect_params()
 
 
 @pytest.mark.parametrize("servers, update_on_kvstore", [(1, 1), (2, 1), (1, 0), (2, 0)])
