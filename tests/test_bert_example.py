@@ -1,0 +1,69 @@
+"""examples/bert_pretrain.py: a tiny GluonNLP BERT pretrained for a few steps with mxlamb, MXNet's
+LAMB and Adam. mxlamb must track MXNet's LAMB on a real model, and the shipped corpus must be
+what its generator writes."""
+import importlib.util
+import json
+import os
+
+import numpy as np
+import pytest
+
+pytest.importorskip("gluonnlp", reason="gluonnlp==0.10.0 is not installed (requirements.txt)")
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+
+def load(path):
+    spec = importlib.util.spec_from_file_location(os.path.basename(path)[:-3], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_shipped_corpus_is_what_the_generator_writes():
+    corpus = load(os.path.join(EXAMPLES, "bert", "make_corpus.py"))
+    with open(corpus.PATH) as shipped:
+        assert shipped.read() == corpus.corpus()
+    assert os.path.getsize(corpus.PATH) < 400 * 1024
+
+
+def test_pretraining_instances_follow_berts_recipe():
+    example = load(os.path.join(EXAMPLES, "bert_pretrain.py"))
+    import gluonnlp as nlp
+    documents = example.read_documents(example.CORPUS)
+    vocab = nlp.vocab.BERTVocab(nlp.data.count_tokens(
+        t for d in documents for s in d for t in s))
+    data = example.make_instances(documents, vocab, seq_len=48, max_predictions=8)
+    n = len(data["ids"])
+    assert n == sum(len(d) - 1 for d in documents)
+    assert 0.45 < data["next"].mean() < 0.55
+    ids = data["ids"].astype(int)
+    assert (ids[:, 0] == vocab[vocab.cls_token]).all()
+    counts = data["weights"].sum(1)
+    # 15% of the ordinary tokens of each pair, at least one, at most max_predictions.
+    ordinary = data["valid_length"] - 3
+    assert (counts >= 1).all() and (counts <= 8).all()
+    assert np.abs(counts - np.minimum(8, np.maximum(1, np.round(0.15 * ordinary)))).max() == 0
+    masked = ids[np.arange(n)[:, None], data["positions"].astype(int)][data["weights"] > 0]
+    share = (masked == vocab[vocab.mask_token]).mean()
+    assert 0.75 < share < 0.85  # 80% [MASK]; the rest random or unchanged
+    # Segment B starts after the first [SEP] and runs to the valid length.
+    assert ((data["segments"] == 1).sum(1) > 0).all()
+
+
+def test_a_few_pretraining_steps_match_mxnets_lamb_and_learn(tmp_path):
+    example = load(os.path.join(EXAMPLES, "bert_pretrain.py"))
+    histories = example.main(["--steps", "12", "--batch-size", "8", "--accumulate", "2",
+                              "--out-dir", str(tmp_path)])
+    saved = json.load(open(tmp_path / "losses.json"))["histories"]
+    assert sorted(saved) == ["adam", "mxlamb", "mxnet-lamb"]
+    assert os.path.getsize(tmp_path / "loss_curves.png") > 10000
+    mxlamb_mlm = np.array(histories["mxlamb"]["mlm"])
+    assert len(mxlamb_mlm) == 12
+    # Untrained, the masked-LM loss is about ln(vocabulary size).
+    assert abs(mxlamb_mlm[0] - np.log(278)) < 0.3
+    assert mxlamb_mlm[-3:].mean() < mxlamb_mlm[:3].mean() - 0.2
+    # Same data, same initial weights, same math: mxlamb follows MXNet's LAMB.
+    for key in ("mlm", "nsp"):
+        np.testing.assert_allclose(histories["mxlamb"][key], histories["mxnet-lamb"][key],
+                                   rtol=1e-5, err_msg=key)
