@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mxlamb-built
 
-.PHONY: install demo test bench sanitize rss horovod clean
+.PHONY: install demo test test-mxnet2 bench sanitize rss horovod clean
 
 $(STAMP): setup.py setup.cfg pyproject.toml requirements.txt $(wildcard src/operators/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -34,8 +34,24 @@ $(HVD_STAMP): $(STAMP)
 horovod: $(HVD_STAMP)
 	$(BIN)/python -m pytest -q tests/test_horovod.py
 
-test: $(STAMP) $(if $(HOROVOD_BUILDABLE),$(HVD_STAMP))
+# MXNet 2.0.0b1 in its own virtualenv: the operators built against its lib_api.h into
+# build/mxnet2/ and loaded from there (MXLAMB_LIBRARY), mxlamb from this source tree.
+MX2_VENV := .venv-mxnet2
+MX2_LIB := build/mxnet2/libmxlamb.so
+MX2_STAMP := $(MX2_VENV)/.mxlamb-built
+$(MX2_STAMP): setup.py requirements-mxnet2.txt $(wildcard src/operators/*)
+	test -x $(MX2_VENV)/bin/python || $(PYTHON) -m venv $(MX2_VENV)
+	$(MX2_VENV)/bin/python -m pip install -q -r requirements-mxnet2.txt
+	$(MX2_VENV)/bin/python -c "import setup; setup.compile_operator_library('$(MX2_LIB)', 'build/mxnet2/obj')" >/dev/null
+	touch $@
+
+# The whole suite on MXNet 1.9.1, then again on MXNet 2.0.0b1.
+test: $(STAMP) $(if $(HOROVOD_BUILDABLE),$(HVD_STAMP)) $(MX2_STAMP)
 	$(BIN)/python -m pytest -q
+	$(MAKE) --no-print-directory test-mxnet2
+
+test-mxnet2: $(MX2_STAMP)
+	MXLAMB_LIBRARY=$(CURDIR)/$(MX2_LIB) PYTHONPATH=$(CURDIR) $(MX2_VENV)/bin/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py
@@ -58,4 +74,4 @@ rss: $(STAMP)
 	$(BIN)/python benchmarks/rss_long_run.py --steps 10000
 
 clean:
-	rm -rf build mxlamb/libmxlamb.so *.egg-info
+	rm -rf build mxlamb/libmxlamb.so *.egg-info $(MX2_VENV)

@@ -15,6 +15,7 @@ Environment variables:
   MXLAMB_CUDA=1   also compile the CUDA kernels with nvcc (see src/operators/*.cu)
 """
 import os
+import re
 import shlex
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
@@ -64,7 +65,8 @@ def mxnet_build_info():
     if not os.path.exists(lib_api):
         raise RuntimeError("mxnet %s ships no src/lib_api.cc; mxlamb needs mxnet>=1.7"
                            % mx.__version__)
-    major, minor, patch = (int("".join(c for c in p if c.isdigit()) or 0)
+    # The leading digits of each part: '2.0.0beta1' -> 2, 0, 0 (as MXNet itself counts).
+    major, minor, patch = (int(re.match(r"\d*", p).group() or 0)
                            for p in (mx.__version__.split(".") + ["0", "0"])[:3])
     return include, lib_api, major * 10000 + minor * 100 + patch
 

@@ -6,6 +6,7 @@ before any weight can be touched.
 """
 import ctypes
 import os
+import re
 
 # A kvstore server unpickles the optimizer (importing mxlamb) in the middle of mxnet's own
 # import: mx.library and mx.__version__ are not there yet, so import what is used by name.
@@ -24,7 +25,8 @@ _REBUILD = ("rebuild it against the installed mxnet with: "
 def mxnet_version_number(version=None):
     """'1.9.1' -> 10901, the number MXNet passes to an extension library's initialize()."""
     parts = ((version or _MXNET_VERSION).split(".") + ["0", "0"])[:3]
-    major, minor, patch = (int("".join(c for c in p if c.isdigit()) or 0) for p in parts)
+    # The leading digits of each part: '2.0.0beta1' -> 2, 0, 0 (as MXNet itself counts).
+    major, minor, patch = (int(re.match(r"\d*", p).group() or 0) for p in parts)
     return major * 10000 + minor * 100 + patch
 
 

@@ -88,6 +88,12 @@ def _patterns(name, value):
     return compiled
 
 
+def _legacy(array):
+    """MXNet 2.0's Gluon passes ``mx.np`` arrays, and extension operators take legacy
+    NDArrays only: the same memory, viewed as one (no copy). Others pass through."""
+    return array.as_nd_ndarray() if type(array).__module__.startswith("mxnet.numpy") else array
+
+
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
 
@@ -465,7 +471,8 @@ class LAMB(Optimizer):
 
     def _run_step(self, indices, weights, grads, states, group_size):
         self._update_count(list(indices))
-        items = [(index, weight, grad, self._checked_state(index, weight, grad, state))
+        items = [(index, _legacy(weight), _legacy(grad),
+                  self._checked_state(index, weight, grad, state))
                  for index, weight, grad, state in zip(indices, weights, grads, states)]
         items = [item for item in items if item[1].size > 0]
         items, grad_scale = self._accumulate(items)
@@ -738,8 +745,9 @@ class LAMB(Optimizer):
                 refuse("state %s is %s %s on %s, expected float32 %s on %s"
                        % (name, self._dtype_name(array.dtype), array.shape, array.context,
                           weight.shape, weight.context))
-        return Slots(master, named["mean"], named["var"], named.get("var_max"),
-                     named.get("average"), named.get("accum"))
+        return Slots(*(None if array is None else _legacy(array) for array in (
+            master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
+            named.get("accum"))))
 
     def _name_of(self, index):
         name = self.idx2name.get(index)

@@ -18,8 +18,21 @@ else:
     from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP  # noqa: E402
 
     BFLOAT16 = np.dtype(_DTYPE_MX_TO_NP[12])
+
     DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
               "bfloat16": BFLOAT16}
+
+# MXNet 2.0 (make test-mxnet2): its Gluon has no prefix/name_scope, no Module API, and its
+# own LAMB lives in mxnet.optimizer.lamb. It flushes denormals to zero on CPU by default;
+# the reference is IEEE arithmetic, so the tests turn that off.
+MXNET2 = mx is not None and int(mx.__version__.split(".")[0]) >= 2
+if mx is not None:
+    BUILTIN_LAMB = mx.optimizer.lamb.LAMB if MXNET2 else mx.optimizer.optimizer.LAMB
+    if MXNET2:
+        mx.util.set_flush_denorms(False)
+mxnet1_only = pytest.mark.skipif(
+    MXNET2, reason="MXNet 1.x API (Gluon prefix/name_scope, Module, ps-lite servers, GluonNLP "
+                   "0.10, Horovod built for 1.9.1); MXNet 2.0 Gluon: tests/test_mxnet2.py")
 
 # (rtol, atol) of the model weight against the float64 reference after the test's steps.
 # Float32 values (fp32 weights, master copies, moments) always use the float32 row; low-precision

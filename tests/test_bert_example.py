@@ -8,9 +8,13 @@ import os
 import numpy as np
 import pytest
 
+from conftest import mxnet1_only
+
 pytest.importorskip("gluonnlp", reason="gluonnlp==0.10.0 is not installed (requirements.txt)")
 
 EXAMPLES = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples")
+
+pytestmark = mxnet1_only
 
 
 def load(path):

@@ -6,10 +6,13 @@ import pytest
 from mxnet import autograd, gluon
 
 import mxlamb
+from conftest import mxnet1_only
 from test_integration import make_net, rings_data
 
 OPTIONS = {"learning_rate": 0.01, "wd": 0.01, "global_clipnorm": 1.0, "use_ema": True,
            "skip_nonfinite": True, "gradient_accumulation_steps": 2}
+
+pytestmark = mxnet1_only
 
 
 def train(net, trainer, x, y, start, stop):

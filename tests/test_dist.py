@@ -13,11 +13,14 @@ import mxnet as mx
 from mxnet import gluon
 
 import mxlamb
+from conftest import mxnet1_only
 from dist_job import assert_same_weights
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "dist_job.py")
 LAUNCH = [sys.executable, "-m", "mxlamb.launch", "--workers", "2", "--timeout", "120"]
+
+pytestmark = mxnet1_only
 
 
 def run_job(out, *job_args, servers=1, env=None, server_command=None):

@@ -8,6 +8,8 @@ import sys
 import numpy as np
 import pytest
 
+from conftest import mxnet1_only
+
 pytest.importorskip("horovod.mxnet", reason="Horovod is not installed (make horovod)")
 
 from dist_job import assert_same_weights  # noqa: E402
@@ -15,6 +17,8 @@ from dist_job import assert_same_weights  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 JOB = os.path.join(HERE, "dist_job.py")
 HOROVODRUN = os.path.join(os.path.dirname(sys.executable), "horovodrun")
+
+pytestmark = mxnet1_only
 
 
 def test_horovod_distributed_trainer_equals_single_process(tmp_path):

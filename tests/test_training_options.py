@@ -8,7 +8,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import mxlamb
-from conftest import TOLERANCE, mx_array, to_f64
+from conftest import TOLERANCE, mx_array, to_f64, mxnet1_only
 from reference import ReferenceAdamW, ReferenceLAMB, ReferenceStep
 
 SHAPES = [(5,), (40000,), (3, 7), (1,), (129,)]
@@ -79,6 +79,7 @@ def test_global_clipnorm_spans_every_dtype_group_of_the_step():
     assert_close(actual, expected, *TOLERANCE["float16"])
 
 
+@mxnet1_only
 def test_global_clipnorm_equals_gluon_clip_global_norm_then_step():
     def net_and_data():
         mx.random.seed(3)
@@ -219,6 +220,7 @@ def test_ema_overwrite_frequency_replaces_weights_by_the_average():
     assert_close(actual, [ref.inner.weight[k] for k in range(len(weights))])
 
 
+@mxnet1_only
 def test_averaged_weights_swaps_in_for_evaluation_and_back():
     mx.random.seed(0)
     net = gluon.nn.Dense(3, in_units=4, prefix="ema_")
@@ -298,6 +300,7 @@ def test_loss_scaler_scales_the_loss_on_device():
 
 # ---------------------------------------------------------------------------- exclusions
 
+@mxnet1_only
 def test_exclusions_by_gluon_parameter_names():
     mx.random.seed(1)
     net = gluon.nn.HybridSequential(prefix="bert_")
@@ -395,6 +398,7 @@ def test_adamw_is_registered_and_has_keras_defaults():
     assert (opt.epsilon, opt.wd, opt.amsgrad) == (1e-7, 0.004, False)
 
 
+@mxnet1_only
 def test_adamw_with_exclusions_and_global_clip_through_trainer():
     mx.random.seed(2)
     net = gluon.nn.Dense(3, in_units=4, prefix="aw_")
@@ -454,6 +458,7 @@ def test_loss_scaler_bad_values(kwargs, name):
         mxlamb.LossScaler(**kwargs)
 
 
+@mxnet1_only
 def test_demo_plots_trust_ratios(tmp_path):
     import os
     import subprocess

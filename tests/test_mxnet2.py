@@ -1,0 +1,92 @@
+"""MXNet 2.0 (``make test-mxnet2``): Gluon 2.0 with ``mx.np`` arrays and the 2.0 optimizer API
+(``step`` / ``fused_step`` called by the Trainer itself). Every other test module runs on 2.0
+too, except those marked MXNet 1.x only."""
+import numpy as np
+import pytest
+
+import mxnet as mx
+from mxnet import autograd, gluon
+
+import mxlamb
+from conftest import BUILTIN_LAMB, MXNET2, TOLERANCE, to_f64
+from reference import ReferenceLAMB
+
+pytestmark = pytest.mark.skipif(not MXNET2, reason="MXNet 2.0 only (make test-mxnet2)")
+
+
+def make_net(seed=0):
+    net = gluon.nn.HybridSequential()
+    net.add(gluon.nn.Dense(32, in_units=2, activation="tanh"), gluon.nn.Dense(2, in_units=32))
+    mx.random.seed(seed)
+    net.initialize(mx.init.Xavier())
+    return net
+
+
+def train(net, optimizer, steps=12, seed=1):
+    trainer = gluon.Trainer(net.collect_params(), optimizer)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    rng = np.random.RandomState(seed)
+    losses = []
+    for _ in range(steps):
+        x = mx.np.array(rng.randn(64, 2).astype(np.float32))
+        y = mx.np.array((rng.rand(64) > 0.5).astype(np.float32))
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(64)
+        losses.append(float(loss.mean()))
+    return trainer, losses
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_gluon2_trainer_matches_mxnets_own_lamb(fused):
+    options = dict(learning_rate=0.05, wd=0.01, use_fused_step=fused)
+    ours, theirs = make_net(), make_net()
+    trainer, losses = train(ours, mxlamb.LAMB(**options))
+    assert isinstance(trainer._optimizer, mxlamb.LAMB)
+    assert isinstance(next(iter(ours.collect_params().values())).data(), mx.np.ndarray)
+    train(theirs, BUILTIN_LAMB(**options))
+    for (name, a), b in zip(ours.collect_params().items(), theirs.collect_params().values()):
+        np.testing.assert_allclose(a.data().asnumpy(), b.data().asnumpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+    assert losses[-1] < losses[0]
+
+
+def test_gluon2_exclusion_by_name_equals_wd_mult_zero():
+    # Gluon 2.0 Parameters are named 'weight' / 'bias' (the structure is in the dict keys).
+    ours, theirs = make_net(), make_net()
+    train(ours, mxlamb.LAMB(learning_rate=0.05, wd=0.1, exclude_from_weight_decay=["bias"]))
+    for name, param in theirs.collect_params().items():
+        if name.endswith("bias"):
+            param.wd_mult = 0.0
+    train(theirs, BUILTIN_LAMB(learning_rate=0.05, wd=0.1))
+    for (name, a), b in zip(ours.collect_params().items(), theirs.collect_params().values()):
+        np.testing.assert_allclose(a.data().asnumpy(), b.data().asnumpy(), rtol=1e-5,
+                                   atol=1e-6, err_msg=name)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_2_0_step_api_on_np_arrays_matches_the_reference(dtype, fused):
+    rng = np.random.RandomState(3)
+    sizes = [5, 300, 1]
+    cast = np.float32 if dtype == "float32" else np.float16
+    weights = [rng.randn(n).astype(cast).astype(np.float64) for n in sizes]
+    opt = mxlamb.LAMB(learning_rate=0.01, wd=0.01, aggregate_num=2,
+                      multi_precision=dtype == "float16")
+    ref = ReferenceLAMB()
+    arrays = [mx.np.array(w, dtype=cast) for w in weights]
+    states = [opt.create_state_multi_precision(k, a) for k, a in enumerate(arrays)]
+    for k, w in enumerate(weights):
+        ref.init(k, w)
+    indices = list(range(len(sizes)))
+    for _ in range(4):
+        grads = [rng.randn(n).astype(cast).astype(np.float64) for n in sizes]
+        (opt.fused_step if fused else opt.step)(
+            indices, arrays, [mx.np.array(g, dtype=cast) for g in grads], states)
+        for k, g in enumerate(grads):
+            ref.step(k, g, 0.01, 0.01)
+    rtol, atol = TOLERANCE[dtype]
+    for k, array in enumerate(arrays):
+        assert isinstance(array, mx.np.ndarray)
+        np.testing.assert_allclose(to_f64(array), ref.weight[k], rtol=rtol, atol=atol)
