@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mxlamb-built
 
-.PHONY: install demo test test-mxnet2 bench sanitize rss horovod clean
+.PHONY: install demo demo-mlp test test-mxnet2 bench sanitize rss horovod clean
 
 $(STAMP): setup.py setup.cfg pyproject.toml requirements.txt $(wildcard src/operators/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -16,7 +16,12 @@ $(STAMP): setup.py setup.cfg pyproject.toml requirements.txt $(wildcard src/oper
 
 install: $(STAMP)
 
+# The main job: a tiny BERT pretrained (masked LM + next sentence) with mxlamb, MXNet's LAMB
+# and Adam; loss curves in bert_out/loss_curves.png.
 demo: $(STAMP)
+	$(BIN)/python examples/bert_pretrain.py --out-dir bert_out
+
+demo-mlp: $(STAMP)
 	$(BIN)/python examples/train_mlp.py
 
 # Horovod (optional extra): built from source against the venv's mxnet with gloo, about 2 min
