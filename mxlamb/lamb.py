@@ -37,6 +37,9 @@ NaN for a skipped step, 1 where layer adaptation is off)."""
 
 # The per-parameter arrays of one step, as _checked_state unpacks a state.
 Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum"])
+# One parameter as checked once and cached (views for the operators, its dtype and size: each
+# NDArray property read is a call into libmxnet, and a step of many small tensors adds them up).
+Prepared = collections.namedtuple("Prepared", ["weight", "grad", "slots", "dtype", "size"])
 
 
 def _number(name, value, low=None, high=None, low_open=False, high_open=False):
@@ -92,6 +95,14 @@ def _legacy(array):
     """MXNet 2.0's Gluon passes ``mx.np`` arrays, and extension operators take legacy
     NDArrays only: the same memory, viewed as one (no copy). Others pass through."""
     return array.as_nd_ndarray() if type(array).__module__.startswith("mxnet.numpy") else array
+
+
+def _joined(values):
+    """An operator's list attribute: one value when all are equal (the operator repeats it)."""
+    first = values[0]
+    if all(v == first for v in values):
+        return repr(first)
+    return ",".join(map(repr, values))
 
 
 def _as_list(x):
@@ -250,7 +261,7 @@ class LAMB(Optimizer):
         self._pending = {}          # context -> {index: item} of a step still being collected
         self._last_tables = {}      # index -> (phase-1 table, row, ratio attributes)
         self._names = {}            # index -> (wd excluded, layer adaptation)
-        self._checked = {}          # index -> (weight, grad, state, Slots) as last checked
+        self._checked = {}          # index -> (weight, grad, state, Prepared) as last checked
         self._on_server = False     # unpickled in a kvstore server (see update)
         self._full_sizes = {}       # index -> (name, size), for a kvstore server
 
@@ -471,10 +482,13 @@ class LAMB(Optimizer):
 
     def _run_step(self, indices, weights, grads, states, group_size):
         self._update_count(list(indices))
-        items = [(index, _legacy(weight), _legacy(grad),
-                  self._checked_state(index, weight, grad, state))
-                 for index, weight, grad, state in zip(indices, weights, grads, states)]
-        items = [item for item in items if item[1].size > 0]
+        dtypes = {}
+        items = []
+        for index, weight, grad, state in zip(indices, weights, grads, states):
+            prepared = self._checked_state(index, weight, grad, state)
+            if prepared.size > 0:
+                items.append((index, prepared.weight, prepared.grad, prepared.slots))
+                dtypes[index] = prepared.dtype
         items, grad_scale = self._accumulate(items)
         if not items:
             return
@@ -482,10 +496,10 @@ class LAMB(Optimizer):
         # One weight dtype per operator call (the mode and the output type are per call).
         by_dtype = collections.OrderedDict()
         for row, item in enumerate(items):
-            by_dtype.setdefault(numpy.dtype(item[1].dtype), []).append((row, item))
-        for members in by_dtype.values():
+            by_dtype.setdefault(dtypes[item[0]], []).append((row, item))
+        for dtype, members in by_dtype.items():
             for start in range(0, len(members), group_size):
-                self._update_group(members[start:start + group_size], grad_scale, stats)
+                self._update_group(members[start:start + group_size], grad_scale, stats, dtype)
         for index, weight, _, slots in items:
             self._applied_steps[index] = self._applied_steps.get(index, 0) + 1
             if slots.accum is not None:
@@ -519,7 +533,7 @@ class LAMB(Optimizer):
                  "skip_nonfinite": self._may_skip}
         if self.loss_scaler is not None:
             attrs["growth_interval"] = self.loss_scaler.growth_interval
-        grads = [self._kernel_grad(item[1], item[2]) for item in items]
+        grads = [self._kernel_grad(item[2]) for item in items]
         state = self._current_step_state(create=True, context=items[0][1].context)
         return ndarray.mxlamb_grad_stats(*grads, state, **attrs)
 
@@ -544,7 +558,7 @@ class LAMB(Optimizer):
         return counts, [self._count_slots[index] for index in indices]
 
     @staticmethod
-    def _kernel_grad(weight, grad):
+    def _kernel_grad(grad):
         # MXNet 1.9's extension API cannot hand a bfloat16 array to a library operator
         # (lib_api.cc rejects dtype flag 12): bfloat16 gradients are widened by MXNet's cast,
         # and the float32 kernels update the master copy.
@@ -552,15 +566,15 @@ class LAMB(Optimizer):
             return grad.astype(numpy.float32)
         return grad
 
-    def _update_group(self, members, grad_scale, stats):
-        """One phase-1/phase-2 pair over a group of tensors of one weight dtype. ``members``
-        are (row in the step, (index, weight, grad, Slots))."""
+    def _update_group(self, members, grad_scale, stats, dtype):
+        """One phase-1/phase-2 pair over a group of tensors of weight dtype ``dtype``.
+        ``members`` are (row in the step, (index, weight, grad, Slots))."""
         rows = [row for row, _ in members]
         indices, weights, grads, slots = zip(*(item for _, item in members))
-        context = weights[0].context
-        bfloat16 = numpy.dtype(weights[0].dtype) == _BFLOAT16
-        grads = [self._kernel_grad(w, g) for w, g in zip(weights, grads)]
-        attrs = self._attributes(indices, weights[0], grad_scale, bfloat16)
+        bfloat16 = dtype == _BFLOAT16
+        if bfloat16:
+            grads = [self._kernel_grad(g) for g in grads]
+        attrs = self._attributes(indices, dtype, grad_scale, bfloat16)
         extra1, extra2 = [], []
         if stats is not None:
             attrs["has_stats"] = True
@@ -570,14 +584,23 @@ class LAMB(Optimizer):
             extra1 += [stats[0], stats[1]]
             extra2.append(stats[1])
         if self._may_skip:
-            counts, count_slots = self._counts_for(indices, context)
+            counts, count_slots = self._counts_for(indices, weights[0].context)
             attrs["device_counts"] = True
             attrs["count_slots"] = ",".join(map(str, count_slots))
             extra1.append(counts)
             extra2.append(counts)
         else:
-            attrs["step_counts"] = ",".join(
-                str(self._applied_steps.get(i, 0) + 1) for i in indices)
+            attrs["step_counts"] = _joined([self._applied_steps.get(i, 0) + 1 for i in indices])
+        if stats is None and not (self._may_skip or self._amsgrad or self.use_ema or bfloat16):
+            # The plain step: both phases in one operator call (back to back in cache).
+            inputs = []
+            for w, g, s in zip(weights, grads, slots):
+                inputs += [s.master, g, s.mean, s.var]
+                if s.master is not w:
+                    inputs.append(w)  # the float16 model weight, rounded from the master
+            table = ndarray.mxlamb_step(*inputs, **attrs)
+            self._keep_table(indices, table, attrs)
+            return
         phase1_inputs = []
         phase2_inputs = []
         for s, g in zip(slots, grads):
@@ -594,6 +617,10 @@ class LAMB(Optimizer):
         if bfloat16:
             for weight, master in zip(weights, masters):
                 ndarray.cast(master, dtype=weight.dtype, out=weight)
+        self._keep_table(indices, table, attrs)
+
+    def _keep_table(self, indices, table, attrs):
+        """Keeps a group's sums-of-squares table for trust_ratios() (read on request)."""
         ratio_attrs = {"num_tensors": len(indices),
                        "lower_bound": attrs["lower_bound"], "upper_bound": attrs["upper_bound"]}
         if "layer_adaptation" in attrs:
@@ -601,8 +628,9 @@ class LAMB(Optimizer):
         for row, index in enumerate(indices):
             self._last_tables[index] = (table, row, ratio_attrs)
 
-    def _attributes(self, indices, weight, grad_scale, float32_kernels=False):
-        multi_precision = self._is_multi_precision(weight) and not float32_kernels
+    def _attributes(self, indices, dtype, grad_scale, float32_kernels=False):
+        multi_precision = (dtype in _LOW_PRECISION and self.multi_precision
+                           and not float32_kernels)
         options = [self._tensor_options(i) for i in indices]
         wds = [0.0 if excluded else wd
                for wd, (excluded, _) in zip(self._get_wds(indices), options)]
@@ -617,8 +645,8 @@ class LAMB(Optimizer):
             "clip_gradient": -1.0 if self.clip_gradient is None else self.clip_gradient,
             "lower_bound": -1.0 if self.lower_bound is None else self.lower_bound,
             "upper_bound": -1.0 if self.upper_bound is None else self.upper_bound,
-            "lrs": ",".join(map(repr, self._get_lrs(indices))),
-            "wds": ",".join(map(repr, wds)),
+            "lrs": _joined(self._get_lrs(indices)),
+            "wds": _joined(wds),
         }
         if not all(adapt for _, adapt in options):
             attrs["layer_adaptation"] = ",".join("1" if adapt else "0" for _, adapt in options)
@@ -655,7 +683,7 @@ class LAMB(Optimizer):
         if not self.use_ema:
             raise ValueError("LAMB: weight averages need use_ema=True")
         if params is None:
-            return [(cached[0], cached[3]) for cached in self._checked.values()]
+            return [(cached[0], cached[3].slots) for cached in self._checked.values()]
         if hasattr(params, "values"):
             params = list(params.values())
         wanted = {id(p) for p in params}
@@ -663,7 +691,7 @@ class LAMB(Optimizer):
         for index, cached in self._checked.items():
             param = self.param_dict.get(index)
             if param is not None and id(param) in wanted:
-                targets.append((cached[0], cached[3]))
+                targets.append((cached[0], cached[3].slots))
         return targets
 
     @staticmethod
@@ -681,9 +709,10 @@ class LAMB(Optimizer):
     # ------------------------------------------------------------------------ checks
 
     def _checked_state(self, index, weight, grad, state):
-        """The :class:`Slots` of one parameter (master is the weight itself without
-        multi-precision). Refuses, naming the parameter, what the operators would get wrong,
-        before any array is written.
+        """The :class:`Prepared` parameter: its :class:`Slots` (master is the weight itself
+        without multi-precision), operator views of weight and gradient, dtype and size.
+        Refuses, naming the parameter, what the operators would get wrong, before any array
+        is written.
 
         Trainer and Updater pass the same array objects every step: a parameter whose weight,
         gradient and state are the very objects checked before is not checked again (the
@@ -692,7 +721,9 @@ class LAMB(Optimizer):
         if (cached is not None and cached[0] is weight and cached[1] is grad
                 and cached[2] is state):
             return cached[3]
-        result = self._check_state(index, weight, grad, state)
+        result = Prepared(_legacy(weight), _legacy(grad),
+                          self._check_state(index, weight, grad, state),
+                          numpy.dtype(weight.dtype), weight.size)
         self._checked[index] = (weight, grad, state, result)
         return result
 

@@ -98,6 +98,72 @@ def test_results_are_bit_identical_for_any_thread_count():
             np.testing.assert_array_equal(a, b)
 
 
+def fused(weights, grads, means, variances, lrs, wds, counts, lowp=None, **options):
+    attrs = dict(ATTRS, num_tensors=len(weights), lrs=",".join(map(repr, lrs)),
+                 wds=",".join(map(repr, wds)), step_counts=",".join(map(str, counts)))
+    attrs.update(options)
+    rows = zip(weights, grads, means, variances, *([lowp] if lowp is not None else []))
+    return mx.nd.mxlamb_step(*[x for row in rows for x in row], **attrs)
+
+
+# Consecutive tensors batched back to back up to 2^20 elements: [700K], [500K, 1, 4097],
+# [2.1M] (alone: larger than a batch), [3].
+FUSED_SIZES = [700000, 500000, 1, 4097, 2100000, 3]
+
+
+@pytest.mark.parametrize("multi_precision", [False, True])
+def test_fused_step_is_bit_identical_to_the_two_phases(isa, multi_precision):
+    """mxlamb_step (phase 1 and 2 back to back per cache-sized batch) against mxlamb_phase1
+    then mxlamb_phase2 over the whole group: weights, moments and the sums-of-squares table."""
+    n = len(FUSED_SIZES)
+    lrs = [0.01 * (1 + i % 3) for i in range(n)]
+    wds = [0.0 if i % 2 else 0.02 for i in range(n)]
+    counts = [1 + i for i in range(n)]
+    options = dict(lower_bound=0.1, upper_bound=5.0, layer_adaptation="1,0,1,1,1,1")
+    results = []
+    for run in ("phases", "fused"):
+        weights, grads, means, variances = random_group(FUSED_SIZES, seed=5)
+        lowp = None
+        if multi_precision:
+            lowp = [w.astype(np.float16) for w in weights]
+            weights = [w.astype(np.float16).astype(np.float32) for w in weights]  # masters
+            grads = [g.astype(np.float16) for g in grads]
+            options.update(multi_precision=True, weight_dtype=2)
+        if run == "phases":
+            attrs = dict(ATTRS, num_tensors=n, lrs=",".join(map(repr, lrs)),
+                         wds=",".join(map(repr, wds)), step_counts=",".join(map(str, counts)),
+                         **options)
+            table = mx.nd.mxlamb_phase1(*[x for t in zip(weights, grads, means, variances)
+                                          for x in t], **attrs)
+            mx.nd.mxlamb_phase2(*[x for t in zip(weights, means, variances) for x in t], table,
+                                out=lowp if multi_precision else weights, **attrs)
+        else:
+            table = fused(weights, grads, means, variances, lrs, wds, counts, lowp, **options)
+        arrays = [table] + weights + means + variances + (lowp or [])
+        results.append([a.asnumpy() for a in arrays])
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_fused_step_refuses_the_optional_inputs_by_name():
+    weights, grads, means, variances = random_group([5], seed=0)
+    with pytest.raises(mx.base.MXNetError, match="use_ema is not supported by mxlamb_step"):
+        fused(weights, grads, means, variances, [0.1], [0.0], [1], use_ema=1).wait_to_read()
+
+
+def test_one_list_value_stands_for_every_tensor():
+    """lrs="0.01" with num_tensors=3 means 0.01 for each (what the optimizer sends when all are
+    equal); any other count than 1 or num_tensors is refused."""
+    runs = []
+    for lrs, wds, counts in [("0.01", "0.02", "3"), ("0.01,0.01,0.01", "0.02,0.02,0.02", "3,3,3")]:
+        weights, grads, means, variances = random_group([7, 40, 3], seed=4)
+        attrs = dict(ATTRS, num_tensors=3, lrs=lrs, wds=wds, step_counts=counts)
+        mx.nd.mxlamb_step(*[x for t in zip(weights, grads, means, variances) for x in t], **attrs)
+        runs.append([w.asnumpy() for w in weights])
+    for a, b in zip(*runs):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_embedding_sized_norms_agree_with_float64():
     """A 30522 x 768 BERT embedding: MXNet's float32 serial norm is ~5% low here; ours is
     accumulated in float64 and agrees with NumPy's float64 norm to 1e-6 (in fact ~1e-12)."""

@@ -4,6 +4,10 @@
 //       -> sumsq (N, 2) float64: [sum(w_t^2), sum(u_t^2)]; m, v (and vmax) updated in place.
 //   mxlamb_phase2(w_0, m_0, v_0, [ema_0], ..., sumsq, [control], [counts], out=weights)
 //       -> weights updated with lr * trust_ratio * u (and the EMA after them).
+//   mxlamb_step(w_0, g_0, m_0, v_0, [w16_0], ...) -> sumsq (N, 2) float64
+//       phase 1 and phase 2 in one call (the plain step: none of the optional inputs below),
+//       back to back per batch of tensors that fits in cache; w (the fp32 weight or master
+//       copy), m, v and, under multi_precision, the fp16 model weight w16 updated in place.
 //   mxlamb_grad_stats(g_0, ..., g_{P-1}, step_state)
 //       -> grad_sumsq (P,) float64 and control (2,) float64 = [gradient multiplier, apply];
 //          step_state (3,) float64 = [loss scale, clean steps, skipped steps] updated.
@@ -76,7 +80,8 @@ bool get_bool(const Attrs& attrs, const char* key, bool fallback) {
   return it->second == "True" || it->second == "true" || it->second == "1";
 }
 
-// "(0.1, 0.2)", "[0.1,0.2]" or "0.1,0.2" -> {0.1, 0.2}; exactly n values required.
+// "(0.1, 0.2)", "[0.1,0.2]" or "0.1,0.2" -> {0.1, 0.2}; exactly n values, or one value that
+// stands for all n (what the optimizer sends when every tensor has the same lr, wd or count).
 bool get_list(const std::string& op, const Attrs& attrs, const char* key, int n,
               std::vector<double>* out) {
   auto it = attrs.find(key);
@@ -97,6 +102,7 @@ bool get_list(const std::string& op, const Attrs& attrs, const char* key, int n,
     out->push_back(v);
     item.clear();
   }
+  if (out->size() == 1 && n > 1) out->assign(n, out->front());
   if (static_cast<int>(out->size()) != n) {
     return fail(op, std::string("attribute ") + key + " has " + std::to_string(out->size()) +
                         " values for num_tensors=" + std::to_string(n));
@@ -527,6 +533,110 @@ MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
   return MX_SUCCESS;
 }
 
+// ------------------------------------------------------------------------ phase 1 + phase 2
+
+const char* const kStep = "mxlamb_step";
+const char* const kStepSlotNames[] = {"weight", "grad", "mean", "var", "model weight"};
+constexpr int kStepLowp = 4;
+
+// The fused step takes none of the optional inputs: refuse their attributes by name.
+bool step_layout(const Attrs& attrs, int* n, int* slots) {
+  for (const char* option : {"amsgrad", "use_ema", "has_stats", "device_counts"}) {
+    if (get_bool(attrs, option, false)) {
+      return fail(kStep, std::string(option) + " is not supported by " + kStep +
+                             "; use mxlamb_phase1 and mxlamb_phase2");
+    }
+  }
+  if (!get_num_tensors(kStep, attrs, n)) return false;
+  *slots = get_bool(attrs, "multi_precision", false) ? 5 : 4;
+  return true;
+}
+
+MXReturnValue step_parse(const Attrs& attrs, int* num_in, int* num_out) {
+  int n, slots;
+  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
+  *num_in = n * slots;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue step_type(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
+  int n, slots;
+  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
+  for (int i = 0; i < n * slots; ++i) {
+    const int slot = i % slots;
+    const int flag = (*in)[i];
+    const bool mp = slots == 5;
+    const bool ok = slot == kStepLowp ? is_low_precision(flag)
+                    : slot == kGrad && mp ? is_low_precision(flag) || flag == 0
+                                          : flag == 0;
+    if (!ok) {
+      fail(kStep, tensor_label(i / slots, kStepSlotNames[slot]) + " is " + dtype_name(flag) +
+                      ", expected " + (slot == kStepLowp ? "float16 or bfloat16"
+                                       : slot == kGrad && mp ? "float16, bfloat16 or float32"
+                                                             : "float32"));
+      return MX_FAIL;
+    }
+  }
+  (*out)[0] = static_cast<int>(DType::kFloat64);
+  return MX_SUCCESS;
+}
+
+MXReturnValue step_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
+                         std::vector<std::vector<unsigned int>>* out) {
+  int n, slots;
+  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
+  Layout l;
+  l.n = n;
+  l.slots = slots;
+  if (!check_slot_shapes(kStep, l, kStepSlotNames, *in)) return MX_FAIL;
+  (*out)[0] = {static_cast<unsigned int>(n), 2u};
+  return MX_SUCCESS;
+}
+
+MXReturnValue step_mutate(const Attrs& attrs, std::vector<int>* mutated) {
+  int n, slots;
+  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
+  for (int t = 0; t < n; ++t) {
+    for (int slot = 0; slot < slots; ++slot) {
+      if (slot != kGrad) mutated->push_back(t * slots + slot);
+    }
+  }
+  return MX_SUCCESS;
+}
+
+MXReturnValue step_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                           std::vector<MXTensor>* out, const OpResource&) {
+  int n, slots;
+  StepAttrs s;
+  if (!step_layout(attrs, &n, &slots) || !parse_step(kStep, attrs, true, &s)) return MX_FAIL;
+  double* sumsq = (*out)[0].data<double>();
+  std::vector<TensorCoeffs> coeffs(n);
+  std::vector<Phase1Span> first(n);
+  std::vector<Phase2Span> second(n);
+  for (int t = 0; t < n; ++t) {
+    coeffs[t] = tensor_coeffs(s, t, s.counts[t]);
+    coeffs[t].grad_scale = static_cast<float>(s.rescale);
+    MXTensor* x = &(*in)[t * slots];
+    float* weight = x[kWeight].data<float>();
+    float* mean = x[kMean].data<float>();
+    float* var = x[kVar].data<float>();
+    const int64_t size = x[kWeight].size();
+    first[t] = Phase1Span{weight, x[kGrad].data_ptr, mean, var, nullptr, size, dtype_of(x[kGrad])};
+    second[t] = slots == 5 ? Phase2Span{weight, weight, x[kStepLowp].data_ptr,
+                                        dtype_of(x[kStepLowp]), mean, var, nullptr, size}
+                           : Phase2Span{weight, weight, nullptr, DType::kFloat32, mean, var,
+                                        nullptr, size};
+  }
+  lamb_step_cpu(first, second, s.step, coeffs,
+                [&s](int t, double weight_sumsq, double update_sumsq) {
+                  return step_size(s.lrs[t], weight_sumsq, update_sumsq, s.lower_bound,
+                                   s.upper_bound, s.layer_adaptation[t] != 0);
+                },
+                sumsq);
+  return MX_SUCCESS;
+}
+
 // ----------------------------------------------------------------------------- grad stats
 
 const char* const kGradStats = "mxlamb_grad_stats";
@@ -812,6 +922,13 @@ REGISTER_OP(mxlamb_phase2)
     .setForward(mxlamb::phase2_forward_gpu, "gpu")
 #endif
     .setForward(mxlamb::phase2_forward, "cpu");
+
+REGISTER_OP(mxlamb_step)
+    .setParseAttrs(mxlamb::step_parse)
+    .setInferType(mxlamb::step_type)
+    .setInferShape(mxlamb::step_shape)
+    .setMutateInputs(mxlamb::step_mutate)
+    .setForward(mxlamb::step_forward, "cpu");
 
 REGISTER_OP(mxlamb_grad_stats)
     .setParseAttrs(mxlamb::grad_stats_parse)
