@@ -596,7 +596,7 @@ class LAMB(Optimizer):
             inputs = []
             for w, g, s in zip(weights, grads, slots):
                 inputs += [s.master, g, s.mean, s.var]
-                if s.master is not w:
+                if attrs["multi_precision"]:
                     inputs.append(w)  # the float16 model weight, rounded from the master
             table = ndarray.mxlamb_step(*inputs, **attrs)
             self._keep_table(indices, table, attrs)
