@@ -87,6 +87,24 @@ def builtin_lamb(aggregate):
         del os.environ["MXNET_OPTIMIZER_AGGREGATION_SIZE"]
 
 
+def one_thread(make):
+    """The case on one mxlamb thread (the operators run on MXNet's engine thread, so the count
+    is set for the whole step, waited for inside it)."""
+    def make_one_thread(weights, grads):
+        step = make(weights, grads)
+
+        def run():
+            threads = _library.native.mxlamb_num_threads()
+            _library.native.mxlamb_set_num_threads(1)
+            try:
+                step()
+                mx.nd.waitall()
+            finally:
+                _library.native.mxlamb_set_num_threads(threads)
+        return run
+    return make_one_thread
+
+
 def cases(model, shapes):
     """(name, dtype, make_step) for every implementation on this parameter set."""
     def mx_case(make_optimizer, dtype="float32"):
@@ -114,6 +132,8 @@ def cases(model, shapes):
     if model == "200x768":
         yield "mxlamb fused_step (aggregate_num=200)", mx_case(
             lambda: mxlamb.LAMB(wd=0.01, aggregate_num=200))
+    yield "mxlamb fused_step (aggregate_num=45), 1 thread", one_thread(mx_case(
+        lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45)))
     yield "mxlamb step", mx_case(lambda: mxlamb.LAMB(wd=0.01, use_fused_step=False))
     yield "mxlamb fp16 multi_precision (aggregate_num=45)", mx_case(
         lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45, multi_precision=True), "float16")
