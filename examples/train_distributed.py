@@ -21,15 +21,7 @@ from mxnet import autograd, gluon
 from tqdm import tqdm
 
 import mxlamb
-
-
-def rings(n, seed):
-    rng = np.random.RandomState(seed)
-    label = rng.randint(0, 2, n)
-    radius = np.where(label == 1, 1.0, 0.45) + rng.randn(n) * 0.08
-    angle = rng.rand(n) * 2 * np.pi
-    x = np.stack([radius * np.cos(angle), radius * np.sin(angle)], 1).astype(np.float32)
-    return x, label.astype(np.float32)
+from train_mlp import rings  # the two-rings data (this script's folder is on sys.path)
 
 
 def main():
