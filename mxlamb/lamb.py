@@ -591,8 +591,10 @@ class LAMB(Optimizer):
             extra2.append(counts)
         else:
             attrs["step_counts"] = _joined([self._applied_steps.get(i, 0) + 1 for i in indices])
-        if stats is None and not (self._may_skip or self._amsgrad or self.use_ema or bfloat16):
-            # The plain step: both phases in one operator call (back to back in cache).
+        if (stats is None and not (self._may_skip or self._amsgrad or self.use_ema or bfloat16)
+                and weights[0].context.device_type == "cpu"):
+            # The plain step: both phases in one operator call (back to back in cache; CPU
+            # only, the GPU keeps the two phase operators).
             inputs = []
             for w, g, s in zip(weights, grads, slots):
                 inputs += [s.master, g, s.mean, s.var]
