@@ -145,6 +145,73 @@ def test_fused_step_is_bit_identical_to_the_two_phases(isa, multi_precision):
         np.testing.assert_array_equal(a, b)
 
 
+def float16_edge_group(seed):
+    """A multi-precision group whose float16 conversions hit every special case, both ways:
+    gradients that are signalling/quiet NaNs, infinities, subnormals, +-0 and the largest
+    half; masters that round to infinity (65520), stay below it (65519.99), fall exactly
+    halfway between two halves, or are float32 denormals and half subnormals. The NaN and
+    infinity gradients sit in their own tensors (they make that tensor's trust ratio NaN)."""
+    rng = np.random.RandomState(seed)
+    sizes = [4099, 37, 53, 16]
+    weights = [rng.randn(n).astype(np.float32) for n in sizes]
+    grads = [(rng.randn(n) * 0.1).astype(np.float16) for n in sizes]
+    half_ulp_ties = (np.arange(1, 40, dtype=np.float32) + 0.5) * np.float32(2.0 ** -10)
+    edges = np.array([65520.0, 65519.99, -65520.0, 1e5, 6.1e-5, 6e-8, 2.9e-8, 1e-40, -1e-40,
+                      0.0, -0.0, 2.0 ** -24 * 1.5, 2.0 ** -24 * 2.5], np.float32)
+    weights[0][:edges.size] = edges
+    weights[0][100:100 + half_ulp_ties.size] = 1.0 + half_ulp_ties
+    grad_bits = grads[0].view(np.uint16)
+    grad_bits[:6] = [0x0001, 0x8001, 0x03ff, 0x7bff, 0x0000, 0x8000]  # subnormal, max, +-0
+    grads[1].view(np.uint16)[:4] = [0x7d00, 0xfd01, 0x7e00, 0x7fff]  # signalling, quiet NaNs
+    grads[2].view(np.uint16)[:2] = [0x7c00, 0xfc00]  # +-inf
+    weights[3][:3] = [np.nan, -np.nan, np.inf]
+    return ([mx.nd.array(w) for w in weights], [mx.nd.array(g, dtype=np.float16) for g in grads],
+            [mx.nd.zeros((n,)) for n in sizes], [mx.nd.zeros((n,)) for n in sizes])
+
+
+@pytest.mark.parametrize("operators", ["phases", "fused"])
+def test_float16_results_are_bit_identical_on_every_isa_level(operators):
+    """The AVX2 and AVX-512 levels convert float16 with F16C instructions, the baseline with
+    integer code: every bit the same, compared as integers. float16 NaNs are one canonical NaN
+    on every level (sign | 0x7e00); a float32/float64 NaN is compared as NaN, since which of
+    two NaNs an addition keeps depends on how the compiler ordered the operands."""
+    def bits(array):
+        a = array.asnumpy()
+        if a.dtype == np.float16:
+            return a.view(np.uint16)
+        unsigned = np.uint64 if a.dtype == np.float64 else np.uint32
+        return np.where(np.isnan(a), np.iinfo(unsigned).max, a.view(unsigned))  # all NaNs: ~0
+
+    before = _library.native.mxlamb_active_isa()
+    results = {}
+    try:
+        for isa in supported_isas():
+            _library.native.mxlamb_set_isa(isa.encode())
+            masters, grads, means, variances = float16_edge_group(seed=6)
+            lowp = [w.astype(np.float16) for w in masters]
+            n = len(masters)
+            attrs = dict(ATTRS, num_tensors=n, lrs="1e-12", wds="0.01", step_counts="1",
+                         multi_precision=True, weight_dtype=2, clip_gradient=-1.0)
+            rows = [masters, grads, means, variances]
+            if operators == "fused":
+                table = mx.nd.mxlamb_step(*[x for r in zip(*rows, lowp) for x in r], **attrs)
+            else:
+                table = mx.nd.mxlamb_phase1(*[x for r in zip(*rows) for x in r], **attrs)
+                mx.nd.mxlamb_phase2(*[x for r in zip(masters, means, variances) for x in r],
+                                    table, out=lowp, **attrs)
+            arrays = [table] + masters + means + variances + lowp
+            results[isa] = [bits(a) for a in arrays]
+    finally:
+        _library.native.mxlamb_set_isa(before)
+    assert len(results) >= 1
+    half = results[next(iter(results))][-4]
+    assert half[0] == 0x7c00 and half[2] == 0xfc00 and half[1] == 0x7bff  # 65520 -> inf
+    baseline = results.pop("baseline")
+    for isa, arrays in results.items():
+        for i, (a, b) in enumerate(zip(baseline, arrays)):
+            np.testing.assert_array_equal(a, b, err_msg="%s, array %d" % (isa, i))
+
+
 def test_fused_step_refuses_the_optional_inputs_by_name():
     weights, grads, means, variances = random_group([5], seed=0)
     with pytest.raises(mx.base.MXNetError, match="use_ema is not supported by mxlamb_step"):
