@@ -87,6 +87,34 @@ def builtin_lamb(aggregate):
         del os.environ["MXNET_OPTIMIZER_AGGREGATION_SIZE"]
 
 
+def direct_fused_step(make_optimizer):
+    """fused_step called directly (the 2.0 API, without MXNet's Updater around it)."""
+    def make(weights, grads):
+        optimizer = make_optimizer()
+        indices = list(range(len(weights)))
+        states = [optimizer.create_state_multi_precision(i, w) for i, w in zip(indices, weights)]
+        return lambda: optimizer.fused_step(indices, weights, grads, states)
+    return make
+
+
+class FloorOptimizer(mx.optimizer.Optimizer):
+    """What any optimizer pays through MXNet's Updater for a group: the Updater itself and one
+    built-in operator call that only reads every weight and gradient (multi_sum_sq)."""
+
+    def __init__(self, aggregate_num):
+        super().__init__()
+        self.aggregate_num = aggregate_num
+
+    def create_state(self, index, weight):
+        return None
+
+    def update(self, index, weight, grad, state):
+        weights, grads = mx.base._as_list(weight), mx.base._as_list(grad)
+        mx.nd.multi_sum_sq(*weights, *grads, num_arrays=2 * len(weights))
+
+    update_multi_precision = update
+
+
 def one_thread(make):
     """The case on one mxlamb thread (the operators run on MXNet's engine thread, so the count
     is set for the whole step, waited for inside it)."""
@@ -132,6 +160,10 @@ def cases(model, shapes):
     if model == "200x768":
         yield "mxlamb fused_step (aggregate_num=200)", mx_case(
             lambda: mxlamb.LAMB(wd=0.01, aggregate_num=200))
+        yield "mxlamb fused_step (aggregate_num=200), no Updater", direct_fused_step(
+            lambda: mxlamb.LAMB(wd=0.01, aggregate_num=200))
+        yield "floor: Updater + 1 read-only op on w, g (200)", mx_case(
+            lambda: FloorOptimizer(aggregate_num=200))
     yield "mxlamb fused_step (aggregate_num=45), 1 thread", one_thread(mx_case(
         lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45)))
     yield "mxlamb step", mx_case(lambda: mxlamb.LAMB(wd=0.01, use_fused_step=False))

@@ -35,8 +35,10 @@ TrustRatios.__doc__ = """Per-parameter trust ratios of the last step: ``keys`` (
 names, or indices where no name is known) and ``values`` (a float64 NDArray in that order;
 NaN for a skipped step, 1 where layer adaptation is off)."""
 
-# The per-parameter arrays of one step, as _checked_state unpacks a state.
-Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum"])
+# The per-parameter arrays of one step, as _checked_state unpacks a state; moments_at is
+# (slab, offset, size) where mean and var are the packed pair at offset in a moment slab.
+Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum",
+                                         "moments_at"])
 # One parameter as checked once and cached (views for the operators, its dtype and size: each
 # NDArray property read is a call into libmxnet, and a step of many small tensors adds them up).
 Prepared = collections.namedtuple("Prepared", ["weight", "grad", "slots", "dtype", "size"])
@@ -107,6 +109,38 @@ def _joined(values):
 
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
+
+
+# Moment slabs. Every array an operator call takes costs about a microsecond in MXNet (engine
+# dependencies, shapes, the copies of the argument lists), more than the update itself of a
+# 768-element bias. The moments of parameters up to _PACKED_MAX_ELEMENTS elements are
+# therefore allocated side by side in one float32 array per context (mean, then var, in the
+# order their states are made), and a group whose moments lie side by side in one slab passes
+# that slab once instead of two arrays per tensor. The states are views into the slab: the
+# user, the Updater and checkpoints see ordinary arrays of the parameter's shape.
+_PACKED_MAX_ELEMENTS = 1 << 16
+_SLAB_ELEMENTS = 1 << 22  # 16 MiB, where param_dict does not tell what the small ones need
+
+
+class _MomentSlabs:
+    """Allocates packed (mean, var) pairs of small parameters, per context."""
+
+    def __init__(self):
+        self._open = {}  # context -> [slab, elements used]
+
+    def allocate(self, weight, wanted):
+        """Zeroed (mean, var, (slab, offset, size)) views for ``weight``; a new slab holds
+        at least ``wanted`` elements."""
+        size = weight.size
+        entry = self._open.get(weight.context)
+        if entry is None or entry[1] + 2 * size > entry[0].shape[0]:
+            slab = ndarray.zeros((max(2 * size, wanted),), weight.context, dtype=numpy.float32)
+            entry = self._open[weight.context] = [slab, 0]
+        slab, offset = entry
+        entry[1] += 2 * size
+        mean = slab[offset:offset + size].reshape(weight.shape)
+        var = slab[offset + size:offset + 2 * size].reshape(weight.shape)
+        return mean, var, (slab, offset, size)
 
 
 class LAMB(Optimizer):
@@ -264,11 +298,14 @@ class LAMB(Optimizer):
         self._checked = {}          # index -> (weight, grad, state, Prepared) as last checked
         self._on_server = False     # unpickled in a kvstore server (see update)
         self._full_sizes = {}       # index -> (name, size), for a kvstore server
+        self._slabs = _MomentSlabs()
+        self._packed = {}           # index -> (mean, var, (slab, offset, size)) as allocated
 
     def __getstate__(self):
         state = super().__getstate__()
-        for transient in ("_checked", "_pending", "_last_tables", "_names"):
-            del state[transient]  # arrays of one step, rebuilt on the next
+        for transient in ("_checked", "_pending", "_last_tables", "_names", "_slabs", "_packed"):
+            del state[transient]  # arrays of one step, rebuilt on the next; slabs: the
+            # states that live in them are pickled (and unpickled) as the Updater's own
         # Optimizer.__getstate__ drops param_dict (the Gluon Parameters), so a kvstore server
         # would lose each parameter's name, lr_mult and wd_mult (and with the name the
         # exclusions by name). They travel by index instead; param_dict wins where present.
@@ -284,6 +321,7 @@ class LAMB(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
+        self._slabs, self._packed = _MomentSlabs(), {}
         self._on_server = os.environ.get("DMLC_ROLE") == "server"
 
     # ------------------------------------------------------------------------------ states
@@ -302,7 +340,14 @@ class LAMB(Optimizer):
                 "weights with multi_precision=True" % (self._describe(index),
                                                        self._dtype_name(weight.dtype)))
         self._known.setdefault(weight.context, set()).add(index)
-        state = [self._zeros(weight), self._zeros(weight)]
+        if 0 < weight.size <= _PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
+            # (mxlamb_step, which takes packed moments, is the CPU's operator)
+            packed = self._slabs.allocate(weight, self._slab_elements())
+            self._packed[index] = packed
+            state = list(packed[:2])
+        else:
+            self._packed.pop(index, None)
+            state = [self._zeros(weight), self._zeros(weight)]
         if self._amsgrad:
             state.append(self._zeros(weight))
         if self.use_ema:
@@ -319,6 +364,17 @@ class LAMB(Optimizer):
                       ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
             return (master, self.create_state(index, master))
         return self.create_state(index, weight)
+
+    def _slab_elements(self):
+        """Elements of a new moment slab: the moments of every small parameter in param_dict
+        (the Gluon Trainer's; one slab then holds them all), else _SLAB_ELEMENTS."""
+        wanted = 0
+        for param in self.param_dict.values():
+            shape = getattr(param, "shape", None)
+            if shape is not None and all(shape):
+                size = int(numpy.prod(shape))
+                wanted += 2 * size if size <= _PACKED_MAX_ELEMENTS else 0
+        return wanted or _SLAB_ELEMENTS
 
     @staticmethod
     def _zeros(weight):
@@ -595,11 +651,15 @@ class LAMB(Optimizer):
                 and weights[0].context.device_type == "cpu"):
             # The plain step: both phases in one operator call (back to back in cache; CPU
             # only, the GPU keeps the two phase operators).
+            packed = self._packed_moments(slots)
             inputs = []
             for w, g, s in zip(weights, grads, slots):
-                inputs += [s.master, g, s.mean, s.var]
+                inputs += [s.master, g] if packed else [s.master, g, s.mean, s.var]
                 if attrs["multi_precision"]:
                     inputs.append(w)  # the float16 model weight, rounded from the master
+            if packed:
+                inputs.append(packed[0])
+                attrs["moments_offset"] = packed[1]
             table = ndarray.mxlamb_step(*inputs, **attrs)
             self._keep_table(indices, table, attrs)
             return
@@ -620,6 +680,21 @@ class LAMB(Optimizer):
             for weight, master in zip(weights, masters):
                 ndarray.cast(master, dtype=weight.dtype, out=weight)
         self._keep_table(indices, table, attrs)
+
+    @staticmethod
+    def _packed_moments(slots):
+        """(slab, offset) where the tensors' moments lie side by side in one slab, in the
+        group's order (mxlamb_step's packed layout), else None."""
+        first = slots[0].moments_at
+        if first is None:
+            return None
+        slab, expected = first[0], first[1]
+        for s in slots:
+            at = s.moments_at
+            if at is None or at[0] is not slab or at[1] != expected:
+                return None
+            expected += 2 * at[2]
+        return slab, first[1]
 
     def _keep_table(self, indices, table, attrs):
         """Keeps a group's sums-of-squares table for trust_ratios() (read on request)."""
@@ -772,6 +847,9 @@ class LAMB(Optimizer):
                                                  for a in arrays + (master,)):
             refuse("state is not %s (made with other options?)" % expected)
         named = dict(zip(layout, arrays))
+        packed = self._packed.get(index)
+        moments_at = (packed[2] if packed is not None and packed[0] is named["mean"]
+                      and packed[1] is named["var"] else None)
         for name, array in [("weight32", master)] + list(named.items()):
             if (array.shape != weight.shape or numpy.dtype(array.dtype) != _FLOAT32
                     or array.context != weight.context):
@@ -780,7 +858,7 @@ class LAMB(Optimizer):
                           weight.shape, weight.context))
         return Slots(*(None if array is None else _legacy(array) for array in (
             master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
-            named.get("accum"))))
+            named.get("accum"))), moments_at=moments_at)
 
     def _name_of(self, index):
         name = self.idx2name.get(index)

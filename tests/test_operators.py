@@ -212,6 +212,62 @@ def test_float16_results_are_bit_identical_on_every_isa_level(operators):
             np.testing.assert_array_equal(a, b, err_msg="%s, array %d" % (isa, i))
 
 
+@pytest.mark.parametrize("multi_precision", [False, True])
+def test_packed_moments_are_bit_identical_to_per_tensor_moments(isa, multi_precision):
+    """mxlamb_step with moments_offset: tensor t's mean and var side by side in one array from
+    the offset on, against the same step with m and v per tensor."""
+    sizes = [700000, 1, 4097, 17]
+    n = len(sizes)
+    attrs = dict(ATTRS, num_tensors=n, lrs="0.01,0.02,0.03,0.01", wds="0.02,0,0.02,0",
+                 step_counts="1,2,3,4")
+    if multi_precision:
+        attrs.update(multi_precision=True, weight_dtype=2)
+    results = []
+    for packed in (False, True):
+        weights, grads, means, variances = random_group(sizes, seed=9)
+        lowp = [w.astype(np.float16) for w in weights] if multi_precision else None
+        if multi_precision:
+            grads = [g.astype(np.float16) for g in grads]
+        if not packed:
+            rows = zip(weights, grads, means, variances, *([lowp] if multi_precision else []))
+            table = mx.nd.mxlamb_step(*[x for row in rows for x in row], **attrs)
+        else:
+            offset = 5  # and room to spare after the last var
+            moments = np.zeros(offset + 2 * sum(sizes) + 3, np.float32)
+            at = offset
+            for m, v, size in zip(means, variances, sizes):
+                moments[at:at + size], moments[at + size:at + 2 * size] = m.asnumpy(), v.asnumpy()
+                at += 2 * size
+            moments = mx.nd.array(moments)
+            rows = zip(weights, grads, *([lowp] if multi_precision else []))
+            table = mx.nd.mxlamb_step(*[x for row in rows for x in row], moments,
+                                      moments_offset=offset, **attrs)
+            flat, at = moments.asnumpy(), offset
+            means, variances = [], []
+            for size in sizes:
+                means.append(flat[at:at + size])
+                variances.append(flat[at + size:at + 2 * size])
+                at += 2 * size
+            assert (flat[:offset] == 0).all() and (flat[at:] == 0).all()  # nothing else
+        arrays = [table] + weights + (lowp or [])
+        results.append([a.asnumpy() for a in arrays] + [np.asarray(
+            a.asnumpy() if isinstance(a, mx.nd.NDArray) else a) for a in means + variances])
+    for i, (a, b) in enumerate(zip(*results)):
+        np.testing.assert_array_equal(a, b, err_msg="array %d" % i)
+
+
+def test_packed_moments_are_refused_with_the_reason():
+    w, g = mx.nd.ones((4,)), mx.nd.ones((4,))
+    attrs = dict(num_tensors=1, lrs="0.1", wds="0", step_counts="1")
+    with pytest.raises(mx.base.MXNetError, match="at least 10 elements .moments_offset 2"):
+        mx.nd.mxlamb_step(w, g, mx.nd.zeros((9,)), moments_offset=2, **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="packed moments are float16"):
+        mx.nd.mxlamb_step(w, g, mx.nd.zeros((8,), dtype=np.float16), moments_offset=0,
+                          **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="moments_offset must be an integer >= 0"):
+        mx.nd.mxlamb_step(w, g, mx.nd.zeros((8,)), moments_offset=-1, **attrs).wait_to_read()
+
+
 def test_fused_step_refuses_the_optional_inputs_by_name():
     weights, grads, means, variances = random_group([5], seed=0)
     with pytest.raises(mx.base.MXNetError, match="use_ema is not supported by mxlamb_step"):

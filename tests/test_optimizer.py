@@ -206,3 +206,64 @@ def test_single_ndarray_update_is_the_1x_non_aggregated_call():
     b.update([0], [w2], [g], [b.create_state(0, w2)])
     np.testing.assert_array_equal(w1.asnumpy(), w2.asnumpy())
     assert a._index_update_count == b._index_update_count == {0: 1}
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("slab_elements", [None, 9000])
+def test_packed_moments_are_bit_identical_to_per_tensor_moments(monkeypatch, dtype,
+                                                                 slab_elements):
+    """The moments of small parameters live side by side in a slab and a group whose moments
+    are contiguous there passes the slab once (mxlamb_step's moments_offset). Against the same
+    steps with packing off: every bit equal. fused_step's groups of 3 mix packed, unpacked (the
+    70000-element one) and zero-size tensors; in one slab, the 2nd and 3rd group are packed;
+    with 9000-element slabs the 2nd straddles two slabs and goes per tensor."""
+    shapes = [(7,), (33, 17), (70000,), (0,), (1,), (4097,), (3, 5), (2000,), (18,)]
+    calls = []
+    step_op = mx.nd.mxlamb_step
+
+    def recording_step(*inputs, **attrs):
+        calls.append(("moments_offset" in attrs, attrs["num_tensors"], len(inputs)))
+        return step_op(*inputs, **attrs)
+
+    monkeypatch.setattr(mx.nd, "mxlamb_step", recording_step)
+    if slab_elements is not None:
+        monkeypatch.setattr(mxlamb.lamb, "_SLAB_ELEMENTS", slab_elements)
+    results = []
+    for packing in (True, False):
+        monkeypatch.setattr(mxlamb.lamb, "_PACKED_MAX_ELEMENTS", 1 << 16 if packing else 0)
+        calls.clear()
+        weights, grads = make_problem(shapes, dtype, seed=8, steps=3)
+        opt = mxlamb.LAMB(learning_rate=0.01, wd=0.01, aggregate_num=3,
+                          multi_precision=dtype != "float32")
+        states = run(opt, weights, grads, via="fused_step")  # not the 2.0 Updater's groups
+        results.append([to_f64(w) for w in weights] + [
+            to_f64(a) for i in range(len(shapes)) for a in mx.base._as_list(states[i])
+            if isinstance(a, mx.nd.NDArray)] + [to_f64(a) for i in range(len(shapes))
+                                                 if dtype != "float32"
+                                                 for a in states[i][1]])
+        packed_calls = [c for c in calls if c[0]]
+        if packing:
+            assert packed_calls, calls
+            per_tensor = 3 if dtype != "float32" else 2
+            assert all(inputs == per_tensor * n + 1 for _, n, inputs in packed_calls)
+            assert len(calls) == 3 * 3
+            assert len(packed_calls) == (2 if slab_elements is None else 1) * 3
+        else:
+            assert not packed_calls
+    for i, (a, b) in enumerate(zip(*results)):
+        np.testing.assert_array_equal(a, b, err_msg="array %d" % i)
+
+
+def test_packed_states_are_ordinary_arrays_to_their_users():
+    """States in a slab are views of the parameter's shape: writing one changes only it, and
+    it pickles (Trainer.save_states) as its own values."""
+    opt = mxlamb.LAMB()
+    states = [opt.create_state(i, mx.nd.ones(shape)) for i, shape in enumerate([(5,), (2, 3)])]
+    mean1, var1 = states[1]
+    assert mean1.shape == (2, 3) and var1.shape == (2, 3)
+    var1[:] = 7.0
+    assert to_f64(mean1).sum() == 0 and to_f64(states[0][1]).sum() == 0
+    clone = pickle.loads(pickle.dumps(var1))
+    np.testing.assert_array_equal(clone.asnumpy(), np.full((2, 3), 7.0, np.float32))
+    slab, offset, size = opt._packed[1][2]
+    assert (offset, size) == (10, 6) and to_f64(slab)[16:22].tolist() == [7.0] * 6

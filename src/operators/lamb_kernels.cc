@@ -127,7 +127,7 @@ template <>
 MXLAMB_INLINE void widen_block<half_t>(const half_t* src, float* dst) {
 #if defined(__AVX512F__)
   const __m256i half = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));
-  _mm512_storeu_ps(dst, _mm512_cvtph_ps(half));
+  _mm512_storeu_ps(dst, _mm512_maskz_cvtph_ps(0xffff, half));  // maskz: no undefined input
 #else
   for (int octet = 0; octet < kSumLanes; octet += 8) {
     const __m128i half = _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + octet));
@@ -140,7 +140,7 @@ template <>
 MXLAMB_INLINE void narrow_block<half_t>(const float* src, half_t* dst) {
   constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
 #if defined(__AVX512F__)
-  const __m256i half = _mm512_cvtps_ph(_mm512_loadu_ps(src), kRound);
+  const __m256i half = _mm512_maskz_cvtps_ph(0xffff, _mm512_loadu_ps(src), kRound);
   const __m128i low = canonical_nan(_mm256_castsi256_si128(half));
   const __m128i high = canonical_nan(_mm256_extracti128_si256(half, 1));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(dst), low);

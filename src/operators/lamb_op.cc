@@ -8,6 +8,8 @@
 //       phase 1 and phase 2 in one call (the plain step: none of the optional inputs below),
 //       back to back per batch of tensors that fits in cache; w (the fp32 weight or master
 //       copy), m, v and, under multi_precision, the fp16 model weight w16 updated in place.
+//   mxlamb_step(w_0, g_0, [w16_0], ..., moments, moments_offset=K) -> the same, with every
+//       tensor's m and v packed in one array (see StepLayout).
 //   mxlamb_grad_stats(g_0, ..., g_{P-1}, step_state)
 //       -> grad_sumsq (P,) float64 and control (2,) float64 = [gradient multiplier, apply];
 //          step_state (3,) float64 = [loss scale, clean steps, skipped steps] updated.
@@ -537,46 +539,83 @@ MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
 
 const char* const kStep = "mxlamb_step";
 const char* const kStepSlotNames[] = {"weight", "grad", "mean", "var", "model weight"};
-constexpr int kStepLowp = 4;
+const char* const kPackedSlotNames[] = {"weight", "grad", "model weight"};
+
+// Which inputs mxlamb_step has. Per tensor: w, g, m, v (and w16 under multi_precision); or,
+// with the attribute moments_offset, w, g (and w16) per tensor and one float32 array of
+// packed moments last: tensor t's mean is the n_t elements at offset_t, its var the n_t after
+// them, offset_0 = moments_offset and offset_{t+1} = offset_t + 2 n_t (the layout in which
+// the optimizer allocates the moments of small parameters: one array for the whole group
+// instead of two per tensor, and each array is a cost in every operator call).
+struct StepLayout {
+  int n = 0;
+  int slots = 0;     // inputs per tensor
+  int lowp = -1;     // slot of the fp16/bf16 model weight, or -1
+  bool packed = false;
+  int64_t moments_offset = 0;
+  int total() const { return n * slots + (packed ? 1 : 0); }
+  int moments() const { return n * slots; }  // input position of the packed moments
+};
 
 // The fused step takes none of the optional inputs: refuse their attributes by name.
-bool step_layout(const Attrs& attrs, int* n, int* slots) {
+bool step_layout(const Attrs& attrs, StepLayout* l) {
   for (const char* option : {"amsgrad", "use_ema", "has_stats", "device_counts"}) {
     if (get_bool(attrs, option, false)) {
       return fail(kStep, std::string(option) + " is not supported by " + kStep +
                              "; use mxlamb_phase1 and mxlamb_phase2");
     }
   }
-  if (!get_num_tensors(kStep, attrs, n)) return false;
-  *slots = get_bool(attrs, "multi_precision", false) ? 5 : 4;
+  if (!get_num_tensors(kStep, attrs, &l->n)) return false;
+  const bool mp = get_bool(attrs, "multi_precision", false);
+  l->packed = attrs.find("moments_offset") != attrs.end();
+  if (l->packed) {
+    double offset;
+    if (!get_double(kStep, attrs, "moments_offset", 0.0, &offset) || !(offset >= 0) ||
+        offset != std::floor(offset)) {
+      return fail(kStep, "attribute moments_offset must be an integer >= 0");
+    }
+    l->moments_offset = static_cast<int64_t>(offset);
+  }
+  l->slots = (l->packed ? 2 : 4) + (mp ? 1 : 0);
+  l->lowp = mp ? l->slots - 1 : -1;
   return true;
 }
 
+const char* step_slot_name(const StepLayout& l, int slot) {
+  return l.packed ? kPackedSlotNames[slot == l.lowp ? 2 : slot] : kStepSlotNames[slot];
+}
+
 MXReturnValue step_parse(const Attrs& attrs, int* num_in, int* num_out) {
-  int n, slots;
-  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
-  *num_in = n * slots;
+  StepLayout l;
+  if (!step_layout(attrs, &l)) return MX_FAIL;
+  *num_in = l.total();
   *num_out = 1;
   return MX_SUCCESS;
 }
 
 MXReturnValue step_type(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
-  int n, slots;
-  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
-  for (int i = 0; i < n * slots; ++i) {
-    const int slot = i % slots;
+  StepLayout l;
+  if (!step_layout(attrs, &l)) return MX_FAIL;
+  const bool mp = l.lowp >= 0;
+  for (int i = 0; i < l.n * l.slots; ++i) {
+    const int slot = i % l.slots;
     const int flag = (*in)[i];
-    const bool mp = slots == 5;
-    const bool ok = slot == kStepLowp ? is_low_precision(flag)
+    const bool ok = slot == l.lowp ? is_low_precision(flag)
                     : slot == kGrad && mp ? is_low_precision(flag) || flag == 0
                                           : flag == 0;
     if (!ok) {
-      fail(kStep, tensor_label(i / slots, kStepSlotNames[slot]) + " is " + dtype_name(flag) +
-                      ", expected " + (slot == kStepLowp ? "float16 or bfloat16"
-                                       : slot == kGrad && mp ? "float16, bfloat16 or float32"
-                                                             : "float32"));
+      fail(kStep, tensor_label(i / l.slots, step_slot_name(l, slot)) + " is " +
+                      dtype_name(flag) + ", expected " +
+                      (slot == l.lowp ? "float16 or bfloat16"
+                       : slot == kGrad && mp ? "float16, bfloat16 or float32"
+                                             : "float32"));
       return MX_FAIL;
     }
+  }
+  if (l.packed && (*in)[l.moments()] != 0) {
+    fail(kStep, std::string("the packed moments are ") + dtype_name((*in)[l.moments()]) +
+                    ", expected float32");
+    return MX_FAIL;
   }
   (*out)[0] = static_cast<int>(DType::kFloat64);
   return MX_SUCCESS;
@@ -584,49 +623,85 @@ MXReturnValue step_type(const Attrs& attrs, std::vector<int>* in, std::vector<in
 
 MXReturnValue step_shape(const Attrs& attrs, std::vector<std::vector<unsigned int>>* in,
                          std::vector<std::vector<unsigned int>>* out) {
-  int n, slots;
-  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
-  Layout l;
-  l.n = n;
-  l.slots = slots;
-  if (!check_slot_shapes(kStep, l, kStepSlotNames, *in)) return MX_FAIL;
-  (*out)[0] = {static_cast<unsigned int>(n), 2u};
+  StepLayout l;
+  if (!step_layout(attrs, &l)) return MX_FAIL;
+  for (int t = 0; t < l.n; ++t) {
+    const auto& weight = (*in)[t * l.slots];
+    for (int slot = 1; slot < l.slots; ++slot) {
+      if ((*in)[t * l.slots + slot] != weight) {
+        fail(kStep, tensor_label(t, step_slot_name(l, slot)) + " has another shape than its "
+                    "weight");
+        return MX_FAIL;
+      }
+    }
+  }
+  if (l.packed) {
+    int64_t needed = l.moments_offset;
+    for (int t = 0; t < l.n; ++t) {
+      int64_t size = 1;
+      for (unsigned int d : (*in)[t * l.slots]) size *= d;
+      needed += 2 * size;
+    }
+    const auto& moments = (*in)[l.moments()];
+    int64_t have = 1;
+    for (unsigned int d : moments) have *= d;
+    if (moments.size() != 1 || have < needed) {
+      fail(kStep, "the packed moments must be one-dimensional with at least " +
+                      std::to_string(needed) + " elements (moments_offset " +
+                      std::to_string(l.moments_offset) + " plus mean and var of every tensor), "
+                      "got " + std::to_string(have) + " in " + std::to_string(moments.size()) +
+                      " dimension(s)");
+      return MX_FAIL;
+    }
+  }
+  (*out)[0] = {static_cast<unsigned int>(l.n), 2u};
   return MX_SUCCESS;
 }
 
 MXReturnValue step_mutate(const Attrs& attrs, std::vector<int>* mutated) {
-  int n, slots;
-  if (!step_layout(attrs, &n, &slots)) return MX_FAIL;
-  for (int t = 0; t < n; ++t) {
-    for (int slot = 0; slot < slots; ++slot) {
-      if (slot != kGrad) mutated->push_back(t * slots + slot);
+  StepLayout l;
+  if (!step_layout(attrs, &l)) return MX_FAIL;
+  for (int t = 0; t < l.n; ++t) {
+    for (int slot = 0; slot < l.slots; ++slot) {
+      if (slot != kGrad) mutated->push_back(t * l.slots + slot);
     }
   }
+  if (l.packed) mutated->push_back(l.moments());
   return MX_SUCCESS;
 }
 
 MXReturnValue step_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                            std::vector<MXTensor>* out, const OpResource&) {
-  int n, slots;
+  StepLayout l;
   StepAttrs s;
-  if (!step_layout(attrs, &n, &slots) || !parse_step(kStep, attrs, true, &s)) return MX_FAIL;
+  if (!step_layout(attrs, &l) || !parse_step(kStep, attrs, true, &s)) return MX_FAIL;
+  const int n = l.n;
   double* sumsq = (*out)[0].data<double>();
+  float* packed = l.packed ? (*in)[l.moments()].data<float>() + l.moments_offset : nullptr;
   std::vector<TensorCoeffs> coeffs(n);
   std::vector<Phase1Span> first(n);
   std::vector<Phase2Span> second(n);
   for (int t = 0; t < n; ++t) {
     coeffs[t] = tensor_coeffs(s, t, s.counts[t]);
     coeffs[t].grad_scale = static_cast<float>(s.rescale);
-    MXTensor* x = &(*in)[t * slots];
+    MXTensor* x = &(*in)[t * l.slots];
     float* weight = x[kWeight].data<float>();
-    float* mean = x[kMean].data<float>();
-    float* var = x[kVar].data<float>();
     const int64_t size = x[kWeight].size();
+    float* mean;
+    float* var;
+    if (l.packed) {
+      mean = packed;
+      var = packed + size;
+      packed += 2 * size;
+    } else {
+      mean = x[kMean].data<float>();
+      var = x[kVar].data<float>();
+    }
     first[t] = Phase1Span{weight, x[kGrad].data_ptr, mean, var, nullptr, size, dtype_of(x[kGrad])};
-    second[t] = slots == 5 ? Phase2Span{weight, weight, x[kStepLowp].data_ptr,
-                                        dtype_of(x[kStepLowp]), mean, var, nullptr, size}
-                           : Phase2Span{weight, weight, nullptr, DType::kFloat32, mean, var,
-                                        nullptr, size};
+    second[t] = l.lowp >= 0 ? Phase2Span{weight, weight, x[l.lowp].data_ptr,
+                                         dtype_of(x[l.lowp]), mean, var, nullptr, size}
+                            : Phase2Span{weight, weight, nullptr, DType::kFloat32, mean, var,
+                                         nullptr, size};
   }
   lamb_step_cpu(first, second, s.step, coeffs,
                 [&s](int t, double weight_sumsq, double update_sumsq) {
