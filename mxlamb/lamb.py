@@ -102,7 +102,7 @@ def _legacy(array):
 def _joined(values):
     """An operator's list attribute: one value when all are equal (the operator repeats it)."""
     first = values[0]
-    if all(v == first for v in values):
+    if values.count(first) == len(values):
         return repr(first)
     return ",".join(map(repr, values))
 
@@ -295,6 +295,7 @@ class LAMB(Optimizer):
         self._pending = {}          # context -> {index: item} of a step still being collected
         self._last_tables = {}      # index -> (phase-1 table, row, ratio attributes)
         self._names = {}            # index -> (wd excluded, layer adaptation)
+        self._groups = {}           # indices -> _group_options
         self._checked = {}          # index -> (weight, grad, state, Prepared) as last checked
         self._on_server = False     # unpickled in a kvstore server (see update)
         self._full_sizes = {}       # index -> (name, size), for a kvstore server
@@ -303,7 +304,8 @@ class LAMB(Optimizer):
 
     def __getstate__(self):
         state = super().__getstate__()
-        for transient in ("_checked", "_pending", "_last_tables", "_names", "_slabs", "_packed"):
+        for transient in ("_checked", "_pending", "_last_tables", "_names", "_groups", "_slabs",
+                          "_packed"):
             del state[transient]  # arrays of one step, rebuilt on the next; slabs: the
             # states that live in them are pickled (and unpickled) as the Updater's own
         # Optimizer.__getstate__ drops param_dict (the Gluon Parameters), so a kvstore server
@@ -321,7 +323,7 @@ class LAMB(Optimizer):
     def __setstate__(self, state):
         super().__setstate__(state)
         self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
-        self._slabs, self._packed = _MomentSlabs(), {}
+        self._slabs, self._packed, self._groups = _MomentSlabs(), {}, {}
         self._on_server = os.environ.get("DMLC_ROLE") == "server"
 
     # ------------------------------------------------------------------------------ states
@@ -540,8 +542,14 @@ class LAMB(Optimizer):
         self._update_count(list(indices))
         dtypes = {}
         items = []
+        checked = self._checked
         for index, weight, grad, state in zip(indices, weights, grads, states):
-            prepared = self._checked_state(index, weight, grad, state)
+            cached = checked.get(index)  # _checked_state's cache, looked up inline (per tensor)
+            if (cached is not None and cached[0] is weight and cached[1] is grad
+                    and cached[2] is state):
+                prepared = cached[3]
+            else:
+                prepared = self._checked_state(index, weight, grad, state)
             if prepared.size > 0:
                 items.append((index, prepared.weight, prepared.grad, prepared.slots))
                 dtypes[index] = prepared.dtype
@@ -550,14 +558,23 @@ class LAMB(Optimizer):
             return
         stats = self._gradient_statistics(items, grad_scale) if self._needs_whole_step else None
         # One weight dtype per operator call (the mode and the output type are per call).
-        by_dtype = collections.OrderedDict()
-        for row, item in enumerate(items):
-            by_dtype.setdefault(dtypes[item[0]], []).append((row, item))
+        kinds = set(dtypes.values())
+        if len(kinds) == 1:
+            by_dtype = {kinds.pop(): list(enumerate(items))}
+        else:
+            by_dtype = collections.OrderedDict()
+            for row, item in enumerate(items):
+                by_dtype.setdefault(dtypes[item[0]], []).append((row, item))
         for dtype, members in by_dtype.items():
             for start in range(0, len(members), group_size):
                 self._update_group(members[start:start + group_size], grad_scale, stats, dtype)
+        applied = self._applied_steps
+        if self.gradient_accumulation_steps is None and not self.use_ema:
+            for item in items:
+                applied[item[0]] = applied.get(item[0], 0) + 1
+            return
         for index, weight, _, slots in items:
-            self._applied_steps[index] = self._applied_steps.get(index, 0) + 1
+            applied[index] = applied.get(index, 0) + 1
             if slots.accum is not None:
                 slots.accum[:] = 0
             if (self.use_ema and self.ema_overwrite_frequency is not None
@@ -708,9 +725,10 @@ class LAMB(Optimizer):
     def _attributes(self, indices, dtype, grad_scale, float32_kernels=False):
         multi_precision = (dtype in _LOW_PRECISION and self.multi_precision
                            and not float32_kernels)
-        options = [self._tensor_options(i) for i in indices]
-        wds = [0.0 if excluded else wd
-               for wd, (excluded, _) in zip(self._get_wds(indices), options)]
+        excluded, layer_adaptation = self._group_options(indices)
+        wds = self._get_wds(indices)
+        if excluded:
+            wds = [0.0 if i in excluded else wd for i, wd in enumerate(wds)]
         attrs = {
             "num_tensors": len(indices),
             "multi_precision": multi_precision,
@@ -725,8 +743,8 @@ class LAMB(Optimizer):
             "lrs": _joined(self._get_lrs(indices)),
             "wds": _joined(wds),
         }
-        if not all(adapt for _, adapt in options):
-            attrs["layer_adaptation"] = ",".join("1" if adapt else "0" for _, adapt in options)
+        if layer_adaptation is not None:
+            attrs["layer_adaptation"] = layer_adaptation
         if self._epsilon_hat:
             attrs["epsilon_hat"] = True
         if self._amsgrad:
@@ -737,6 +755,19 @@ class LAMB(Optimizer):
         if multi_precision:
             attrs["weight_dtype"] = 2  # float16
         return attrs
+
+    def _group_options(self, indices):
+        """(rows excluded from weight decay, the layer_adaptation attribute or None when every
+        tensor adapts) of a group, from _tensor_options, cached per group."""
+        key = tuple(indices)
+        options = self._groups.get(key)
+        if options is None:
+            per_tensor = [self._tensor_options(i) for i in indices]
+            excluded = {row for row, (no_wd, _) in enumerate(per_tensor) if no_wd}
+            adapt = [a for _, a in per_tensor]
+            options = self._groups[key] = (excluded, None if all(adapt) else
+                                           ",".join("1" if a else "0" for a in adapt))
+        return options
 
     def _tensor_options(self, index):
         """(excluded from weight decay, layer adaptation) of a parameter, by its name."""
