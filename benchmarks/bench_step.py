@@ -59,10 +59,17 @@ def numpy_lamb(weights, grads, means, variances, t, lr=1e-3, wd=0.01, beta1=0.9,
         w -= (lr * ratio) * u
 
 
-def time_steps(step, steps, warmup=1):
+def time_steps(step, steps, warmup=1, min_seconds=0.5):
+    """Median seconds of ``steps`` timed steps, or of as many more (up to 500) as fill
+    ``min_seconds``: a sub-millisecond step needs hundreds for a stable median."""
     for _ in range(warmup):
         step()
     mx.nd.waitall()
+    start = time.perf_counter()
+    step()
+    mx.nd.waitall()
+    estimate = time.perf_counter() - start
+    steps = max(steps, min(500, int(min_seconds / max(estimate, 1e-6))))
     times = []
     for _ in range(steps):
         mx.nd.waitall()

@@ -172,9 +172,9 @@ def float16_edge_group(seed):
 @pytest.mark.parametrize("operators", ["phases", "fused"])
 def test_float16_results_are_bit_identical_on_every_isa_level(operators):
     """The AVX2 and AVX-512 levels convert float16 with F16C instructions, the baseline with
-    integer code: every bit the same, compared as integers. float16 NaNs are one canonical NaN
-    on every level (sign | 0x7e00); a float32/float64 NaN is compared as NaN, since which of
-    two NaNs an addition keeps depends on how the compiler ordered the operands."""
+    integer code: every bit the same, compared as integers. A float32/float64 NaN is compared
+    as NaN: which of two NaNs an operation keeps (sign and payload) depends on how the compiler
+    ordered the operands, so every float16 NaN is the one NaN 0x7e00 on every level."""
     def bits(array):
         a = array.asnumpy()
         if a.dtype == np.float16:
@@ -206,6 +206,8 @@ def test_float16_results_are_bit_identical_on_every_isa_level(operators):
     assert len(results) >= 1
     half = results[next(iter(results))][-4]
     assert half[0] == 0x7c00 and half[2] == 0xfc00 and half[1] == 0x7bff  # 65520 -> inf
+    nan_halves = np.concatenate([h[(h & 0x7fff) > 0x7c00] for h in results["baseline"][-4:]])
+    assert nan_halves.size >= 6 and (nan_halves == 0x7e00).all()
     baseline = results.pop("baseline")
     for isa, arrays in results.items():
         for i, (a, b) in enumerate(zip(baseline, arrays)):

@@ -95,7 +95,7 @@ MXLAMB_INLINE float phase1_at(int64_t i, float grad, const float* __restrict__ w
 // (checked over all 2^32 floats and 2^16 halves, with and without FTZ/DAZ), except NaNs:
 //  - widening keeps a signalling NaN's payload but sets the quiet bit; the first arithmetic
 //    on the value (the gradient scale) quiets it in the software path too;
-//  - narrowing keeps payload bits, so a NaN is rewritten to precision.h's sign | 0x7e00.
+//  - narrowing keeps sign and payload bits, so a NaN is rewritten to precision.h's 0x7e00.
 template <typename T>
 MXLAMB_INLINE void widen_block(const T* src, float* dst) {
   for (int lane = 0; lane < kSumLanes; ++lane) dst[lane] = to_float(src[lane]);
@@ -115,12 +115,11 @@ static_assert(kSumLanes == 16, "one AVX-512 vector of lanes");
 static_assert(kSumLanes == 16, "two AVX vectors of lanes");
 #endif
 
-// precision.h's NaN for float16: the sign and 0x7e00.
+// precision.h's NaN for float16: 0x7e00, whatever the sign and payload.
 MXLAMB_INLINE __m128i canonical_nan(__m128i half) {
   const __m128i sign_bit = _mm_set1_epi16(static_cast<int16_t>(0x8000));
   const __m128i is_nan = _mm_cmpgt_epi16(_mm_andnot_si128(sign_bit, half), _mm_set1_epi16(0x7c00));
-  const __m128i nan = _mm_or_si128(_mm_and_si128(half, sign_bit), _mm_set1_epi16(0x7e00));
-  return _mm_blendv_epi8(half, nan, is_nan);
+  return _mm_blendv_epi8(half, _mm_set1_epi16(0x7e00), is_nan);
 }
 
 template <>

@@ -82,15 +82,18 @@ MXLAMB_INLINE half_t from_float<half_t>(float x) {
   const uint32_t all = float_bits(x);
   const uint32_t sign = all & 0x80000000u;
   const uint32_t f = all ^ sign;
-  // >= 65536 (or inf/NaN): inf, or a quiet NaN
+  // >= 65536 (or inf/NaN): inf, or the quiet NaN
   const uint32_t special = f > 0x7f800000u ? 0x7e00u : 0x7c00u;
   // < 2^-14: the float addition rounds the subnormal half's mantissa into place
   const uint32_t subnormal = float_bits(bits_float(f) + 0.5f) - (126u << 23);
   // normal: rebias, add half an ulp minus one plus the lowest kept bit, truncate
   const uint32_t normal = (f + (static_cast<uint32_t>(15 - 127) << 23) + 0xfffu + ((f >> 13) & 1u)) >> 13;
   const uint32_t out = f >= 0x47800000u ? special : (f < 0x38800000u ? subnormal : normal);
+  // A NaN becomes the one quiet NaN 0x7e00, sign dropped: which NaN arithmetic produces (its
+  // sign and payload) depends on how the compiler ordered the operands of each level.
+  const uint32_t sign_bit = f > 0x7f800000u ? 0u : sign >> 16;
   half_t h;
-  h.bits = static_cast<uint16_t>(out | (sign >> 16));
+  h.bits = static_cast<uint16_t>(out | sign_bit);
   return h;
 }
 
