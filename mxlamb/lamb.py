@@ -331,7 +331,8 @@ class LAMB(Optimizer):
     def create_state(self, index, weight):
         """Mean and variance (float32, zeros) for ``weight``, then AMSGrad's max of the
         variance, the weight average (a copy of the weight) and the gradient sum, each when
-        its option is on."""
+        its option is on. On the CPU, the mean and variance of a parameter of up to
+        65,536 elements are views into a shared moment slab (see _MomentSlabs)."""
         if weight.stype != "default":
             raise ValueError("LAMB: parameter %s has %s storage; LAMB needs dense weights "
                              "(its trust ratio is a whole-tensor norm)"
