@@ -16,15 +16,21 @@ import numpy
 
 from mxnet import ndarray
 
+from .devices import device_key
 from .lamb import LAMB
 
 __all__ = ["save_states", "load_states"]
 
 _FORMAT = "mxlamb-trainer-states"
-_VERSION = 1
+_VERSION = 2  # 2: counts per device (1: one count per parameter, still read)
 _META = "__mxlamb_meta__"
-# Optimizer counters kept in the file: host dictionaries keyed by parameter index.
-_COUNTERS = ("_index_update_count", "_applied_steps", "_micro_steps", "_count_slots")
+# Optimizer counters kept in the file: per device id, host dictionaries keyed by parameter
+# index (MXNet's own, then LAMB's); and LAMB's slots of its device counts.
+_DEVICE_COUNTERS = ("_all_index_update_counts", "_all_applied_steps", "_all_micro_steps")
+_SLOTS = "_count_slots"
+# Version 1's counters, one per parameter for every device, by the per-device name they fill.
+_V1_COUNTERS = {"_index_update_count": "_all_index_update_counts",
+                "_applied_steps": "_all_applied_steps", "_micro_steps": "_all_micro_steps"}
 
 
 def _trainer_parts(trainer):
@@ -71,17 +77,18 @@ def save_states(trainer, path):
     for k, updater in enumerate(updaters):
         meta["updaters"].append({str(i): _flatten(s, arrays, "u%d/%s" % (k, i))
                                  for i, s in updater.states.items()})
-    for name in _COUNTERS:
-        values = getattr(optimizer, name, None)
-        if values is not None:
-            meta["counters"][name] = {str(i): int(v) for i, v in values.items()}
+    for name in _DEVICE_COUNTERS:
+        per_device = getattr(optimizer, name, None)
+        if per_device is not None:
+            meta["counters"][name] = {str(d): {str(i): int(v) for i, v in values.items()}
+                                      for d, values in per_device.items()}
     if isinstance(optimizer, LAMB):
-        if optimizer._step_state is not None:
-            arrays["opt/step_state"] = optimizer._step_state
-        if optimizer.loss_scaler is not None:
-            arrays["opt/loss_scaler"] = optimizer.loss_scaler.state
+        meta["counters"][_SLOTS] = {str(i): int(v) for i, v in optimizer._count_slots.items()}
         meta["device_counts"] = []
         for k, context in enumerate(trainer._contexts):
+            step_state = optimizer._current_step_state(create=False, context=context)
+            if step_state is not None:
+                arrays["opt/step_state/%d" % k] = step_state
             counts = optimizer._device_counts.get(context)
             if counts is not None:
                 arrays["opt/counts/%d" % k] = counts
@@ -89,6 +96,26 @@ def save_states(trainer, path):
     blob = json.dumps(meta, sort_keys=True).encode()
     arrays[_META] = ndarray.array(numpy.frombuffer(blob, dtype=numpy.uint8), dtype=numpy.uint8)
     ndarray.save(path, arrays)
+
+
+def _restore_counters(optimizer, meta, device_ids):
+    """The file's counters into ``optimizer``: per device (version 2), or one count per
+    parameter that every device of the Trainer continues from (version 1)."""
+    counters = meta["counters"]
+    if meta["version"] == 1:
+        counters = {per_device: {str(d): counters[flat] for d in device_ids}
+                    for flat, per_device in _V1_COUNTERS.items() if flat in counters}
+        counters.update({k: v for k, v in meta["counters"].items() if k == _SLOTS})
+    for name, per_device in counters.items():
+        if name == _SLOTS:
+            if hasattr(optimizer, name):
+                optimizer._count_slots = {int(i): int(v) for i, v in per_device.items()}
+            continue
+        if hasattr(optimizer, name):
+            setattr(optimizer, name, {int(d): {int(i): int(v) for i, v in values.items()}
+                                      for d, values in per_device.items()})
+    optimizer._all_index_update_counts.setdefault(0, {})
+    optimizer._set_current_context(0)
 
 
 def _refuse(path, what):
@@ -107,8 +134,8 @@ def load_states(trainer, path):
         meta = json.loads(arrays.pop(_META).asnumpy().tobytes().decode())
     except ValueError as err:
         _refuse(path, "its metadata is not JSON (%s)" % err)
-    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-        _refuse(path, "format %r version %r, expected %r version %d"
+    if meta.get("format") != _FORMAT or meta.get("version") not in (1, _VERSION):
+        _refuse(path, "format %r version %r, expected %r version 1 or %d"
                 % (meta.get("format"), meta.get("version"), _FORMAT, _VERSION))
     names = [p["name"] for p in meta["params"]]
     ours = [p.name for p in trainer._params]
@@ -150,14 +177,17 @@ def load_states(trainer, path):
         updater.states = states
         updater.states_synced = {i: True for i in states}
     optimizer.num_update = int(meta["num_update"])
-    for name, values in meta["counters"].items():
-        if hasattr(optimizer, name):
-            setattr(optimizer, name, {int(i): int(v) for i, v in values.items()})
+    _restore_counters(optimizer, meta, [c.device_id for c in trainer._contexts])
     if isinstance(optimizer, LAMB):
-        if "opt/step_state" in arrays:
-            optimizer._step_state = arrays["opt/step_state"]
-        if "opt/loss_scaler" in arrays and optimizer.loss_scaler is not None:
-            arrays["opt/loss_scaler"].copyto(optimizer.loss_scaler.state)
+        # Version 1 kept one step state (and loss scale) for all devices.
+        for k, context in enumerate(trainer._contexts):
+            saved = arrays.get("opt/step_state/%d" % k, arrays.get("opt/step_state"))
+            if optimizer.loss_scaler is not None:
+                saved = arrays.get("opt/loss_scaler", saved)
+                if saved is not None:
+                    saved.copyto(optimizer.loss_scaler.state_on(context))
+            elif saved is not None:
+                optimizer._step_states[device_key(context)] = saved.as_in_context(context)
         optimizer._device_counts = {trainer._contexts[k]: arrays["opt/counts/%d" % k]
                                     for k in meta.get("device_counts", [])}
         optimizer._checked = {}

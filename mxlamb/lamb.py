@@ -13,6 +13,7 @@ from mxnet.optimizer import Optimizer
 
 from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
 from .dist import stop_server
+from .devices import in_kvstore_callback, device_key, same_memory
 from .loss_scaler import LossScaler
 
 __all__ = ["LAMB", "TrustRatios"]
@@ -286,26 +287,31 @@ class LAMB(Optimizer):
         self._layer_adaptation = True
         self._epsilon_hat = False
         self._amsgrad = False
-        self._step_state = None     # [loss scale, clean steps, skipped steps] without a scaler
+        self._step_states = {}      # device_key(context) -> [loss scale, clean steps, skipped
+        #                             steps] of that device, without a loss scaler
         self._device_counts = {}    # context -> float64 applied-step counts (by count slot)
         self._count_slots = {}      # index -> slot in those counts
-        self._applied_steps = {}    # index -> applied updates (host count)
-        self._micro_steps = {}      # index -> gradients accumulated since the last update
+        # Host counts per device, as MXNet keeps _index_update_count: with several devices and
+        # update_on_kvstore=False, each device's Updater steps every parameter once per step.
+        self._all_applied_steps = {}  # device_id -> {index: applied updates}
+        self._all_micro_steps = {}    # device_id -> {index: gradients accumulated}
+        self._set_current_context(0)
+        self._callback_error = None   # what a kvstore callback refused (see _fail_in_callback)
         self._known = {}            # context -> indices whose states were made there
         self._pending = {}          # context -> {index: item} of a step still being collected
         self._last_tables = {}      # index -> (phase-1 table, row, ratio attributes)
         self._names = {}            # index -> (wd excluded, layer adaptation)
         self._groups = {}           # indices -> _group_options
-        self._checked = {}          # index -> (weight, grad, state, Prepared) as last checked
+        self._checked = {}          # index -> [(weight, grad, state, Prepared)], one per device
         self._on_server = False     # unpickled in a kvstore server (see update)
         self._full_sizes = {}       # index -> (name, size), for a kvstore server
         self._slabs = _MomentSlabs()
-        self._packed = {}           # index -> (mean, var, (slab, offset, size)) as allocated
+        self._packed = {}           # id(mean) -> (mean, var, (slab, offset, size)) as allocated
 
     def __getstate__(self):
         state = super().__getstate__()
         for transient in ("_checked", "_pending", "_last_tables", "_names", "_groups", "_slabs",
-                          "_packed"):
+                          "_packed", "_callback_error"):
             del state[transient]  # arrays of one step, rebuilt on the next; slabs: the
             # states that live in them are pickled (and unpickled) as the Updater's own
         # Optimizer.__getstate__ drops param_dict (the Gluon Parameters), so a kvstore server
@@ -322,9 +328,26 @@ class LAMB(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._callback_error = None
+        self._upgrade_pickled_counts()
         self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
         self._slabs, self._packed, self._groups = _MomentSlabs(), {}, {}
         self._on_server = os.environ.get("DMLC_ROLE") == "server"
+
+    def _upgrade_pickled_counts(self):
+        """A LAMB pickled by mxlamb 0.2 (Trainer.save_states) kept one count per parameter for
+        all devices: each device continues from it."""
+        fields = self.__dict__
+        if "rescale_grad" in fields:
+            self._rescale_grad = fields.pop("rescale_grad")
+        if "_all_applied_steps" not in fields:
+            applied, micro = fields.pop("_applied_steps", {}), fields.pop("_micro_steps", {})
+            self._all_applied_steps = {d: dict(applied) for d in self._all_index_update_counts}
+            self._all_micro_steps = {d: dict(micro) for d in self._all_index_update_counts}
+        if "_step_states" not in fields:
+            old = fields.pop("_step_state", None)
+            self._step_states = {} if old is None else {device_key(old.context): old}
+        self._set_current_context(0)
 
     # ------------------------------------------------------------------------------ states
 
@@ -346,10 +369,9 @@ class LAMB(Optimizer):
         if 0 < weight.size <= _PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
             # (mxlamb_step, which takes packed moments, is the CPU's operator)
             packed = self._slabs.allocate(weight, self._slab_elements())
-            self._packed[index] = packed
+            self._packed[id(packed[0])] = packed
             state = list(packed[:2])
         else:
-            self._packed.pop(index, None)
             state = [self._zeros(weight), self._zeros(weight)]
         if self._amsgrad:
             state.append(self._zeros(weight))
@@ -362,6 +384,16 @@ class LAMB(Optimizer):
     def create_state_multi_precision(self, index, weight):
         """``(weight32, create_state(index, weight32))`` for a float16/bfloat16 weight under
         multi_precision, else ``create_state(index, weight)``."""
+        try:
+            return self._create_state_multi_precision(index, weight)
+        except Exception as error:  # noqa: BLE001 (re-raised, or raised by the next step)
+            if not in_kvstore_callback():
+                raise
+            # The Updater calls update next, which refuses the call (see _fail_in_callback).
+            self._callback_error = self._callback_error or error
+            return None
+
+    def _create_state_multi_precision(self, index, weight):
         if numpy.dtype(weight.dtype) in _LOW_PRECISION and self.multi_precision:
             master = (weight.astype(numpy.float32) if weight.size else
                       ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
@@ -409,14 +441,67 @@ class LAMB(Optimizer):
         items = list(zip(_as_list(index), _as_list(weight), _as_list(grad), states))
         if self._on_server:
             self._check_on_server(items)
-        if self._needs_whole_step:
-            items = self._collect_step(items)
-            if not items:
-                return
-        (self.fused_step if self.use_fused_step else self.step)(*map(list, zip(*items)))
+        if self._callback_error is not None and in_kvstore_callback():
+            self._fail_in_callback(self._callback_error, items)
+            return
+        try:
+            if self._needs_whole_step:
+                if in_kvstore_callback():
+                    raise ValueError(
+                        "LAMB: %s needs every gradient of a step before the first update, but "
+                        "the kvstore updates each parameter as its gradient arrives and sends it "
+                        "back at once (update_on_kvstore=True); use "
+                        "gluon.Trainer(..., update_on_kvstore=False) (Module API: set "
+                        "MXNET_UPDATE_ON_KVSTORE=0)" % self._whole_step_reason())
+                items = self._collect_step(items)
+                if not items:
+                    return
+            (self.fused_step if self.use_fused_step else self.step)(*map(list, zip(*items)))
+        except Exception as error:  # noqa: BLE001 (re-raised, or raised by the next step)
+            if not in_kvstore_callback():
+                raise
+            self._fail_in_callback(error, items)
 
     # The master copy lives in the state and the operators handle it: no separate path.
     update_multi_precision = update
+
+    def _set_current_context(self, device_id):
+        """Switches every step count to those of ``device_id`` (MXNet's Updater calls this
+        before each update): several devices in one process each count their own steps."""
+        super()._set_current_context(device_id)
+        self._applied_steps = self._all_applied_steps.setdefault(device_id, {})
+        self._micro_steps = self._all_micro_steps.setdefault(device_id, {})
+
+    # ------------------------------------------------------ errors in a kvstore callback
+
+    @property
+    def rescale_grad(self):
+        return self._rescale_grad
+
+    @rescale_grad.setter
+    def rescale_grad(self, value):
+        # gluon.Trainer.step sets rescale_grad before anything else: where an error that a
+        # kvstore callback could not raise in the step before reaches the user.
+        error, self._callback_error = getattr(self, "_callback_error", None), None
+        self._rescale_grad = value
+        if error is not None:
+            raise error
+
+    def _fail_in_callback(self, error, items):
+        """MXNet's kvstore calls the updater from a ctypes callback (update_on_kvstore=True),
+        which prints an exception and drops it: training would go on with weights that never
+        change. Instead nothing of the call is applied, the first error is kept (the next
+        gluon.Trainer.step raises it, and every update until then is refused), and each weight
+        of the call gets an mxlamb_error operator that fails with the message, so the kvstore's
+        pull and whatever reads the weights next raises it (the Module API included)."""
+        if self._callback_error is None:
+            self._callback_error = error
+        message = ("%s: %s [raised in MXNet's kvstore updater: the update was not applied]"
+                   % (type(error).__name__, error))
+        for item in items:
+            weight = _legacy(item[1])
+            if weight.size:
+                ndarray.mxlamb_error(weight, message=message, out=weight)
 
     # ------------------------------------------------------------------------ the user's
 
@@ -540,16 +625,20 @@ class LAMB(Optimizer):
         return "skip_nonfinite"
 
     def _run_step(self, indices, weights, grads, states, group_size):
+        if weights:
+            # Counts are per device (MXNet's Updater switches them too; a direct call may not).
+            self._set_current_context(_legacy(weights[0]).context.device_id)
         self._update_count(list(indices))
         dtypes = {}
         items = []
         checked = self._checked
         for index, weight, grad, state in zip(indices, weights, grads, states):
-            cached = checked.get(index)  # _checked_state's cache, looked up inline (per tensor)
-            if (cached is not None and cached[0] is weight and cached[1] is grad
-                    and cached[2] is state):
-                prepared = cached[3]
-            else:
+            prepared = None
+            for cached in checked.get(index, ()):  # _checked_state's cache, inline (per tensor)
+                if cached[0] is weight and cached[1] is grad and cached[2] is state:
+                    prepared = cached[3]
+                    break
+            if prepared is None:
                 prepared = self._checked_state(index, weight, grad, state)
             if prepared.size > 0:
                 items.append((index, prepared.weight, prepared.grad, prepared.slots))
@@ -569,13 +658,13 @@ class LAMB(Optimizer):
         for dtype, members in by_dtype.items():
             for start in range(0, len(members), group_size):
                 self._update_group(members[start:start + group_size], grad_scale, stats, dtype)
-        applied = self._applied_steps
+        applied, begin = self._applied_steps, self.begin_num_update
         if self.gradient_accumulation_steps is None and not self.use_ema:
             for item in items:
-                applied[item[0]] = applied.get(item[0], 0) + 1
+                applied[item[0]] = applied.get(item[0], begin) + 1
             return
         for index, weight, _, slots in items:
-            applied[index] = applied.get(index, 0) + 1
+            applied[index] = applied.get(index, begin) + 1
             if slots.accum is not None:
                 slots.accum[:] = 0
             if (self.use_ema and self.ema_overwrite_frequency is not None
@@ -612,11 +701,20 @@ class LAMB(Optimizer):
         return ndarray.mxlamb_grad_stats(*grads, state, **attrs)
 
     def _current_step_state(self, create, context=None):
+        """[loss scale, clean steps, skipped steps] of ``context``'s device (each device that
+        steps keeps its own, so that several devices do not count one step twice); without a
+        context, the first device's (all devices see the same gradients and agree)."""
         if self.loss_scaler is not None:
-            return self.loss_scaler.state
-        if self._step_state is None and create:
-            self._step_state = ndarray.array([1.0, 0.0, 0.0], ctx=context, dtype=numpy.float64)
-        return self._step_state
+            return (self.loss_scaler.state if context is None
+                    else self.loss_scaler.state_on(context))
+        if context is None:
+            return next(iter(self._step_states.values()), None)
+        memory = device_key(context)
+        state = self._step_states.get(memory)
+        if state is None and create:
+            state = self._step_states[memory] = ndarray.array([1.0, 0.0, 0.0], ctx=context,
+                                                              dtype=numpy.float64)
+        return state
 
     def _counts_for(self, indices, context):
         """The device step counts of ``context`` and the slots of ``indices`` in them."""
@@ -625,7 +723,9 @@ class LAMB(Optimizer):
         counts = self._device_counts.get(context)
         needed = len(self._count_slots)
         if counts is None or counts.shape[0] < needed:
-            grown = ndarray.zeros((max(16, 2 * needed),), ctx=context, dtype=numpy.float64)
+            # A count starts at begin_num_update, as MXNet's _index_update_count does.
+            grown = ndarray.full((max(16, 2 * needed),), self.begin_num_update, ctx=context,
+                                 dtype=numpy.float64)
             if counts is not None:
                 grown[:counts.shape[0]] = counts
             counts = self._device_counts[context] = grown
@@ -664,7 +764,9 @@ class LAMB(Optimizer):
             extra1.append(counts)
             extra2.append(counts)
         else:
-            attrs["step_counts"] = _joined([self._applied_steps.get(i, 0) + 1 for i in indices])
+            begin = self.begin_num_update
+            attrs["step_counts"] = _joined([self._applied_steps.get(i, begin) + 1
+                                            for i in indices])
         if (stats is None and not (self._may_skip or self._amsgrad or self.use_ema or bfloat16)
                 and weights[0].context.device_type == "cpu"):
             # The plain step: both phases in one operator call (back to back in cache; CPU
@@ -791,17 +893,30 @@ class LAMB(Optimizer):
         """(model weight, Slots) of every parameter with an average, or of ``params``."""
         if not self.use_ema:
             raise ValueError("LAMB: weight averages need use_ema=True")
-        if params is None:
-            return [(cached[0], cached[3].slots) for cached in self._checked.values()]
         if hasattr(params, "values"):
             params = list(params.values())
-        wanted = {id(p) for p in params}
+        wanted = None if params is None else {id(p) for p in params}
         targets = []
-        for index, cached in self._checked.items():
+        for index, entries in self._checked.items():
             param = self.param_dict.get(index)
-            if param is not None and id(param) in wanted:
-                targets.append((cached[0], cached[3].slots))
+            if not entries or (wanted is not None and id(param) not in wanted):
+                continue
+            targets += [(cached[0], cached[3].slots) for cached in entries]
+            # With update_on_kvstore=True the weight stepped is the kvstore's copy: the model's
+            # arrays on each device get the average as well.
+            stepped = {id(cached[0]) for cached in entries}
+            for data in self._model_arrays(param):
+                if id(data) not in stepped:
+                    targets.append((data, entries[0][3].slots))
         return targets
+
+    @staticmethod
+    def _model_arrays(param):
+        """The arrays of a Gluon Parameter on each of its devices (none if it has none)."""
+        try:
+            return list(param.list_data()) if param is not None else []
+        except Exception:  # noqa: BLE001 (not initialised: nothing of it was stepped)
+            return []
 
     @staticmethod
     def _cast_into(source, target):
@@ -826,14 +941,18 @@ class LAMB(Optimizer):
         Trainer and Updater pass the same array objects every step: a parameter whose weight,
         gradient and state are the very objects checked before is not checked again (the
         cache keeps them alive, so an identity cannot be reused by a new array)."""
-        cached = self._checked.get(index)
-        if (cached is not None and cached[0] is weight and cached[1] is grad
-                and cached[2] is state):
-            return cached[3]
+        entries = self._checked.setdefault(index, [])
+        for cached in entries:
+            if cached[0] is weight and cached[1] is grad and cached[2] is state:
+                return cached[3]
         result = Prepared(_legacy(weight), _legacy(grad),
                           self._check_state(index, weight, grad, state),
                           numpy.dtype(weight.dtype), weight.size)
-        self._checked[index] = (weight, grad, state, result)
+        # One entry per device (several devices update the same index, each its own copy);
+        # an entry of the same device is an older array of this parameter.
+        memory = device_key(weight.context)
+        entries[:] = [c for c in entries if device_key(c[0].context) != memory]
+        entries.append((weight, grad, state, result))
         return result
 
     def _state_layout(self):
@@ -864,7 +983,7 @@ class LAMB(Optimizer):
         if numpy.dtype(grad.dtype) != dtype:
             refuse("gradient is %s, weight is %s"
                    % (self._dtype_name(grad.dtype), self._dtype_name(dtype)))
-        if grad.context != weight.context:
+        if not same_memory(grad.context, weight.context):
             refuse("gradient is on %s, weight on %s" % (grad.context, weight.context))
         layout = self._state_layout()
         expected = "(%s)" % ", ".join(layout)
@@ -879,12 +998,12 @@ class LAMB(Optimizer):
                                                  for a in arrays + (master,)):
             refuse("state is not %s (made with other options?)" % expected)
         named = dict(zip(layout, arrays))
-        packed = self._packed.get(index)
+        packed = self._packed.get(id(named["mean"]))
         moments_at = (packed[2] if packed is not None and packed[0] is named["mean"]
                       and packed[1] is named["var"] else None)
         for name, array in [("weight32", master)] + list(named.items()):
             if (array.shape != weight.shape or numpy.dtype(array.dtype) != _FLOAT32
-                    or array.context != weight.context):
+                    or not same_memory(array.context, weight.context)):
                 refuse("state %s is %s %s on %s, expected float32 %s on %s"
                        % (name, self._dtype_name(array.dtype), array.shape, array.context,
                           weight.shape, weight.context))

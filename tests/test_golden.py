@@ -330,8 +330,8 @@ GOLDEN = {
     "adamw-amsgrad-step": ("f062320b41880120", "00e37c13cfb003c8", "75c1e662dd67088d"),
     "adamw-amsgrad-fp16-mp-fused": ("c864fb371a277163", "cea59bea0158b189", "75c1e662dd67088d"),
     "adamw-amsgrad-fp16-mp-step": ("c864fb371a277163", "cea59bea0158b189", "75c1e662dd67088d"),
-    "trainer-fp32-skip-ema-accum": ("22e1591b4c5b9530", "9aa8642ef501fb37", "b8ccc53139e4ac0a"),
-    "trainer-fp16-mp-loss_scaler": ("91728a5dc6934bcf", "8da7ef7e74c14cb9", "9b71bca7e878cb08"),
+    "trainer-fp32-skip-ema-accum": ("22e1591b4c5b9530", "6ac7e6da056f76a4", "b8ccc53139e4ac0a"),
+    "trainer-fp16-mp-loss_scaler": ("91728a5dc6934bcf", "b073ddcb8825b4a2", "9b71bca7e878cb08"),
 }
 
 

@@ -265,5 +265,5 @@ def test_packed_states_are_ordinary_arrays_to_their_users():
     assert to_f64(mean1).sum() == 0 and to_f64(states[0][1]).sum() == 0
     clone = pickle.loads(pickle.dumps(var1))
     np.testing.assert_array_equal(clone.asnumpy(), np.full((2, 3), 7.0, np.float32))
-    slab, offset, size = opt._packed[1][2]
+    slab, offset, size = opt._packed[id(mean1)][2]
     assert (offset, size) == (10, 6) and to_f64(slab)[16:22].tolist() == [7.0] * 6

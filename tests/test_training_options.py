@@ -24,11 +24,14 @@ def problem(seed=0, steps=4, scale=1.0, shapes=SHAPES):
     return weights, grads
 
 
-def run_updater(opt, weights, grads, dtype="float32", mixed=False):
+def run_updater(opt, weights, grads, dtype="float32", mixed=False, arrays_out=None):
     """Steps through mx.optimizer.get_updater (list calls, as Trainer makes them). ``mixed``
-    makes every other parameter float32 (the Updater then calls once per dtype)."""
+    makes every other parameter float32 (the Updater then calls once per dtype). The weight
+    arrays stepped are appended to ``arrays_out`` if given."""
     dtypes = [("float32" if mixed and i % 2 else dtype) for i in range(len(weights))]
     arrays = [mx_array(w, d) for w, d in zip(weights, dtypes)]
+    if arrays_out is not None:
+        arrays_out += arrays
     updater = mx.optimizer.get_updater(opt)
     for step in grads:
         updater(list(range(len(arrays))), [mx_array(g, d) for g, d in zip(step, dtypes)], arrays)
@@ -192,14 +195,14 @@ def test_accumulation_with_fp16_multi_precision_and_global_clip():
 def test_ema_follows_the_formula_and_finalize_copies_it():
     weights, grads = problem(steps=5)
     opt = mxlamb.LAMB(learning_rate=LR, wd=WD, use_ema=True, ema_momentum=0.8, aggregate_num=2)
-    actual, updater = run_updater(opt, weights, grads)
+    weights_now = []
+    actual, updater = run_updater(opt, weights, grads, arrays_out=weights_now)
     ref = ReferenceStep(ReferenceLAMB(), ema_momentum=0.8)
     assert_close(actual, run_ref(ref, weights, grads))
     for k in range(len(weights)):
         mean, var, average = updater.states[k]
         np.testing.assert_allclose(to_f64(average), ref.average[k], rtol=RTOL, atol=ATOL)
     opt.finalize_variable_values()
-    weights_now = [opt._checked[k][0] for k in range(len(weights))]
     for k, w in enumerate(weights_now):
         np.testing.assert_allclose(to_f64(w), ref.average[k], rtol=RTOL, atol=ATOL)
 

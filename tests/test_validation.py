@@ -27,7 +27,6 @@ def bad_cases():
     yield "float64", mx.nd.ones((4,), dtype="float64"), mx.nd.ones((4,), dtype="float64")
     yield "int32", mx.nd.ones((4,), dtype="int32"), mx.nd.ones((4,), dtype="int32")
     yield "row_sparse", w(), mx.nd.ones((4,)).tostype("row_sparse")
-    yield "on cpu\\(1\\)", w(), mx.nd.ones((4,), ctx=mx.cpu(1))
 
 
 @pytest.mark.parametrize("case", list(bad_cases()), ids=lambda c: c[0])

@@ -975,6 +975,36 @@ MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
 }
 #endif  // MXLAMB_WITH_CUDA
 
+
+// mxlamb_error(x, message=...) -> out: fails when the engine runs it, with ``message``. MXNet
+// swallows a Python exception raised inside a kvstore updater callback; the optimizer then
+// writes this operator's failure into the weight it could not update (out=weight), so the
+// kvstore's pull and everything that reads the weight raise the message: training stops where
+// the user reads a value, and no step goes on with weights that silently never change.
+MXReturnValue error_parse(const Attrs& attrs, int* num_in, int* num_out) {
+  *num_in = 1;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue error_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  (*out)[0] = (*in)[0];
+  return MX_SUCCESS;
+}
+
+MXReturnValue error_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                          std::vector<std::vector<unsigned int>>* out) {
+  (*out)[0] = (*in)[0];
+  return MX_SUCCESS;
+}
+
+MXReturnValue error_forward(const Attrs& attrs, std::vector<MXTensor>*, std::vector<MXTensor>*,
+                            const OpResource&) {
+  auto it = attrs.find("message");
+  MX_ERROR_MSG << (it == attrs.end() ? std::string("mxlamb: the optimizer failed") : it->second);
+  return MX_FAIL;
+}
+
 }  // namespace
 }  // namespace mxlamb
 
@@ -1017,6 +1047,15 @@ REGISTER_OP(mxlamb_trust_ratio)
     .setInferType(mxlamb::trust_ratio_type)
     .setInferShape(mxlamb::trust_ratio_shape)
     .setForward(mxlamb::trust_ratio_forward, "cpu");
+
+REGISTER_OP(mxlamb_error)
+    .setParseAttrs(mxlamb::error_parse)
+    .setInferType(mxlamb::error_type)
+    .setInferShape(mxlamb::error_shape)
+#ifdef MXLAMB_WITH_CUDA
+    .setForward(mxlamb::error_forward, "gpu")
+#endif
+    .setForward(mxlamb::error_forward, "cpu");
 
 // Called by mx.library.load: refuse an MXNet other than the one this library was built for
 // (the Python loader checks first and raises an ImportError that says what to run).
