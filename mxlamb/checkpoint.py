@@ -115,7 +115,10 @@ def _restore_counters(optimizer, meta, device_ids):
             setattr(optimizer, name, {int(d): {int(i): int(v) for i, v in values.items()}
                                       for d, values in per_device.items()})
     optimizer._all_index_update_counts.setdefault(0, {})
-    optimizer._set_current_context(0)
+    if isinstance(optimizer, LAMB):
+        optimizer._use_device_counts(0)  # (the Updater switches to each device again)
+    else:
+        optimizer._index_update_count = optimizer._all_index_update_counts[0]
 
 
 def _refuse(path, what):

@@ -31,6 +31,10 @@ _EXTRA_OPTIONS = ("global_clipnorm", "clipnorm", "use_ema", "ema_momentum",
                   "loss_scaler", "skip_nonfinite", "exclude_from_weight_decay",
                   "exclude_from_layer_adaptation")
 
+# MXNet's own switch of _index_update_count to a device (renamed in 2.0).
+_MXNET_SET_DEVICE = (getattr(Optimizer, "_set_current_device", None)
+                     or Optimizer._set_current_context)
+
 TrustRatios = collections.namedtuple("TrustRatios", ["keys", "values"])
 TrustRatios.__doc__ = """Per-parameter trust ratios of the last step: ``keys`` (parameter
 names, or indices where no name is known) and ``values`` (a float64 NDArray in that order;
@@ -295,7 +299,7 @@ class LAMB(Optimizer):
         # update_on_kvstore=False, each device's Updater steps every parameter once per step.
         self._all_applied_steps = {}  # device_id -> {index: applied updates}
         self._all_micro_steps = {}    # device_id -> {index: gradients accumulated}
-        self._set_current_context(0)
+        self._use_device_counts(0)
         self._callback_error = None   # what a kvstore callback refused (see _fail_in_callback)
         self._known = {}            # context -> indices whose states were made there
         self._pending = {}          # context -> {index: item} of a step still being collected
@@ -347,7 +351,7 @@ class LAMB(Optimizer):
         if "_step_states" not in fields:
             old = fields.pop("_step_state", None)
             self._step_states = {} if old is None else {device_key(old.context): old}
-        self._set_current_context(0)
+        self._use_device_counts(0)
 
     # ------------------------------------------------------------------------------ states
 
@@ -465,12 +469,18 @@ class LAMB(Optimizer):
     # The master copy lives in the state and the operators handle it: no separate path.
     update_multi_precision = update
 
-    def _set_current_context(self, device_id):
-        """Switches every step count to those of ``device_id`` (MXNet's Updater calls this
-        before each update): several devices in one process each count their own steps."""
-        super()._set_current_context(device_id)
+    def _use_device_counts(self, device_id):
+        """Switches every step count to those of ``device_id`` (MXNet's Updater does before
+        each update): several devices in one process each count their own steps."""
+        _MXNET_SET_DEVICE(self, device_id)
         self._applied_steps = self._all_applied_steps.setdefault(device_id, {})
         self._micro_steps = self._all_micro_steps.setdefault(device_id, {})
+
+    # The name MXNet's Updater calls (2.0 renamed it, and warns on the old one).
+    if hasattr(Optimizer, "_set_current_device"):
+        _set_current_device = _use_device_counts
+    else:
+        _set_current_context = _use_device_counts
 
     # ------------------------------------------------------ errors in a kvstore callback
 
@@ -627,7 +637,7 @@ class LAMB(Optimizer):
     def _run_step(self, indices, weights, grads, states, group_size):
         if weights:
             # Counts are per device (MXNet's Updater switches them too; a direct call may not).
-            self._set_current_context(_legacy(weights[0]).context.device_id)
+            self._use_device_counts(_legacy(weights[0]).context.device_id)
         self._update_count(list(indices))
         dtypes = {}
         items = []
