@@ -139,8 +139,8 @@ def moments(state, multi_precision):
 
 # MXNet's LAMB against mxlamb after STEPS steps (MXNet's own test tolerances for float32 and
 # float16: its norms are serial float32 sums, its float16 model weights round from its master;
-# its float64 update takes beta1, beta2, lr and the bounds as float32 parameters: 1 - 0.999f
-# is 1.3e-5 relative off; mxlamb's float64 is within 1e-12 of the reference, above).
+# its float64 update takes its hyper-parameters as float32 (1 - 0.999f is 1.3e-5 relative
+# off) and keeps u in a float32 buffer; mxlamb's float64 is within 1e-12 of the reference).
 BUILTIN_TOLERANCE = {"float32": (1e-4, 1e-5), "float64": (5e-5, 1e-7), "float16": (1e-3, 1e-3)}
 
 
