@@ -378,6 +378,10 @@ class LAMB(Optimizer):
         self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
         self._slabs, self._packed, self._groups = _MomentSlabs(), {}, {}
         self._on_server = os.environ.get("DMLC_ROLE") == "server"
+        if self.aggregate_num in (numpy.inf, sys.maxsize):
+            # A float inf comes back from the pickle as another object than numpy.inf, which
+            # MXNet 2.0's Updater tests by identity; and this MXNet may not be the pickler's.
+            self.aggregate_num = _WHOLE_STEP
 
     # ------------------------------------------------------------------------------ states
 

@@ -9,6 +9,7 @@ clip_gradient, rescale_grad 0), sampled so that every pair of values of two opti
 least once. Each combination runs a few steps through MXNet's Updater (what Trainer and Module
 use) against the float64 reference and against MXNet's own LAMB."""
 import itertools
+import pickle
 import random
 import warnings
 
@@ -234,6 +235,16 @@ def test_aggregate_num_as_each_updater_sends_it(monkeypatch):
     assert mxlamb.LAMB(aggregate_num=None).aggregate_num == 1  # as MXNet 2.0's Optimizer
     assert mxlamb.LAMB(aggregate_num=np.inf).aggregate_num is (
         np.inf if MXNET2 else mxlamb.lamb.sys.maxsize)
+
+
+def test_whole_step_aggregation_survives_a_pickle():
+    """numpy.inf comes back from a pickle as another float object, and MXNet 2.0's Updater
+    tests `aggregate_num is not numpy.inf` (a kvstore server, Updater.set_states)."""
+    clone = pickle.loads(pickle.dumps(mxlamb.LAMB(aggregate_num=np.inf)))
+    assert clone.aggregate_num is mxlamb.LAMB(aggregate_num=np.inf).aggregate_num
+    weights = [mx.nd.ones((3,)) for _ in range(3)]
+    mx.optimizer.get_updater(clone)([0, 1, 2], [w.copy() for w in weights], weights)
+    assert clone.num_update == 1
 
 
 # ------------------------------------------------------- MXNet's readings of other arguments
