@@ -1,9 +1,9 @@
 // Storage types and their conversion to the "math type" (CPU side).
 //
 // The update of float32, float16 and bfloat16 weights is computed in float (half-precision
-// types are storage only, with a float32 master copy); float64 weights are computed in double. Rounding
-// float -> half/bfloat16 is round-to-nearest-even, identical on every ISA level, so results do
-// not depend on which code path ran.
+// types are storage only, with a float32 master copy); float64 weights are computed in
+// double. Rounding float -> half/bfloat16 is round-to-nearest-even, identical on every ISA
+// level, so results do not depend on which code path ran.
 #ifndef MXLAMB_PRECISION_H_
 #define MXLAMB_PRECISION_H_
 
