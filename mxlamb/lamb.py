@@ -4,6 +4,8 @@ import contextlib
 import numbers
 import os
 import re
+import sys
+import warnings
 
 import numpy
 
@@ -11,6 +13,7 @@ from mxnet import ndarray
 from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 from mxnet.optimizer import Optimizer
 
+from ._library import mxnet_version_number
 from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
 from .dist import stop_server
 from .devices import in_kvstore_callback, device_key, same_memory
@@ -21,6 +24,11 @@ __all__ = ["LAMB", "TrustRatios"]
 _BFLOAT16 = numpy.dtype(_DTYPE_MX_TO_NP[12])
 _LOW_PRECISION = (numpy.dtype(numpy.float16), _BFLOAT16)
 _FLOAT32 = numpy.dtype(numpy.float32)
+_FLOAT64 = numpy.dtype(numpy.float64)
+# What aggregate_num=numpy.inf (the whole step in one call) is kept as: MXNet 2.0's Updater
+# sends the whole step in one call for numpy.inf itself (it tests `is not numpy.inf`); 1.x's
+# Updater slices the step by aggregate_num, which must then be an integer.
+_WHOLE_STEP = numpy.inf if mxnet_version_number() >= 20000 else sys.maxsize
 
 # Keyword arguments of mxnet.optimizer.Optimizer that LAMB passes on.
 _OPTIMIZER_KWARGS = ("rescale_grad", "param_idx2name", "wd", "clip_gradient", "lr_scheduler",
@@ -74,6 +82,32 @@ def _positive_or_none(name, value):
     return None if value is None else _number(name, value, low=0.0, low_open=True)
 
 
+def _bound_or_none(name, value):
+    """A trust-ratio bound: None, or a number >= 0 where 0 means no bound (as in MXNet, which
+    passes a bound to its kernels only when it is truthy)."""
+    return None if value is None else _number(name, value, low=0.0)
+
+
+def _aggregate_num(value):
+    """aggregate_num as MXNet 2.0 reads it, as kept in ``self.aggregate_num``: None (kept as 1,
+    as MXNet 2.0's Optimizer does) and 0 are no aggregation, one tensor per call; numpy.inf
+    (any +inf) is the whole step in one call (_WHOLE_STEP); other positive integers are
+    tensors per call. A negative, NaN, a bool, a fraction or a non-number is a ValueError."""
+    if value is None:
+        return 1
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == numpy.inf:
+        return _WHOLE_STEP
+    raise ValueError("LAMB: aggregate_num must be an integer >= 0, None (no aggregation) or "
+                     "numpy.inf (the whole step in one call), got %r" % (value,))
+
+
+def _warn_trap(message):
+    # A plain UserWarning from one place: Python's default filter shows it once per process.
+    warnings.warn(message, UserWarning, stacklevel=3)
+
+
 def _count_or_none(name, value):
     if value is None:
         return None
@@ -119,7 +153,7 @@ def _as_list(x):
 # Moment slabs. Every array an operator call takes costs about a microsecond in MXNet (engine
 # dependencies, shapes, the copies of the argument lists), more than the update itself of a
 # 768-element bias. The moments of parameters up to _PACKED_MAX_ELEMENTS elements are
-# therefore allocated side by side in one float32 array per context (mean, then var, in the
+# therefore allocated side by side in one array per context and dtype (mean, then var, in the
 # order their states are made), and a group whose moments lie side by side in one slab passes
 # that slab once instead of two arrays per tensor. The states are views into the slab: the
 # user, the Updater and checkpoints see ordinary arrays of the parameter's shape.
@@ -128,19 +162,21 @@ _SLAB_ELEMENTS = 1 << 22  # 16 MiB, where param_dict does not tell what the smal
 
 
 class _MomentSlabs:
-    """Allocates packed (mean, var) pairs of small parameters, per context."""
+    """Allocates packed (mean, var) pairs of small parameters, per context and moment dtype
+    (float32, or float64 for float64 weights)."""
 
     def __init__(self):
-        self._open = {}  # context -> [slab, elements used]
+        self._open = {}  # (context, dtype) -> [slab, elements used]
 
     def allocate(self, weight, wanted):
-        """Zeroed (mean, var, (slab, offset, size)) views for ``weight``; a new slab holds
-        at least ``wanted`` elements."""
+        """Zeroed (mean, var, (slab, offset, size)) views for ``weight`` (of the moments'
+        dtype); a new slab holds at least ``wanted`` elements."""
         size = weight.size
-        entry = self._open.get(weight.context)
+        key = (weight.context, numpy.dtype(weight.dtype))
+        entry = self._open.get(key)
         if entry is None or entry[1] + 2 * size > entry[0].shape[0]:
-            slab = ndarray.zeros((max(2 * size, wanted),), weight.context, dtype=numpy.float32)
-            entry = self._open[weight.context] = [slab, 0]
+            slab = ndarray.zeros((max(2 * size, wanted),), weight.context, dtype=key[1])
+            entry = self._open[key] = [slab, 0]
         slab, offset = entry
         entry[1] += 2 * size
         mean = slab[offset:offset + size].reshape(weight.shape)
@@ -177,17 +213,23 @@ class LAMB(Optimizer):
     beta2 : float, default 0.999
         Exponential decay rate of the second moment, in [0, 1).
     epsilon : float, default 1e-6
-        Added to ``sqrt(v_hat)`` (outside the root); must be > 0.
+        Added to ``sqrt(v_hat)`` (outside the root); >= 0. ``epsilon=0`` is accepted with
+        MXNet's meaning and warned about: where a gradient element has been 0 at every step so
+        far, ``m = v = 0`` and ``u = 0 / 0`` is NaN, so ``||u||`` and that whole tensor become
+        NaN (in MXNet's LAMB too).
     lower_bound : float or None, default None
-        Lower clamp of ``||w||`` in the trust ratio (> 0), or None for none.
+        Lower clamp of ``||w||`` in the trust ratio (>= 0); None or 0 for none (as in MXNet).
     upper_bound : float or None, default None
-        Upper clamp of ``||w||`` in the trust ratio (> 0, >= lower_bound), or None for none.
+        Upper clamp of ``||w||`` in the trust ratio (>= 0, >= lower_bound); None or 0 for none.
     bias_correction : bool, default True
         Divide the moments by ``1 - beta**t``.
-    aggregate_num : int, default 4
-        Tensors per multi-tensor operator call in ``fused_step`` (any positive number).
+    aggregate_num : int, None or numpy.inf, default 4
+        Tensors per multi-tensor operator call in ``fused_step``, as MXNet 2.0 reads it: any
+        positive integer; None or 0 for one tensor per call; ``numpy.inf`` for the whole step
+        in one call (kept as ``sys.maxsize`` on MXNet 1.x, whose Updater slices by it).
     use_fused_step : bool, default True
-        Whether MXNet 1.x's ``update`` calls go to ``fused_step`` (else ``step``).
+        Whether ``update`` (MXNet's Updater, Trainer) calls go to ``fused_step`` (else
+        ``step``).
     global_clipnorm : float or None
         Scale all gradients of the step by ``min(1, global_clipnorm / ||all gradients||)``
         (after rescale_grad and loss unscaling), computed on the device.
@@ -216,10 +258,16 @@ class LAMB(Optimizer):
         use ``['bias', 'gamma', 'beta', 'LayerNorm']``.
     **kwargs
         The usual :class:`mxnet.optimizer.Optimizer` arguments: ``wd`` (>= 0, part of ``u``
-        and so scaled by the trust ratio, as in MXNet), ``rescale_grad``, ``clip_gradient``
-        (None or > 0), ``lr_scheduler``, ``multi_precision`` (float16 and bfloat16 weights
-        keep a float32 master copy and float32 moments; required for them),
-        ``param_idx2name``, ``begin_num_update``, ``sym``, ``param_dict``.
+        and so scaled by the trust ratio, as in MXNet), ``rescale_grad`` (>= 0),
+        ``clip_gradient`` (None, or a bound as MXNet's LAMB kernels read it: a negative one
+        does not clip, and neither does 0, since MXNet's LAMB passes clip_gradient only when
+        it is truthy; 0 is warned about, as it reads like "clip everything to 0"),
+        ``lr_scheduler``, ``multi_precision`` (float16 and bfloat16 weights keep a float32
+        master copy and float32 moments; required for them), ``param_idx2name``,
+        ``begin_num_update``, ``sym``, ``param_dict``.
+
+    Weights are float32, float64 (computed in float64 throughout: moments, raw update and
+    norms; no master copy), or float16/bfloat16 with ``multi_precision=True``.
 
     References
     ----------
@@ -245,19 +293,19 @@ class LAMB(Optimizer):
             learning_rate = _number("learning_rate", learning_rate, low=0.0)
         self.beta1 = _number("beta1", beta1, 0.0, 1.0, high_open=True)
         self.beta2 = _number("beta2", beta2, 0.0, 1.0, high_open=True)
-        self.epsilon = _number("epsilon", epsilon, low=0.0, low_open=True)
-        self.lower_bound = _positive_or_none("lower_bound", lower_bound)
-        self.upper_bound = _positive_or_none("upper_bound", upper_bound)
-        if (self.lower_bound is not None and self.upper_bound is not None
-                and self.lower_bound > self.upper_bound):
+        self.epsilon = _number("epsilon", epsilon, low=0.0)
+        if self.epsilon == 0:
+            _warn_trap("LAMB: epsilon=0 (accepted, as in MXNet): a gradient element that has "
+                       "been 0 at every step gives u = 0/0 = NaN, and its whole tensor becomes "
+                       "NaN; a small positive epsilon (the default 1e-6) avoids it")
+        self.lower_bound = _bound_or_none("lower_bound", lower_bound)
+        self.upper_bound = _bound_or_none("upper_bound", upper_bound)
+        if self.lower_bound and self.upper_bound and self.lower_bound > self.upper_bound:
             raise ValueError("LAMB: lower_bound=%r is greater than upper_bound=%r"
                              % (lower_bound, upper_bound))
         self.bias_correction = _flag("bias_correction", bias_correction)
-        if (not isinstance(aggregate_num, numbers.Integral) or isinstance(aggregate_num, bool)
-                or aggregate_num < 1):
-            raise ValueError("LAMB: aggregate_num must be an integer >= 1, got %r"
-                             % (aggregate_num,))
-        self.use_fused_step = _flag("use_fused_step", use_fused_step)
+        aggregate_num = _aggregate_num(aggregate_num)
+        use_fused_step = _flag("use_fused_step", use_fused_step)
         self.global_clipnorm = _positive_or_none("global_clipnorm", global_clipnorm)
         self.clipnorm = _positive_or_none("clipnorm", clipnorm)
         self.use_ema = _flag("use_ema", use_ema)
@@ -279,14 +327,19 @@ class LAMB(Optimizer):
         if "wd" in kwargs:
             _number("wd", kwargs["wd"], low=0.0)
         if "rescale_grad" in kwargs:
-            _number("rescale_grad", kwargs["rescale_grad"], low=0.0, low_open=True)
+            _number("rescale_grad", kwargs["rescale_grad"], low=0.0)
         if kwargs.get("clip_gradient") is not None:
-            _number("clip_gradient", kwargs["clip_gradient"], low=0.0, low_open=True)
+            if _number("clip_gradient", kwargs["clip_gradient"]) == 0:
+                _warn_trap("LAMB: clip_gradient=0 does not clip, as in MXNet's LAMB (which "
+                           "passes clip_gradient to its kernels only when it is truthy); give "
+                           "None for no clipping, or a positive bound")
         if "multi_precision" in kwargs:
             _flag("multi_precision", kwargs["multi_precision"])
         super().__init__(learning_rate=learning_rate, **kwargs)
-        # Set after Optimizer.__init__, which resets it to 0.
-        self.aggregate_num = int(aggregate_num)
+        # Set after Optimizer.__init__, which resets both (1.x: aggregate_num 0; 2.0:
+        # aggregate_num 1 and use_fused_step False, since they are not passed on to it).
+        self.aggregate_num = aggregate_num
+        self.use_fused_step = use_fused_step
         # What subclasses change (AdamW): trust ratio on, MXNet's epsilon, no AMSGrad.
         self._layer_adaptation = True
         self._epsilon_hat = False
@@ -337,6 +390,10 @@ class LAMB(Optimizer):
         self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
         self._slabs, self._packed, self._groups = _MomentSlabs(), {}, {}
         self._on_server = os.environ.get("DMLC_ROLE") == "server"
+        if self.aggregate_num in (numpy.inf, sys.maxsize):
+            # A float inf comes back from the pickle as another object than numpy.inf, which
+            # MXNet 2.0's Updater tests by identity; and this MXNet may not be the pickler's.
+            self.aggregate_num = _WHOLE_STEP
 
     def _upgrade_pickled_counts(self):
         """A LAMB pickled by mxlamb 0.2 (Trainer.save_states) kept one count per parameter for
@@ -356,19 +413,20 @@ class LAMB(Optimizer):
     # ------------------------------------------------------------------------------ states
 
     def create_state(self, index, weight):
-        """Mean and variance (float32, zeros) for ``weight``, then AMSGrad's max of the
-        variance, the weight average (a copy of the weight) and the gradient sum, each when
-        its option is on. On the CPU, the mean and variance of a parameter of up to
-        65,536 elements are views into a shared moment slab (see _MomentSlabs)."""
+        """Mean and variance (zeros, of the weight's dtype: float32 or float64) for
+        ``weight``, then AMSGrad's max of the variance, the weight average (a copy of the
+        weight) and the gradient sum, each when its option is on. On the CPU, the mean and
+        variance of a parameter of up to 65,536 elements are views into a shared moment slab
+        (see _MomentSlabs)."""
         if weight.stype != "default":
             raise ValueError("LAMB: parameter %s has %s storage; LAMB needs dense weights "
                              "(its trust ratio is a whole-tensor norm)"
                              % (self._describe(index), weight.stype))
-        if numpy.dtype(weight.dtype) != _FLOAT32:
+        if numpy.dtype(weight.dtype) not in (_FLOAT32, _FLOAT64):
             raise ValueError(
-                "LAMB: parameter %s is %s; LAMB updates float32 weights, and float16/bfloat16 "
-                "weights with multi_precision=True" % (self._describe(index),
-                                                       self._dtype_name(weight.dtype)))
+                "LAMB: parameter %s is %s; LAMB updates float32 and float64 weights, and "
+                "float16/bfloat16 weights with multi_precision=True"
+                % (self._describe(index), self._dtype_name(weight.dtype)))
         self._known.setdefault(weight.context, set()).add(index)
         if 0 < weight.size <= _PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
             # (mxlamb_step, which takes packed moments, is the CPU's operator)
@@ -417,10 +475,11 @@ class LAMB(Optimizer):
 
     @staticmethod
     def _zeros(weight):
+        """Zeros of the weight's shape and dtype (float32 or float64: the math type)."""
         # MXNet 1.x cannot run any operator (zeros included) on a zero-size array.
         if weight.size == 0:
-            return ndarray.empty(weight.shape, weight.context, dtype=numpy.float32)
-        return ndarray.zeros(weight.shape, weight.context, dtype=numpy.float32)
+            return ndarray.empty(weight.shape, weight.context, dtype=weight.dtype)
+        return ndarray.zeros(weight.shape, weight.context, dtype=weight.dtype)
 
     # ------------------------------------------------------------------------- 2.0 API
 
@@ -429,8 +488,10 @@ class LAMB(Optimizer):
         self._run_step(indices, weights, grads, states, group_size=1)
 
     def fused_step(self, indices, weights, grads, states):
-        """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call."""
-        self._run_step(indices, weights, grads, states, group_size=self.aggregate_num)
+        """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call (one
+        for 0, all of them for numpy.inf)."""
+        group_size = max(1, min(self.aggregate_num, len(indices)))
+        self._run_step(indices, weights, grads, states, group_size=int(group_size))
 
     # ------------------------------------------------------------------------- 1.x API
 
@@ -692,7 +753,7 @@ class LAMB(Optimizer):
         ready = []
         for index, weight, grad, slots in items:
             accum = slots.accum
-            accum += grad.astype(numpy.float32, copy=False) * scale
+            accum += grad.astype(accum.dtype, copy=False) * scale
             self._micro_steps[index] = self._micro_steps.get(index, 0) + 1
             if self._micro_steps[index] == steps:
                 self._micro_steps[index] = 0
@@ -850,9 +911,10 @@ class LAMB(Optimizer):
             "epsilon": self.epsilon,
             "bias_correction": self.bias_correction,
             "rescale_grad": grad_scale,
-            "clip_gradient": -1.0 if self.clip_gradient is None else self.clip_gradient,
-            "lower_bound": -1.0 if self.lower_bound is None else self.lower_bound,
-            "upper_bound": -1.0 if self.upper_bound is None else self.upper_bound,
+            # None or 0 (MXNet's "not given") is -1; a negative clip_gradient does not clip.
+            "clip_gradient": self.clip_gradient or -1.0,
+            "lower_bound": self.lower_bound or -1.0,
+            "upper_bound": self.upper_bound or -1.0,
             "lrs": _joined(self._get_lrs(indices)),
             "wds": _joined(wds),
         }
@@ -981,9 +1043,10 @@ class LAMB(Optimizer):
 
         dtype = numpy.dtype(weight.dtype)
         multi_precision = self._is_multi_precision(weight)
-        if dtype != _FLOAT32 and not multi_precision:
-            refuse("weight is %s; LAMB updates float32 weights, and float16/bfloat16 weights "
-                   "with multi_precision=True" % self._dtype_name(dtype))
+        if dtype not in (_FLOAT32, _FLOAT64) and not multi_precision:
+            refuse("weight is %s; LAMB updates float32 and float64 weights, and "
+                   "float16/bfloat16 weights with multi_precision=True" % self._dtype_name(dtype))
+        math_dtype = _FLOAT64 if dtype == _FLOAT64 else _FLOAT32  # of master copy and states
         if grad.stype != "default" or weight.stype != "default":
             refuse("%s storage; LAMB needs dense weights and gradients (the trust ratio is a "
                    "whole-tensor norm, and densifying a sparse gradient would decay rows it "
@@ -1012,11 +1075,11 @@ class LAMB(Optimizer):
         moments_at = (packed[2] if packed is not None and packed[0] is named["mean"]
                       and packed[1] is named["var"] else None)
         for name, array in [("weight32", master)] + list(named.items()):
-            if (array.shape != weight.shape or numpy.dtype(array.dtype) != _FLOAT32
+            if (array.shape != weight.shape or numpy.dtype(array.dtype) != math_dtype
                     or not same_memory(array.context, weight.context)):
-                refuse("state %s is %s %s on %s, expected float32 %s on %s"
+                refuse("state %s is %s %s on %s, expected %s %s on %s"
                        % (name, self._dtype_name(array.dtype), array.shape, array.context,
-                          weight.shape, weight.context))
+                          math_dtype.name, weight.shape, weight.context))
         return Slots(*(None if array is None else _legacy(array) for array in (
             master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
             named.get("accum"))), moments_at=moments_at)

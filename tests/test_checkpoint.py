@@ -15,38 +15,51 @@ OPTIONS = {"learning_rate": 0.01, "wd": 0.01, "global_clipnorm": 1.0, "use_ema":
 pytestmark = mxnet1_only
 
 
-def train(net, trainer, x, y, start, stop):
+def train(net, trainer, x, y, start, stop, dtype="float32"):
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     for step in range(start, stop):
         lo = (step * 64) % len(x)
         with autograd.record():
-            loss = loss_fn(net(mx.nd.array(x[lo:lo + 64])), mx.nd.array(y[lo:lo + 64]))
+            loss = loss_fn(net(mx.nd.array(x[lo:lo + 64], dtype=dtype)),
+                           mx.nd.array(y[lo:lo + 64], dtype=dtype))
         loss.backward()
         trainer.step(64)
 
 
-def test_round_trip_mid_run_continues_bit_identically(tmp_path):
-    x, y = rings_data()
-    straight = make_net()
-    train(straight, gluon.Trainer(straight.collect_params(), "lamb", OPTIONS), x, y, 0, 9)
+def make_typed_net(dtype, seed=0):
+    net = make_net(seed=seed)
+    net.cast(dtype)
+    return net
 
-    first = make_net()
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_round_trip_mid_run_continues_bit_identically(tmp_path, dtype):
+    x, y = rings_data()
+    straight = make_typed_net(dtype)
+    train(straight, gluon.Trainer(straight.collect_params(), "lamb", OPTIONS), x, y, 0, 9, dtype)
+
+    first = make_typed_net(dtype)
     trainer = gluon.Trainer(first.collect_params(), "lamb", OPTIONS)
-    train(first, trainer, x, y, 0, 5)  # mid-accumulation: one gradient is pending in the sums
+    train(first, trainer, x, y, 0, 5, dtype)  # mid-accumulation: a gradient is in the sums
     first.save_parameters(str(tmp_path / "net.params"))
     mxlamb.save_states(trainer, str(tmp_path / "trainer.states"))
     # The file is an mx.nd.save file of arrays only: loadable without unpickling anything.
     loaded = mx.nd.load(str(tmp_path / "trainer.states"))
     assert all(isinstance(v, mx.nd.NDArray) for v in loaded.values())
 
-    resumed = make_net(seed=1)
+    if dtype == "float64":  # moments, average and gradient sums are float64 in the file
+        assert {v.dtype for k, v in loaded.items() if k.startswith("u")} == {np.float64}, \
+            {k: v.dtype for k, v in loaded.items()}
+
+    resumed = make_typed_net(dtype, seed=1)
     resumed.load_parameters(str(tmp_path / "net.params"))
     trainer = gluon.Trainer(resumed.collect_params(), "lamb", OPTIONS)
     mxlamb.load_states(trainer, str(tmp_path / "trainer.states"))
     assert trainer._optimizer.num_update == 5
-    train(resumed, trainer, x, y, 5, 9)
+    train(resumed, trainer, x, y, 5, 9, dtype)
     for (name, a), b in zip(straight.collect_params().items(),
                             resumed.collect_params().values()):
+        assert a.data().dtype == np.dtype(dtype)
         np.testing.assert_array_equal(a.data().asnumpy(), b.data().asnumpy(), err_msg=name)
 
 
