@@ -19,7 +19,7 @@ import pytest
 
 import mxlamb
 from conftest import BUILTIN_LAMB, MXNET2, TOLERANCE, mx_array, state_tolerance, to_f64
-from reference import ReferenceLAMB
+from reference import ReferenceLAMB, ReferenceStep
 
 SHAPES = [(3, 4, 5), (10, 4), (7,), (1024, 1)]  # test_lamb's, and one of test_multilamb's
 STEPS = 3
@@ -261,7 +261,11 @@ def four_steps(opt, seed=7, shapes=((20, 5), (9,)), zero_rows=False, sym=False):
     return [w.asnumpy() for w in weights]
 
 
-TABLE = {  # the rows of issue 17's table (begin_num_update aside) and MXNet's Optimizer kwargs
+TABLE = {  # the rows of issue 17's table and MXNet's Optimizer kwargs
+    "begin_num_update 100": dict(begin_num_update=100),
+    "begin_num_update 3, MultiFactorScheduler": dict(
+        begin_num_update=3,
+        lr_scheduler=mx.lr_scheduler.MultiFactorScheduler(step=[4, 6], factor=0.5)),
     "bounds 0": dict(lower_bound=0, upper_bound=0),
     "clip_gradient -1": dict(clip_gradient=-1.0),
     "clip_gradient 0": dict(clip_gradient=0),
@@ -278,7 +282,10 @@ TABLE = {  # the rows of issue 17's table (begin_num_update aside) and MXNet's O
 def test_arguments_mean_what_they_mean_in_mxnet(case):
     def make(cls):
         options = dict(TABLE[case])
-        if "lr_scheduler" in options:  # one scheduler each: it keeps state
+        if "begin_num_update" in options and "lr_scheduler" in options:
+            options["lr_scheduler"] = mx.lr_scheduler.MultiFactorScheduler(
+                step=[4, 6], factor=0.5, base_lr=0.05)
+        elif "lr_scheduler" in options:  # one scheduler each: it keeps state
             options["lr_scheduler"] = mx.lr_scheduler.FactorScheduler(step=2, factor=0.5,
                                                                       base_lr=0.05)
         opt = cls(**options)
@@ -312,3 +319,32 @@ def test_other_mxnet_values_are_accepted_silently(kwargs):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         mxlamb.LAMB(**kwargs)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(use_fused_step=False),
+                                     dict(skip_nonfinite=True), dict(gradient_accumulation_steps=2),
+                                     dict(global_clipnorm=0.5)], ids=str)
+def test_begin_num_update_continues_every_step_count(options):
+    """Bias correction continues from begin_num_update (t = begin + 1 at the first applied
+    update) on every path: host counts, device counts (skip_nonfinite: a skipped step does
+    not count), accumulation (t counts updates, not micro-steps)."""
+    begin, shapes = 20, ((20, 5), (9,))
+    weights, grads = problem("float32", 11, shapes=shapes, steps=6)
+    if "skip_nonfinite" in options:
+        grads[2][1][0] = np.inf
+    opt = mxlamb.LAMB(learning_rate=0.05, wd=0.01, begin_num_update=begin, **options)
+    ours, _ = run_updater(opt, weights, grads)
+    inner = ReferenceLAMB()
+    ref = ReferenceStep(inner, global_clipnorm=options.get("global_clipnorm"),
+                        skip_nonfinite="skip_nonfinite" in options)
+    for k, w in enumerate(weights):
+        ref.init(k, to_f64(w))
+        inner.t[k] = begin
+    every = options.get("gradient_accumulation_steps", 1)
+    for start in range(0, len(grads), every):
+        chunk = grads[start:start + every]
+        ref.step({k: sum(to_f64(step[k]) for step in chunk) / every for k in range(len(shapes))},
+                 0.05, 0.01)
+    assert inner.t[0] == begin + (6 // every) - ("skip_nonfinite" in options)
+    for k, w in enumerate(ours):
+        np.testing.assert_allclose(to_f64(w), inner.weight[k], rtol=2e-5, atol=2e-6)
