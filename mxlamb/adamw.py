@@ -1,5 +1,8 @@
 """AdamW (Keras semantics) on mxlamb's LAMB operators with the trust ratio off."""
-from .lamb import LAMB, _number
+import dataclasses
+
+from .lamb import LAMB
+from .options import flag, number
 
 __all__ = ["AdamW"]
 
@@ -42,15 +45,14 @@ class AdamW(LAMB):
             raise ValueError("AdamW: give weight_decay or wd, not both (got %r and %r)"
                              % (weight_decay, kwargs["wd"]))
         wd = kwargs.pop("wd", weight_decay)
-        wd = _number("weight_decay", wd, low=0.0)
-        if not isinstance(amsgrad, bool):
-            raise ValueError("AdamW: amsgrad must be True or False, got %r" % (amsgrad,))
+        wd = number("weight_decay", wd, low=0.0)
+        amsgrad = flag("amsgrad", amsgrad, owner="AdamW")
         super().__init__(learning_rate=learning_rate, beta1=beta1, beta2=beta2,
                          epsilon=epsilon, wd=wd, **kwargs)
-        self._layer_adaptation = False
-        self._epsilon_hat = True
-        self._amsgrad = amsgrad
+        # AdamW is LAMB without the trust ratio, with Keras' epsilon and AMSGrad's option.
+        self.options = dataclasses.replace(self.options, layer_adaptation=False,
+                                           epsilon_hat=True, amsgrad=amsgrad)
 
     @property
     def amsgrad(self):
-        return self._amsgrad
+        return self.options.amsgrad

@@ -24,9 +24,9 @@ __all__ = ["save_states", "load_states"]
 _FORMAT = "mxlamb-trainer-states"
 _VERSION = 2  # 2: counts per device (1: one count per parameter, still read)
 _META = "__mxlamb_meta__"
-# Optimizer counters kept in the file: per device id, host dictionaries keyed by parameter
-# index (MXNet's own, then LAMB's); and LAMB's slots of its device counts.
-_DEVICE_COUNTERS = ("_all_index_update_counts", "_all_applied_steps", "_all_micro_steps")
+# Optimizer counters kept in the file, under these names: per device id, host dictionaries
+# keyed by parameter index (MXNet's own _all_index_update_counts, then LAMB's applied and
+# accumulated steps, from its StepCounters.state_dict()); and LAMB's slots of its device counts.
 _SLOTS = "_count_slots"
 # Version 1's counters, one per parameter for every device, by the per-device name they fill.
 _V1_COUNTERS = {"_index_update_count": "_all_index_update_counts",
@@ -77,19 +77,22 @@ def save_states(trainer, path):
     for k, updater in enumerate(updaters):
         meta["updaters"].append({str(i): _flatten(s, arrays, "u%d/%s" % (k, i))
                                  for i, s in updater.states.items()})
-    for name in _DEVICE_COUNTERS:
-        per_device = getattr(optimizer, name, None)
-        if per_device is not None:
-            meta["counters"][name] = {str(d): {str(i): int(v) for i, v in values.items()}
-                                      for d, values in per_device.items()}
+    per_device = {"_all_index_update_counts": optimizer._all_index_update_counts}
     if isinstance(optimizer, LAMB):
-        meta["counters"][_SLOTS] = {str(i): int(v) for i, v in optimizer._count_slots.items()}
+        counters = optimizer.counters.state_dict()
+        per_device.update({"_all_applied_steps": counters["applied"],
+                           "_all_micro_steps": counters["micro"]})
+        meta["counters"][_SLOTS] = {str(i): int(v) for i, v in counters["count_slots"].items()}
+    for name, values_by_device in per_device.items():
+        meta["counters"][name] = {str(d): {str(i): int(v) for i, v in values.items()}
+                                  for d, values in values_by_device.items()}
+    if isinstance(optimizer, LAMB):
         meta["device_counts"] = []
         for k, context in enumerate(trainer._contexts):
-            step_state = optimizer._current_step_state(create=False, context=context)
+            step_state = optimizer.counters.step_state(optimizer.options.loss_scaler, context)
             if step_state is not None:
                 arrays["opt/step_state/%d" % k] = step_state
-            counts = optimizer._device_counts.get(context)
+            counts = optimizer.counters.device_counts.get(context)
             if counts is not None:
                 arrays["opt/counts/%d" % k] = counts
                 meta["device_counts"].append(k)
@@ -106,16 +109,15 @@ def _restore_counters(optimizer, meta, device_ids):
         counters = {per_device: {str(d): counters[flat] for d in device_ids}
                     for flat, per_device in _V1_COUNTERS.items() if flat in counters}
         counters.update({k: v for k, v in meta["counters"].items() if k == _SLOTS})
-    for name, per_device in counters.items():
-        if name == _SLOTS:
-            if hasattr(optimizer, name):
-                optimizer._count_slots = {int(i): int(v) for i, v in per_device.items()}
-            continue
-        if hasattr(optimizer, name):
-            setattr(optimizer, name, {int(d): {int(i): int(v) for i, v in values.items()}
-                                      for d, values in per_device.items()})
+    if "_all_index_update_counts" in counters:
+        optimizer._all_index_update_counts = {
+            int(d): {int(i): int(v) for i, v in values.items()}
+            for d, values in counters["_all_index_update_counts"].items()}
     optimizer._all_index_update_counts.setdefault(0, {})
     if isinstance(optimizer, LAMB):
+        optimizer.counters.load_state_dict({"applied": counters.get("_all_applied_steps", {}),
+                                            "micro": counters.get("_all_micro_steps", {}),
+                                            "count_slots": counters.get(_SLOTS, {})})
         optimizer._use_device_counts(0)  # (the Updater switches to each device again)
     else:
         optimizer._index_update_count = optimizer._all_index_update_counts[0]
@@ -185,13 +187,13 @@ def load_states(trainer, path):
         # Version 1 kept one step state (and loss scale) for all devices.
         for k, context in enumerate(trainer._contexts):
             saved = arrays.get("opt/step_state/%d" % k, arrays.get("opt/step_state"))
-            if optimizer.loss_scaler is not None:
+            if optimizer.options.loss_scaler is not None:
                 saved = arrays.get("opt/loss_scaler", saved)
                 if saved is not None:
                     saved.copyto(optimizer.loss_scaler.state_on(context))
             elif saved is not None:
-                optimizer._step_states[device_key(context)] = saved.as_in_context(context)
-        optimizer._device_counts = {trainer._contexts[k]: arrays["opt/counts/%d" % k]
-                                    for k in meta.get("device_counts", [])}
-        optimizer._checked = {}
-        optimizer._known = {c: set(s) for c, s in zip(trainer._contexts, restored)}
+                optimizer.counters.step_states[device_key(context)] = saved.as_in_context(context)
+        optimizer.counters.device_counts = {trainer._contexts[k]: arrays["opt/counts/%d" % k]
+                                            for k in meta.get("device_counts", [])}
+        optimizer.param_states.checked = {}
+        optimizer.collector.known = {c: set(s) for c, s in zip(trainer._contexts, restored)}

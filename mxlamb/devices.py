@@ -1,9 +1,9 @@
 """Where arrays live, and who calls the optimizer: the rules several devices in one process
 need (cpu, cpu_pinned and cpu_shared are one memory; MXNet's kvstore calls the updater from a
-ctypes callback)."""
+ctypes callback, which drops exceptions)."""
 import sys
 
-__all__ = ["device_key", "same_memory", "in_kvstore_callback"]
+__all__ = ["device_key", "same_memory", "in_kvstore_callback", "fail_in_callback"]
 
 
 def device_key(context):
@@ -32,3 +32,23 @@ def in_kvstore_callback():
             return True
         frame = frame.f_back
     return False
+
+
+def fail_in_callback(error, items):
+    """MXNet's kvstore calls the updater from a ctypes callback (update_on_kvstore=True),
+    which prints an exception and drops it: training would go on with weights that never
+    change. The optimizer applies nothing of the call and keeps the error for the next
+    gluon.Trainer.step (see LAMB.rescale_grad); here each weight of the call gets an
+    mxlamb_error operator that fails with the message, so the kvstore's pull and whatever
+    reads the weights next raises it (the Module API included). ``items`` are (index, weight,
+    grad, state)."""
+    from mxnet import ndarray
+
+    from .state import legacy  # (state imports this module)
+
+    message = ("%s: %s [raised in MXNet's kvstore updater: the update was not applied]"
+               % (type(error).__name__, error))
+    for item in items:
+        weight = legacy(item[1])
+        if weight.size:
+            ndarray.mxlamb_error(weight, message=message, out=weight)

@@ -37,7 +37,7 @@ import sys
 import time
 import traceback
 
-__all__ = ["launch", "prepare", "serve", "node_environment", "stop_server"]
+__all__ = ["launch", "prepare", "serve", "node_environment", "stop_server", "check_on_server"]
 
 # Larger than any parameter (MXNet reads it as a 32-bit int): no array is sliced across servers.
 _NO_SLICING = str(2 ** 31 - 1)
@@ -233,3 +233,35 @@ def main(argv=None):
         parser.error("give the worker command after --")
     return launch(command, workers=args.workers, servers=args.servers, port=args.port,
                   timeout=args.timeout)
+
+
+def check_on_server(optimizer, items):
+    """A kvstore server (update_on_kvstore=True) sees one key at a time, and with two or
+    more servers possibly a slice of it. MXNet's server swallows an exception from the
+    updater and keeps wrong weights, so a step that would be wrong stops the server."""
+    options = optimizer.options
+    if options.needs_whole_step:
+        stop_server("LAMB: %s needs every gradient of a step, but a kvstore server sees "
+                    "only its own keys, one at a time; use update_on_kvstore=False"
+                    % options.whole_step_reason)
+    if not options.layer_adaptation:
+        return  # elementwise: a slice updates like the whole
+    servers = int(os.environ.get("DMLC_NUM_SERVER", "1"))
+    bound = int(os.environ.get("MXNET_KVSTORE_BIGARRAY_BOUND", "1000000"))
+    for index, weight, _, _ in items:
+        name, size = optimizer._full_sizes.get(index, (optimizer._name_of(index), None))
+        if size is not None:
+            if weight.size != size:
+                stop_server("LAMB: this kvstore server holds %d of the %d elements of "
+                            "parameter %r (MXNet slices arrays of at least "
+                            "MXNET_KVSTORE_BIGARRAY_BOUND elements across servers), and "
+                            "its trust ratio needs the whole tensor; set "
+                            "MXNET_KVSTORE_BIGARRAY_BOUND above %d on the workers, or run "
+                            "one server (mxlamb.launch does the first)"
+                            % (weight.size, size, name, size))
+        elif servers > 1 and weight.size >= bound // servers:
+            stop_server("LAMB: parameter %r (%d elements on this server) may be a slice of "
+                        "a bigger array (MXNET_KVSTORE_BIGARRAY_BOUND=%d, %d servers) and "
+                        "its size is unknown here (no Gluon Trainer gave it); set "
+                        "MXNET_KVSTORE_BIGARRAY_BOUND above every parameter's size, or run "
+                        "one server" % (name, weight.size, bound, servers))

@@ -1,5 +1,4 @@
 """Dynamic loss scaling for float16 training, on the device (no host synchronisation)."""
-import numbers
 
 import numpy
 
@@ -7,6 +6,7 @@ from mxnet import context as _context
 from mxnet import ndarray
 
 from .devices import device_key
+from .options import count_or_none, number
 
 __all__ = ["LossScaler"]
 
@@ -34,16 +34,11 @@ class LossScaler:
     """
 
     def __init__(self, init_scale=2.0 ** 15, growth_interval=2000, ctx=None):
-        ok = (isinstance(init_scale, numbers.Real) and not isinstance(init_scale, bool)
-              and numpy.isfinite(init_scale) and init_scale >= 1)
-        if not ok:
-            raise ValueError("LossScaler: init_scale must be a finite number >= 1, got %r"
-                             % (init_scale,))
-        if (not isinstance(growth_interval, numbers.Integral) or isinstance(growth_interval, bool)
-                or growth_interval < 1):
-            raise ValueError("LossScaler: growth_interval must be an integer >= 1, got %r"
-                             % (growth_interval,))
-        self.growth_interval = int(growth_interval)
+        init_scale = number("init_scale", init_scale, low=1.0, owner="LossScaler")
+        if growth_interval is None:
+            raise ValueError("LossScaler: growth_interval must be an integer >= 1, got None")
+        self.growth_interval = count_or_none("growth_interval", growth_interval,
+                                             owner="LossScaler")
         ctx = ctx or _context.current_context()
         self._initial = ndarray.array([float(init_scale), 0.0, 0.0], ctx=ctx, dtype=numpy.float64)
         self._states = {}  # device_key(context) -> that device's state

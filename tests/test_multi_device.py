@@ -384,5 +384,5 @@ def test_resumed_run_on_two_devices_equals_the_straight_run(how):
     for name, copies in straight.items():
         for a, b in zip(copies, got[name]):
             np.testing.assert_array_equal(a, b, err_msg=name)
-    assert resumed.optimizer._all_applied_steps.keys() == {0, 1}
+    assert resumed.optimizer.counters.all_applied.keys() == {0, 1}
 

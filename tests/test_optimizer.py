@@ -231,10 +231,10 @@ def test_packed_moments_are_bit_identical_to_per_tensor_moments(monkeypatch, dty
 
     monkeypatch.setattr(mx.nd, "mxlamb_step", recording_step)
     if slab_elements is not None:
-        monkeypatch.setattr(mxlamb.lamb, "_SLAB_ELEMENTS", slab_elements)
+        monkeypatch.setattr(mxlamb.state, "SLAB_ELEMENTS", slab_elements)
     results = []
     for packing in (True, False):
-        monkeypatch.setattr(mxlamb.lamb, "_PACKED_MAX_ELEMENTS", 1 << 16 if packing else 0)
+        monkeypatch.setattr(mxlamb.state, "PACKED_MAX_ELEMENTS", 1 << 16 if packing else 0)
         calls.clear()
         weights, grads = make_problem(shapes, dtype, seed=8, steps=3)
         opt = mxlamb.LAMB(learning_rate=0.01, wd=0.01, aggregate_num=3,
@@ -269,5 +269,5 @@ def test_packed_states_are_ordinary_arrays_to_their_users():
     assert to_f64(mean1).sum() == 0 and to_f64(states[0][1]).sum() == 0
     clone = pickle.loads(pickle.dumps(var1))
     np.testing.assert_array_equal(clone.asnumpy(), np.full((2, 3), 7.0, np.float32))
-    slab, offset, size = opt._packed[id(mean1)][2]
+    slab, offset, size = opt.param_states.packed[id(mean1)][2]
     assert (offset, size) == (10, 6) and to_f64(slab)[16:22].tolist() == [7.0] * 6
