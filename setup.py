@@ -73,14 +73,15 @@ ISA_FLAGS = {
 
 PORTABLE_SOURCES = ["lamb_op.cc", "lamb_cpu.cc", "runtime.cc", "portability.cc"]
 
-# Portability: libstdc++, libgcc and libgomp stay shared with MXNet (one C++ and one
-# OpenMP runtime in the process), and the library asks them and glibc for nothing newer than
-# libmxnet.so does (GLIBC_2.14, GLIBCXX_3.4.19, CXXABI_1.3.7, GOMP_1.0). portability.h pins the
-# math functions' glibc versions; portability.cc defines the newer runtime functions that GCC's
-# headers call from older ones (compiled once, with the ISA-independent sources); the pre-GCC-5 std::string ABI and no sized delete keep the
-# rest old. None of this changes the arithmetic: the kernels' object code is identical.
+# Portability: libstdc++, libgcc and libgomp stay shared with MXNet (one C++ and one OpenMP
+# runtime in the process), and the library asks them and glibc for nothing newer than
+# libmxnet.so does (GLIBC_2.14, GLIBCXX_3.4.19, CXXABI_1.3.7, GOMP_1.0). portability.h pins
+# the math functions' glibc versions; portability.cc (compiled once, with the ISA-independent
+# sources) defines the newer runtime functions that GCC's headers call, from older ones; the
+# pre-GCC-5 std::string ABI and no sized delete keep the rest old. None of this changes the
+# arithmetic: the kernels' object code is byte for byte the same.
 COMPAT_FLAGS = ["-include", os.path.join(OPERATOR_DIR, "portability.h"),
-                  "-D_GLIBCXX_USE_CXX11_ABI=0", "-fno-sized-deallocation"]
+                "-D_GLIBCXX_USE_CXX11_ABI=0", "-fno-sized-deallocation"]
 
 # sm_90 code plus PTX for newer GPUs (the driver compiles it at load).
 NVCC_ARCH = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
@@ -163,10 +164,11 @@ def build_requirements():
     if find_mxnet() is not None:
         return []
     requirement = os.environ.get("MXLAMB_BUILD_MXNET") or DEFAULT_BUILD_MXNET
-    print("mxlamb: no MXNet in the target environment (or pip's build isolation hides it): "
-          "building against %s fetched into the isolated build environment. Import needs that "
-          "MXNet version (any distribution: mxnet, mxnet-cu112, ...); to build for another, "
-          "install it first and use pip install --no-build-isolation." % requirement,
+    print("mxlamb: no MXNet in the target environment (or the build isolation hides it): "
+          "building against %s fetched into the isolated build environment. Import will need "
+          "that MXNet version (any distribution: mxnet, mxnet-cu112, ...). To build for your "
+          "MXNet, install it first (and, where an isolation still hides it, build with pip "
+          "install --no-build-isolation or python -m build --no-isolation)." % requirement,
           file=sys.stderr)
     return [requirement]
 
@@ -177,10 +179,9 @@ def mxnet_build_info(found=None):
     found = found or find_mxnet()
     if found is None:
         raise RuntimeError(
-            "mxlamb compiles its operators against an installed MXNet and found none. Install "
-            "your MXNet first (e.g. pip install mxnet==1.9.1 'numpy<1.24', or mxnet-cu112), "
-            "then, in that environment: pip install --no-build-isolation <mxlamb sdist or "
-            "source directory> (python -m build --no-isolation for a wheel).")
+            "mxlamb compiles its operators against the MXNet of the environment it is installed "
+            "into, and found none there. Install your MXNet first (e.g. pip install "
+            "mxnet==1.9.1 'numpy<1.24', or mxnet-cu112), then mxlamb again.")
     return found["include"], found["lib_api"], found["number"]
 
 
@@ -276,10 +277,14 @@ class BuildOperators(build_ext):
 try:  # setuptools >= 70.1 has bdist_wheel; before, the wheel package did
     from setuptools.command.bdist_wheel import bdist_wheel as _bdist_wheel
 except ImportError:
-    try:
-        from wheel.bdist_wheel import bdist_wheel as _bdist_wheel
-    except ImportError:
-        _bdist_wheel = None
+    import warnings
+
+    with warnings.catch_warnings():  # wheel's "use setuptools' own" (not there yet)
+        warnings.simplefilter("ignore", FutureWarning)
+        try:
+            from wheel.bdist_wheel import bdist_wheel as _bdist_wheel
+        except ImportError:
+            _bdist_wheel = None
 
 COMMANDS = {"build_ext": BuildOperators}
 if _bdist_wheel is not None:

@@ -86,3 +86,26 @@ def test_needs_nothing_newer_than_libmxnet():
     # And the versions the issue named, explicitly: no GLIBC_2.29, no GLIBCXX_3.4.2x.
     assert newest_by_family(ours)["GLIBC"] <= (2, 17)
     assert newest_by_family(ours).get("GLIBCXX", (3, 4)) <= (3, 4, 19)
+
+
+def test_the_build_honours_cxxflags_and_ldflags_before_its_own(monkeypatch, tmp_path):
+    """CXXFLAGS/LDFLAGS reach every compile and the link (setup.py ignored them), ahead of
+    mxlamb's own flags: a -march=native there cannot put AVX-512 into the baseline kernels."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        import setup
+    finally:
+        sys.path.pop(0)
+    commands = []
+    monkeypatch.setattr(setup.subprocess, "check_call", commands.append)
+    monkeypatch.setenv("CXXFLAGS", "-march=native -DFROM_CXXFLAGS")
+    monkeypatch.setenv("LDFLAGS", "-Wl,-O1")
+    setup.compile_operator_library(str(tmp_path / "lib.so"), str(tmp_path / "obj"))
+    *compiles, link = commands
+    assert len(compiles) == 3 + len(setup.PORTABLE_SOURCES) + 1  # kernels, sources, lib_api
+    for command in compiles:
+        assert "-DFROM_CXXFLAGS" in command
+        assert command.index("-march=native") < command.index("-march=x86-64")
+        assert command.index("-march=x86-64") < command.index("-ffp-contract=off")
+    assert "-Wl,-O1" in link and any(a.startswith("-Wl,--version-script=") for a in link)
