@@ -158,8 +158,9 @@ def test_an_unbuilt_source_tree_names_the_command_that_builds_it_and_that_works(
     assert command[:3] == [mxnet1, "-m", "pip"] and command[-1] == tree, command
     run(command, cwd=tree)
     assert os.path.exists(os.path.join(tree, "mxlamb", "libmxlamb.so"))
-    report = smoke(mxnet1, cwd=tree, argv=[
-        "-c", "import sys; sys.path[1:1] = ['tests']; import smoke_step; sys.exit(smoke_step.main())"])
+    # From the root: '' (the tree) first on sys.path, as for python -m / -c there.
+    report = smoke(mxnet1, cwd=tree, argv=["-c", "import sys; sys.path[1:1] = ['tests']; "
+                                                 "import smoke_step; sys.exit(smoke_step.main())"])
     assert report["mxlamb_file"] == os.path.join(tree, "mxlamb", "__init__.py")
     proc = run([mxnet1, "-m", "mxlamb.launch", "--workers", "2", "--servers", "1", "--",
                 mxnet1, "examples/train_distributed.py", "--epochs", "2"], cwd=tree)

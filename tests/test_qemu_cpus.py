@@ -23,7 +23,7 @@ QEMU = shutil.which("qemu-x86_64")
 pytestmark = [
     pytest.mark.skipif(QEMU is None, reason="qemu-user is not installed (Debian: apt-get install "
                                             "qemu-user; .ci/run installs it where it can)"),
-    pytest.mark.skipif(MXNET2, reason="runs once, in the MXNet 1.9.1 suite (a minute of emulation)"),
+    pytest.mark.skipif(MXNET2, reason="runs once, in the MXNet 1.9.1 suite (emulation is slow)"),
 ]
 
 # Loads the library alone (no MXNet: under a second of emulation) and reports the choice.
