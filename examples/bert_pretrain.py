@@ -2,7 +2,7 @@
 corpus shipped in examples/bert/, with mxlamb's LAMB, MXNet's built-in LAMB and Adam, on the
 same data in the same order, and plots their loss curves.
 
-    python examples/bert_pretrain.py [--steps 200] [--out-dir bert_out]
+    python examples/bert_pretrain.py [--steps 200] [--out-dir bert_out] [--devices 2]
 
 GluonNLP's pretraining recipe, scaled down: linear warm-up then linear decay of the learning
 rate, weight decay 0.01 with LayerNorm (gamma, beta) and biases excluded, gradient
@@ -11,6 +11,11 @@ The recipe's float16 model with float32 master weights does not run here: MXNet 
 FullyConnected has no float16 kernel ("only supported by CuDNN"), so the model is float32
 (mxlamb's float16 multi-precision update itself is tested in tests/). Nothing is downloaded:
 the vocabulary is counted from the corpus.
+
+``--devices N`` trains on N CPU contexts the way GluonNLP's script trains on N GPUs: each
+micro-batch split across them, kvstore 'device' with update_on_kvstore=False, each device's
+loss its share of the micro-batch's loss, so that the curves equal one device's (with
+``--dropout 0``; dropout draws other masks on other devices).
 
 Writes ``loss_curves.png`` and ``losses.json`` to ``--out-dir``.
 """
@@ -90,14 +95,14 @@ def make_instances(documents, vocab, seq_len, max_predictions, seed=0):
     return {name: np.array(values, dtype=np.float32) for name, values in columns.items()}
 
 
-def build_model(vocab, seq_len):
+def build_model(vocab, seq_len, contexts, dropout=0.1):
     encoder = nlp.model.BERTEncoder(num_layers=2, units=128, hidden_size=512,
-                                    max_length=seq_len, num_heads=2, dropout=0.1)
+                                    max_length=seq_len, num_heads=2, dropout=dropout)
     model = nlp.model.BERTModel(encoder, vocab_size=len(vocab), token_type_vocab_size=2,
                                 units=128, embed_size=128, use_pooler=True, use_decoder=True,
                                 use_classifier=True)
     mx.random.seed(42)  # the same initial weights for every optimizer
-    model.initialize(mx.init.Normal(0.02))
+    model.initialize(mx.init.Normal(0.02), ctx=contexts)
     model.hybridize(static_alloc=True)
     return model
 
@@ -122,12 +127,15 @@ def learning_rate(step, total, peak, warmup_ratio):
 
 def pretrain(name, vocab, data, args):
     """Trains a fresh model with optimizer ``name``; returns per-step (mlm, nsp) losses."""
-    model = build_model(vocab, args.seq_len)
+    contexts = [mx.cpu(k) for k in range(args.devices)]
+    model = build_model(vocab, args.seq_len, contexts, args.dropout)
     params = model.collect_params()
     for param in model.collect_params(".*gamma|.*beta|.*bias").values():
         param.wd_mult = 0.0  # no weight decay for LayerNorm and biases
     params.setattr("grad_req", "add")
-    trainer = gluon.Trainer(params, make_optimizer(name, args), kvstore=None)
+    trainer = gluon.Trainer(params, make_optimizer(name, args),
+                            kvstore="device" if len(contexts) > 1 else None,
+                            update_on_kvstore=False)
     ce = gluon.loss.SoftmaxCELoss()
     order = np.random.RandomState(1).permutation(len(data["ids"]))
     history = {"mlm": [], "nsp": [], "seconds": 0.0}
@@ -142,20 +150,27 @@ def pretrain(name, vocab, data, args):
             rows = order[np.arange(micro * args.batch_size, (micro + 1) * args.batch_size)
                          % len(order)]
             micro += 1
-            batch = {k: mx.nd.array(v[rows]) for k, v in data.items()}
+            # The MLM loss is the mean over the micro-batch's masked tokens (weight 1; padding
+            # slots have weight 0), the NSP loss the mean over its sentence pairs: each device
+            # computes its share of both sums, so the devices' gradients add up to one's.
+            masked = float(data["weights"][rows].sum()) + 1e-8
+            parts = [{k: mx.nd.array(v[rows[d::len(contexts)]], ctx=ctx)
+                      for k, v in data.items()} for d, ctx in enumerate(contexts)]
             with autograd.record():
-                _, _, nsp_scores, mlm_scores = model(
-                    batch["ids"], batch["segments"], batch["valid_length"], batch["positions"])
-                weights = batch["weights"]
-                # SoftmaxCELoss means over the prediction slots; the MLM loss is the mean over
-                # the masked tokens only (weight 1; padding slots have weight 0).
-                mlm = (ce(mlm_scores, batch["labels"], weights.expand_dims(-1)).sum()
-                       * weights.shape[1] / (weights.sum() + 1e-8))
-                nsp = ce(nsp_scores, batch["next"]).mean()
-                loss = mlm + nsp
-            loss.backward()
-            mlm_total += mlm.asscalar()
-            nsp_total += nsp.asscalar()
+                losses = []
+                for batch in parts:
+                    _, _, nsp_scores, mlm_scores = model(
+                        batch["ids"], batch["segments"], batch["valid_length"],
+                        batch["positions"])
+                    weights = batch["weights"]
+                    # SoftmaxCELoss means over the prediction slots: times their number
+                    mlm = (ce(mlm_scores, batch["labels"], weights.expand_dims(-1)).sum()
+                           * weights.shape[1] / masked)
+                    nsp = ce(nsp_scores, batch["next"]).sum() / len(rows)
+                    losses.append((mlm, nsp, mlm + nsp))
+            autograd.backward([loss for _, _, loss in losses])
+            mlm_total += sum(mlm.asscalar() for mlm, _, _ in losses)
+            nsp_total += sum(nsp.asscalar() for _, nsp, _ in losses)
         # The micro-batch losses are means: the step averages the accumulate micro-batches.
         trainer.step(args.accumulate)
         params.zero_grad()
@@ -212,7 +227,12 @@ def main(argv=None):
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help="comma-separated, from %s" % ", ".join(OPTIMIZERS))
     parser.add_argument("--out-dir", default="bert_out")
+    parser.add_argument("--devices", type=int, default=1,
+                        help="CPU contexts to split each micro-batch across")
+    parser.add_argument("--dropout", type=float, default=0.1)
     args = parser.parse_args(argv)
+    if args.devices < 1 or args.batch_size % args.devices:
+        parser.error("--devices must be >= 1 and divide --batch-size")
     names = args.optimizers.split(",")
     unknown = sorted(set(names) - set(OPTIMIZERS))
     if unknown:

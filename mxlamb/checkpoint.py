@@ -24,15 +24,21 @@ import numpy
 
 from mxnet import ndarray
 
+from .devices import device_key
 from .lamb import LAMB
 
 __all__ = ["save_states", "load_states", "convert_lamb"]
 
 _FORMAT = "mxlamb-trainer-states"
-_VERSION = 1
+_VERSION = 2  # 2: counts per device (1: one count per parameter, still read)
 _META = "__mxlamb_meta__"
-# Optimizer counters kept in the file: host dictionaries keyed by parameter index.
-_COUNTERS = ("_index_update_count", "_applied_steps", "_micro_steps", "_count_slots")
+# Optimizer counters kept in the file: per device id, host dictionaries keyed by parameter
+# index (MXNet's own, then LAMB's); and LAMB's slots of its device counts.
+_DEVICE_COUNTERS = ("_all_index_update_counts", "_all_applied_steps", "_all_micro_steps")
+_SLOTS = "_count_slots"
+# Version 1's counters, one per parameter for every device, by the per-device name they fill.
+_V1_COUNTERS = {"_index_update_count": "_all_index_update_counts",
+                "_applied_steps": "_all_applied_steps", "_micro_steps": "_all_micro_steps"}
 
 
 def _trainer_parts(trainer):
@@ -79,17 +85,18 @@ def save_states(trainer, path):
     for k, updater in enumerate(updaters):
         meta["updaters"].append({str(i): _flatten(s, arrays, "u%d/%s" % (k, i))
                                  for i, s in updater.states.items()})
-    for name in _COUNTERS:
-        values = getattr(optimizer, name, None)
-        if values is not None:
-            meta["counters"][name] = {str(i): int(v) for i, v in values.items()}
+    for name in _DEVICE_COUNTERS:
+        per_device = getattr(optimizer, name, None)
+        if per_device is not None:
+            meta["counters"][name] = {str(d): {str(i): int(v) for i, v in values.items()}
+                                      for d, values in per_device.items()}
     if isinstance(optimizer, LAMB):
-        if optimizer._step_state is not None:
-            arrays["opt/step_state"] = optimizer._step_state
-        if optimizer.loss_scaler is not None:
-            arrays["opt/loss_scaler"] = optimizer.loss_scaler.state
+        meta["counters"][_SLOTS] = {str(i): int(v) for i, v in optimizer._count_slots.items()}
         meta["device_counts"] = []
         for k, context in enumerate(trainer._contexts):
+            step_state = optimizer._current_step_state(create=False, context=context)
+            if step_state is not None:
+                arrays["opt/step_state/%d" % k] = step_state
             counts = optimizer._device_counts.get(context)
             if counts is not None:
                 arrays["opt/counts/%d" % k] = counts
@@ -97,6 +104,30 @@ def save_states(trainer, path):
     blob = json.dumps(meta, sort_keys=True).encode()
     arrays[_META] = ndarray.array(numpy.frombuffer(blob, dtype=numpy.uint8), dtype=numpy.uint8)
     ndarray.save(path, arrays)
+
+
+def _restore_counters(optimizer, meta, device_ids, index_of=int):
+    """The file's counters into ``optimizer``: per device (version 2), or one count per
+    parameter that every device of the Trainer continues from (version 1). ``index_of``: the
+    Trainer's parameter index for the file's."""
+    counters = meta["counters"]
+    if meta["version"] == 1:
+        counters = {per_device: {str(d): counters[flat] for d in device_ids}
+                    for flat, per_device in _V1_COUNTERS.items() if flat in counters}
+        counters.update({k: v for k, v in meta["counters"].items() if k == _SLOTS})
+    for name, per_device in counters.items():
+        if name == _SLOTS:
+            if hasattr(optimizer, name):
+                optimizer._count_slots = {index_of(i): int(v) for i, v in per_device.items()}
+            continue
+        if hasattr(optimizer, name):
+            setattr(optimizer, name, {int(d): {index_of(i): int(v) for i, v in values.items()}
+                                      for d, values in per_device.items()})
+    optimizer._all_index_update_counts.setdefault(0, {})
+    if isinstance(optimizer, LAMB):
+        optimizer._use_device_counts(0)  # (the Updater switches to each device again)
+    else:
+        optimizer._index_update_count = optimizer._all_index_update_counts[0]
 
 
 def _refuse(path, what):
@@ -177,8 +208,8 @@ def load_states(trainer, path, by_order=False):
         meta = json.loads(arrays.pop(_META).asnumpy().tobytes().decode())
     except ValueError as err:
         _refuse(path, "its metadata is not JSON (%s)" % err)
-    if meta.get("format") != _FORMAT or meta.get("version") != _VERSION:
-        _refuse(path, "format %r version %r, expected %r version %d"
+    if meta.get("format") != _FORMAT or meta.get("version") not in (1, _VERSION):
+        _refuse(path, "format %r version %r, expected %r version 1 or %d"
                 % (meta.get("format"), meta.get("version"), _FORMAT, _VERSION))
     mapping = _match_parameters(path, meta["params"], trainer._params, by_order)
     if len(meta["updaters"]) != len(updaters):
@@ -216,21 +247,27 @@ def load_states(trainer, path, by_order=False):
             index = target(key)
             states[index] = rebuild(structure, index, context)
         restored.append(states)
-    counters = {name: {target(i): int(v) for i, v in values.items()}
-                for name, values in meta["counters"].items()}
+    for name, values in meta["counters"].items():  # every parameter index in them maps
+        per_device = meta["version"] != 1 and name != _SLOTS
+        for key, value in values.items():
+            for index in (value if per_device else [key]):
+                target(index)
     # Everything checked: now change the Trainer.
     for updater, states in zip(updaters, restored):
         updater.states = states
         updater.states_synced = {i: True for i in states}
     optimizer.num_update = int(meta["num_update"])
-    for name, values in counters.items():
-        if hasattr(optimizer, name):
-            setattr(optimizer, name, values)
+    _restore_counters(optimizer, meta, [c.device_id for c in trainer._contexts], target)
     if isinstance(optimizer, LAMB):
-        if "opt/step_state" in arrays:
-            optimizer._step_state = arrays["opt/step_state"]
-        if "opt/loss_scaler" in arrays and optimizer.loss_scaler is not None:
-            arrays["opt/loss_scaler"].copyto(optimizer.loss_scaler.state)
+        # Version 1 kept one step state (and loss scale) for all devices.
+        for k, context in enumerate(trainer._contexts):
+            saved = arrays.get("opt/step_state/%d" % k, arrays.get("opt/step_state"))
+            if optimizer.loss_scaler is not None:
+                saved = arrays.get("opt/loss_scaler", saved)
+                if saved is not None:
+                    saved.copyto(optimizer.loss_scaler.state_on(context))
+            elif saved is not None:
+                optimizer._step_states[device_key(context)] = saved.as_in_context(context)
         optimizer._device_counts = {trainer._contexts[k]: arrays["opt/counts/%d" % k]
                                     for k in meta.get("device_counts", [])}
         optimizer._checked = {}
@@ -299,7 +336,7 @@ def convert_lamb(trainer, to):
     Parameters
     ----------
     trainer : gluon.Trainer or mx.optimizer.Updater
-        With its states on one device (the step counts are converted for one).
+        On one device or several (each keeps its own step counts).
     to : {'mxlamb', 'mxnet'}
         The class to continue with. Converting to the class already in use changes nothing.
 
@@ -310,7 +347,7 @@ def convert_lamb(trainer, to):
     Raises ValueError, changing nothing, for what the other class cannot continue: mxlamb
     options that MXNet's LAMB does not have (``global_clipnorm``, EMA, accumulation, loss
     scaling, ``skip_nonfinite``, exclusions by name), ``mxlamb.AdamW``, states that are not
-    float32 moments, several devices, or a Trainer that updates on the kvstore.
+    float32 moments, or a Trainer that updates on the kvstore.
     """
     from mxnet.optimizer import Updater
 
@@ -320,9 +357,9 @@ def convert_lamb(trainer, to):
     if to not in ("mxlamb", "mxnet"):
         raise ValueError("mxlamb.convert_lamb: to must be 'mxlamb' or 'mxnet', not %r" % (to,))
     if isinstance(trainer, Updater):
-        old, updaters = trainer.optimizer, [trainer]
+        old, updaters, contexts = trainer.optimizer, [trainer], [None]
     else:
-        old, updaters = _trainer_parts(trainer)
+        (old, updaters), contexts = _trainer_parts(trainer), trainer._contexts
     builtin = _builtin_lamb()
     target = LAMB if to == "mxlamb" else builtin
     if type(old) is target:
@@ -333,14 +370,11 @@ def convert_lamb(trainer, to):
                % (type(old).__module__, type(old).__name__, source.__module__, source.__name__))
     if to == "mxnet" and _mxlamb_only_options(old):
         refuse("MXNet's LAMB has no %s" % ", ".join(_mxlamb_only_options(old)))
-    counts = old._all_index_update_counts
-    if len(updaters) > 1 or len([c for c in counts.values() if c]) > 1:
-        refuse("the states are on %d devices; convert_lamb converts the step counts of one"
-               % max(len(updaters), len(counts)))
     moments = _float32_moments(updaters, refuse)
-    device, steps = next(((d, c) for d, c in counts.items() if c), (0, {}))
-    if to == "mxnet":
-        steps = dict(old._applied_steps)  # what mxlamb passes as the step count t, less one
+    # The step count t of each parameter on each device: MXNet's LAMB counts its updates in
+    # _all_index_update_counts; mxlamb counts applied updates apart (every call counts there).
+    counts = old._all_index_update_counts if to == "mxlamb" else old._all_applied_steps
+    counts = {int(device): dict(steps) for device, steps in counts.items()}
 
     kwargs = {name: getattr(old, name) for name in _LAMB_ARGUMENTS}
     # With a schedule, learning_rate=None: a value would reset the schedule's base_lr, which
@@ -354,18 +388,24 @@ def convert_lamb(trainer, to):
     new.idx2name, new.lr_mult, new.wd_mult = (dict(old.idx2name), dict(old.lr_mult),
                                               dict(old.wd_mult))
     new.lr, new.num_update = old.lr, old.num_update
-    new._all_index_update_counts = {device: dict(steps)}
-    new._index_update_count = new._all_index_update_counts[device]
+    new._all_index_update_counts = {d: dict(steps) for d, steps in counts.items()}
+    new._all_index_update_counts.setdefault(0, {})
     if to == "mxlamb":
-        new._applied_steps = dict(steps)
+        new._all_applied_steps = {d: dict(steps) for d, steps in counts.items()}
+        new._all_micro_steps = {d: {} for d in counts}
+        new._use_device_counts(0)  # (MXNet's Updater switches devices before each update)
+    else:
+        new._index_update_count = new._all_index_update_counts[0]
     known = {}
-    for updater, states in zip(updaters, moments):
+    for updater, states, context in zip(updaters, moments, contexts):
         for index, (master, mean, var) in states.items():
-            # Arrays of their own: mxlamb's small moments are views into a shared slab.
+            # Arrays of their own: mxlamb's small moments are views into a shared slab. (After
+            # Trainer.load_states every device holds device 0's states, not yet synced: the
+            # Updater copies them to its device at its first update, as it would have.)
             pair = (mean.copy(), var.copy())
             updater.states[index] = pair if master is None else (master, pair)
-            updater.states_synced[index] = True
-            known.setdefault(mean.context, set()).add(index)
+            updater.states_synced.setdefault(index, False)
+            known.setdefault(context or mean.context, set()).add(index)
     if to == "mxlamb":
         new._known = known  # the parameters a whole step waits for, per device
     for updater in updaters:

@@ -4,6 +4,8 @@ import contextlib
 import numbers
 import os
 import re
+import sys
+import warnings
 
 import numpy
 
@@ -11,8 +13,10 @@ from mxnet import ndarray
 from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 from mxnet.optimizer import Optimizer
 
+from ._library import mxnet_version_number
 from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
 from .dist import stop_server
+from .devices import in_kvstore_callback, device_key, same_memory
 from .loss_scaler import LossScaler
 
 __all__ = ["LAMB", "TrustRatios"]
@@ -20,6 +24,11 @@ __all__ = ["LAMB", "TrustRatios"]
 _BFLOAT16 = numpy.dtype(_DTYPE_MX_TO_NP[12])
 _LOW_PRECISION = (numpy.dtype(numpy.float16), _BFLOAT16)
 _FLOAT32 = numpy.dtype(numpy.float32)
+_FLOAT64 = numpy.dtype(numpy.float64)
+# What aggregate_num=numpy.inf (the whole step in one call) is kept as: MXNet 2.0's Updater
+# sends the whole step in one call for numpy.inf itself (it tests `is not numpy.inf`); 1.x's
+# Updater slices the step by aggregate_num, which must then be an integer.
+_WHOLE_STEP = numpy.inf if mxnet_version_number() >= 20000 else sys.maxsize
 
 # Keyword arguments of mxnet.optimizer.Optimizer that LAMB passes on.
 _OPTIMIZER_KWARGS = ("rescale_grad", "param_idx2name", "wd", "clip_gradient", "lr_scheduler",
@@ -29,6 +38,10 @@ _EXTRA_OPTIONS = ("global_clipnorm", "clipnorm", "use_ema", "ema_momentum",
                   "ema_overwrite_frequency", "gradient_accumulation_steps", "loss_scale_factor",
                   "loss_scaler", "skip_nonfinite", "exclude_from_weight_decay",
                   "exclude_from_layer_adaptation")
+
+# MXNet's own switch of _index_update_count to a device (renamed in 2.0).
+_MXNET_SET_DEVICE = (getattr(Optimizer, "_set_current_device", None)
+                     or Optimizer._set_current_context)
 
 TrustRatios = collections.namedtuple("TrustRatios", ["keys", "values"])
 TrustRatios.__doc__ = """Per-parameter trust ratios of the last step: ``keys`` (parameter
@@ -67,6 +80,32 @@ def _flag(name, value):
 
 def _positive_or_none(name, value):
     return None if value is None else _number(name, value, low=0.0, low_open=True)
+
+
+def _bound_or_none(name, value):
+    """A trust-ratio bound: None, or a number >= 0 where 0 means no bound (as in MXNet, which
+    passes a bound to its kernels only when it is truthy)."""
+    return None if value is None else _number(name, value, low=0.0)
+
+
+def _aggregate_num(value):
+    """aggregate_num as MXNet 2.0 reads it, as kept in ``self.aggregate_num``: None (kept as 1,
+    as MXNet 2.0's Optimizer does) and 0 are no aggregation, one tensor per call; numpy.inf
+    (any +inf) is the whole step in one call (_WHOLE_STEP); other positive integers are
+    tensors per call. A negative, NaN, a bool, a fraction or a non-number is a ValueError."""
+    if value is None:
+        return 1
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value >= 0:
+        return int(value)
+    if isinstance(value, numbers.Real) and not isinstance(value, bool) and value == numpy.inf:
+        return _WHOLE_STEP
+    raise ValueError("LAMB: aggregate_num must be an integer >= 0, None (no aggregation) or "
+                     "numpy.inf (the whole step in one call), got %r" % (value,))
+
+
+def _warn_trap(message):
+    # A plain UserWarning from one place: Python's default filter shows it once per process.
+    warnings.warn(message, UserWarning, stacklevel=3)
 
 
 def _count_or_none(name, value):
@@ -114,7 +153,7 @@ def _as_list(x):
 # Moment slabs. Every array an operator call takes costs about a microsecond in MXNet (engine
 # dependencies, shapes, the copies of the argument lists), more than the update itself of a
 # 768-element bias. The moments of parameters up to _PACKED_MAX_ELEMENTS elements are
-# therefore allocated side by side in one float32 array per context (mean, then var, in the
+# therefore allocated side by side in one array per context and dtype (mean, then var, in the
 # order their states are made), and a group whose moments lie side by side in one slab passes
 # that slab once instead of two arrays per tensor. The states are views into the slab: the
 # user, the Updater and checkpoints see ordinary arrays of the parameter's shape.
@@ -123,19 +162,21 @@ _SLAB_ELEMENTS = 1 << 22  # 16 MiB, where param_dict does not tell what the smal
 
 
 class _MomentSlabs:
-    """Allocates packed (mean, var) pairs of small parameters, per context."""
+    """Allocates packed (mean, var) pairs of small parameters, per context and moment dtype
+    (float32, or float64 for float64 weights)."""
 
     def __init__(self):
-        self._open = {}  # context -> [slab, elements used]
+        self._open = {}  # (context, dtype) -> [slab, elements used]
 
     def allocate(self, weight, wanted):
-        """Zeroed (mean, var, (slab, offset, size)) views for ``weight``; a new slab holds
-        at least ``wanted`` elements."""
+        """Zeroed (mean, var, (slab, offset, size)) views for ``weight`` (of the moments'
+        dtype); a new slab holds at least ``wanted`` elements."""
         size = weight.size
-        entry = self._open.get(weight.context)
+        key = (weight.context, numpy.dtype(weight.dtype))
+        entry = self._open.get(key)
         if entry is None or entry[1] + 2 * size > entry[0].shape[0]:
-            slab = ndarray.zeros((max(2 * size, wanted),), weight.context, dtype=numpy.float32)
-            entry = self._open[weight.context] = [slab, 0]
+            slab = ndarray.zeros((max(2 * size, wanted),), weight.context, dtype=key[1])
+            entry = self._open[key] = [slab, 0]
         slab, offset = entry
         entry[1] += 2 * size
         mean = slab[offset:offset + size].reshape(weight.shape)
@@ -172,17 +213,23 @@ class LAMB(Optimizer):
     beta2 : float, default 0.999
         Exponential decay rate of the second moment, in [0, 1).
     epsilon : float, default 1e-6
-        Added to ``sqrt(v_hat)`` (outside the root); must be > 0.
+        Added to ``sqrt(v_hat)`` (outside the root); >= 0. ``epsilon=0`` is accepted with
+        MXNet's meaning and warned about: where a gradient element has been 0 at every step so
+        far, ``m = v = 0`` and ``u = 0 / 0`` is NaN, so ``||u||`` and that whole tensor become
+        NaN (in MXNet's LAMB too).
     lower_bound : float or None, default None
-        Lower clamp of ``||w||`` in the trust ratio (> 0), or None for none.
+        Lower clamp of ``||w||`` in the trust ratio (>= 0); None or 0 for none (as in MXNet).
     upper_bound : float or None, default None
-        Upper clamp of ``||w||`` in the trust ratio (> 0, >= lower_bound), or None for none.
+        Upper clamp of ``||w||`` in the trust ratio (>= 0, >= lower_bound); None or 0 for none.
     bias_correction : bool, default True
         Divide the moments by ``1 - beta**t``.
-    aggregate_num : int, default 4
-        Tensors per multi-tensor operator call in ``fused_step`` (any positive number).
+    aggregate_num : int, None or numpy.inf, default 4
+        Tensors per multi-tensor operator call in ``fused_step``, as MXNet 2.0 reads it: any
+        positive integer; None or 0 for one tensor per call; ``numpy.inf`` for the whole step
+        in one call (kept as ``sys.maxsize`` on MXNet 1.x, whose Updater slices by it).
     use_fused_step : bool, default True
-        Whether MXNet 1.x's ``update`` calls go to ``fused_step`` (else ``step``).
+        Whether ``update`` (MXNet's Updater, Trainer) calls go to ``fused_step`` (else
+        ``step``).
     global_clipnorm : float or None
         Scale all gradients of the step by ``min(1, global_clipnorm / ||all gradients||)``
         (after rescale_grad and loss unscaling), computed on the device.
@@ -211,10 +258,16 @@ class LAMB(Optimizer):
         use ``['bias', 'gamma', 'beta', 'LayerNorm']``.
     **kwargs
         The usual :class:`mxnet.optimizer.Optimizer` arguments: ``wd`` (>= 0, part of ``u``
-        and so scaled by the trust ratio, as in MXNet), ``rescale_grad``, ``clip_gradient``
-        (None or > 0), ``lr_scheduler``, ``multi_precision`` (float16 and bfloat16 weights
-        keep a float32 master copy and float32 moments; required for them),
-        ``param_idx2name``, ``begin_num_update``, ``sym``, ``param_dict``.
+        and so scaled by the trust ratio, as in MXNet), ``rescale_grad`` (>= 0),
+        ``clip_gradient`` (None, or a bound as MXNet's LAMB kernels read it: a negative one
+        does not clip, and neither does 0, since MXNet's LAMB passes clip_gradient only when
+        it is truthy; 0 is warned about, as it reads like "clip everything to 0"),
+        ``lr_scheduler``, ``multi_precision`` (float16 and bfloat16 weights keep a float32
+        master copy and float32 moments; required for them), ``param_idx2name``,
+        ``begin_num_update``, ``sym``, ``param_dict``.
+
+    Weights are float32, float64 (computed in float64 throughout: moments, raw update and
+    norms; no master copy), or float16/bfloat16 with ``multi_precision=True``.
 
     References
     ----------
@@ -240,19 +293,19 @@ class LAMB(Optimizer):
             learning_rate = _number("learning_rate", learning_rate, low=0.0)
         self.beta1 = _number("beta1", beta1, 0.0, 1.0, high_open=True)
         self.beta2 = _number("beta2", beta2, 0.0, 1.0, high_open=True)
-        self.epsilon = _number("epsilon", epsilon, low=0.0, low_open=True)
-        self.lower_bound = _positive_or_none("lower_bound", lower_bound)
-        self.upper_bound = _positive_or_none("upper_bound", upper_bound)
-        if (self.lower_bound is not None and self.upper_bound is not None
-                and self.lower_bound > self.upper_bound):
+        self.epsilon = _number("epsilon", epsilon, low=0.0)
+        if self.epsilon == 0:
+            _warn_trap("LAMB: epsilon=0 (accepted, as in MXNet): a gradient element that has "
+                       "been 0 at every step gives u = 0/0 = NaN, and its whole tensor becomes "
+                       "NaN; a small positive epsilon (the default 1e-6) avoids it")
+        self.lower_bound = _bound_or_none("lower_bound", lower_bound)
+        self.upper_bound = _bound_or_none("upper_bound", upper_bound)
+        if self.lower_bound and self.upper_bound and self.lower_bound > self.upper_bound:
             raise ValueError("LAMB: lower_bound=%r is greater than upper_bound=%r"
                              % (lower_bound, upper_bound))
         self.bias_correction = _flag("bias_correction", bias_correction)
-        if (not isinstance(aggregate_num, numbers.Integral) or isinstance(aggregate_num, bool)
-                or aggregate_num < 1):
-            raise ValueError("LAMB: aggregate_num must be an integer >= 1, got %r"
-                             % (aggregate_num,))
-        self.use_fused_step = _flag("use_fused_step", use_fused_step)
+        aggregate_num = _aggregate_num(aggregate_num)
+        use_fused_step = _flag("use_fused_step", use_fused_step)
         self.global_clipnorm = _positive_or_none("global_clipnorm", global_clipnorm)
         self.clipnorm = _positive_or_none("clipnorm", clipnorm)
         self.use_ema = _flag("use_ema", use_ema)
@@ -274,38 +327,48 @@ class LAMB(Optimizer):
         if "wd" in kwargs:
             _number("wd", kwargs["wd"], low=0.0)
         if "rescale_grad" in kwargs:
-            _number("rescale_grad", kwargs["rescale_grad"], low=0.0, low_open=True)
+            _number("rescale_grad", kwargs["rescale_grad"], low=0.0)
         if kwargs.get("clip_gradient") is not None:
-            _number("clip_gradient", kwargs["clip_gradient"], low=0.0, low_open=True)
+            if _number("clip_gradient", kwargs["clip_gradient"]) == 0:
+                _warn_trap("LAMB: clip_gradient=0 does not clip, as in MXNet's LAMB (which "
+                           "passes clip_gradient to its kernels only when it is truthy); give "
+                           "None for no clipping, or a positive bound")
         if "multi_precision" in kwargs:
             _flag("multi_precision", kwargs["multi_precision"])
         super().__init__(learning_rate=learning_rate, **kwargs)
-        # Set after Optimizer.__init__, which resets it to 0.
-        self.aggregate_num = int(aggregate_num)
+        # Set after Optimizer.__init__, which resets both (1.x: aggregate_num 0; 2.0:
+        # aggregate_num 1 and use_fused_step False, since they are not passed on to it).
+        self.aggregate_num = aggregate_num
+        self.use_fused_step = use_fused_step
         # What subclasses change (AdamW): trust ratio on, MXNet's epsilon, no AMSGrad.
         self._layer_adaptation = True
         self._epsilon_hat = False
         self._amsgrad = False
-        self._step_state = None     # [loss scale, clean steps, skipped steps] without a scaler
+        self._step_states = {}      # device_key(context) -> [loss scale, clean steps, skipped
+        #                             steps] of that device, without a loss scaler
         self._device_counts = {}    # context -> float64 applied-step counts (by count slot)
         self._count_slots = {}      # index -> slot in those counts
-        self._applied_steps = {}    # index -> applied updates (host count)
-        self._micro_steps = {}      # index -> gradients accumulated since the last update
+        # Host counts per device, as MXNet keeps _index_update_count: with several devices and
+        # update_on_kvstore=False, each device's Updater steps every parameter once per step.
+        self._all_applied_steps = {}  # device_id -> {index: applied updates}
+        self._all_micro_steps = {}    # device_id -> {index: gradients accumulated}
+        self._use_device_counts(0)
+        self._callback_error = None   # what a kvstore callback refused (see _fail_in_callback)
         self._known = {}            # context -> indices whose states were made there
         self._pending = {}          # context -> {index: item} of a step still being collected
         self._last_tables = {}      # index -> (phase-1 table, row, ratio attributes)
         self._names = {}            # index -> (wd excluded, layer adaptation)
         self._groups = {}           # indices -> _group_options
-        self._checked = {}          # index -> (weight, grad, state, Prepared) as last checked
+        self._checked = {}          # index -> [(weight, grad, state, Prepared)], one per device
         self._on_server = False     # unpickled in a kvstore server (see update)
         self._full_sizes = {}       # index -> (name, size), for a kvstore server
         self._slabs = _MomentSlabs()
-        self._packed = {}           # index -> (mean, var, (slab, offset, size)) as allocated
+        self._packed = {}           # id(mean) -> (mean, var, (slab, offset, size)) as allocated
 
     def __getstate__(self):
         state = super().__getstate__()
         for transient in ("_checked", "_pending", "_last_tables", "_names", "_groups", "_slabs",
-                          "_packed"):
+                          "_packed", "_callback_error"):
             del state[transient]  # arrays of one step, rebuilt on the next; slabs: the
             # states that live in them are pickled (and unpickled) as the Updater's own
         # Optimizer.__getstate__ drops param_dict (the Gluon Parameters), so a kvstore server
@@ -322,34 +385,55 @@ class LAMB(Optimizer):
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self._callback_error = None
+        self._upgrade_pickled_counts()
         self._checked, self._pending, self._last_tables, self._names = {}, {}, {}, {}
         self._slabs, self._packed, self._groups = _MomentSlabs(), {}, {}
         self._on_server = os.environ.get("DMLC_ROLE") == "server"
+        if self.aggregate_num in (numpy.inf, sys.maxsize):
+            # A float inf comes back from the pickle as another object than numpy.inf, which
+            # MXNet 2.0's Updater tests by identity; and this MXNet may not be the pickler's.
+            self.aggregate_num = _WHOLE_STEP
+
+    def _upgrade_pickled_counts(self):
+        """A LAMB pickled by mxlamb 0.2 (Trainer.save_states) kept one count per parameter for
+        all devices: each device continues from it."""
+        fields = self.__dict__
+        if "rescale_grad" in fields:
+            self._rescale_grad = fields.pop("rescale_grad")
+        if "_all_applied_steps" not in fields:
+            applied, micro = fields.pop("_applied_steps", {}), fields.pop("_micro_steps", {})
+            self._all_applied_steps = {d: dict(applied) for d in self._all_index_update_counts}
+            self._all_micro_steps = {d: dict(micro) for d in self._all_index_update_counts}
+        if "_step_states" not in fields:
+            old = fields.pop("_step_state", None)
+            self._step_states = {} if old is None else {device_key(old.context): old}
+        self._use_device_counts(0)
 
     # ------------------------------------------------------------------------------ states
 
     def create_state(self, index, weight):
-        """Mean and variance (float32, zeros) for ``weight``, then AMSGrad's max of the
-        variance, the weight average (a copy of the weight) and the gradient sum, each when
-        its option is on. On the CPU, the mean and variance of a parameter of up to
-        65,536 elements are views into a shared moment slab (see _MomentSlabs)."""
+        """Mean and variance (zeros, of the weight's dtype: float32 or float64) for
+        ``weight``, then AMSGrad's max of the variance, the weight average (a copy of the
+        weight) and the gradient sum, each when its option is on. On the CPU, the mean and
+        variance of a parameter of up to 65,536 elements are views into a shared moment slab
+        (see _MomentSlabs)."""
         if weight.stype != "default":
             raise ValueError("LAMB: parameter %s has %s storage; LAMB needs dense weights "
                              "(its trust ratio is a whole-tensor norm)"
                              % (self._describe(index), weight.stype))
-        if numpy.dtype(weight.dtype) != _FLOAT32:
+        if numpy.dtype(weight.dtype) not in (_FLOAT32, _FLOAT64):
             raise ValueError(
-                "LAMB: parameter %s is %s; LAMB updates float32 weights, and float16/bfloat16 "
-                "weights with multi_precision=True" % (self._describe(index),
-                                                       self._dtype_name(weight.dtype)))
+                "LAMB: parameter %s is %s; LAMB updates float32 and float64 weights, and "
+                "float16/bfloat16 weights with multi_precision=True"
+                % (self._describe(index), self._dtype_name(weight.dtype)))
         self._known.setdefault(weight.context, set()).add(index)
         if 0 < weight.size <= _PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
             # (mxlamb_step, which takes packed moments, is the CPU's operator)
             packed = self._slabs.allocate(weight, self._slab_elements())
-            self._packed[index] = packed
+            self._packed[id(packed[0])] = packed
             state = list(packed[:2])
         else:
-            self._packed.pop(index, None)
             state = [self._zeros(weight), self._zeros(weight)]
         if self._amsgrad:
             state.append(self._zeros(weight))
@@ -362,6 +446,16 @@ class LAMB(Optimizer):
     def create_state_multi_precision(self, index, weight):
         """``(weight32, create_state(index, weight32))`` for a float16/bfloat16 weight under
         multi_precision, else ``create_state(index, weight)``."""
+        try:
+            return self._create_state_multi_precision(index, weight)
+        except Exception as error:  # noqa: BLE001 (re-raised, or raised by the next step)
+            if not in_kvstore_callback():
+                raise
+            # The Updater calls update next, which refuses the call (see _fail_in_callback).
+            self._callback_error = self._callback_error or error
+            return None
+
+    def _create_state_multi_precision(self, index, weight):
         if numpy.dtype(weight.dtype) in _LOW_PRECISION and self.multi_precision:
             master = (weight.astype(numpy.float32) if weight.size else
                       ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
@@ -381,10 +475,11 @@ class LAMB(Optimizer):
 
     @staticmethod
     def _zeros(weight):
+        """Zeros of the weight's shape and dtype (float32 or float64: the math type)."""
         # MXNet 1.x cannot run any operator (zeros included) on a zero-size array.
         if weight.size == 0:
-            return ndarray.empty(weight.shape, weight.context, dtype=numpy.float32)
-        return ndarray.zeros(weight.shape, weight.context, dtype=numpy.float32)
+            return ndarray.empty(weight.shape, weight.context, dtype=weight.dtype)
+        return ndarray.zeros(weight.shape, weight.context, dtype=weight.dtype)
 
     # ------------------------------------------------------------------------- 2.0 API
 
@@ -393,8 +488,10 @@ class LAMB(Optimizer):
         self._run_step(indices, weights, grads, states, group_size=1)
 
     def fused_step(self, indices, weights, grads, states):
-        """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call."""
-        self._run_step(indices, weights, grads, states, group_size=self.aggregate_num)
+        """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call (one
+        for 0, all of them for numpy.inf)."""
+        group_size = max(1, min(self.aggregate_num, len(indices)))
+        self._run_step(indices, weights, grads, states, group_size=int(group_size))
 
     # ------------------------------------------------------------------------- 1.x API
 
@@ -409,14 +506,73 @@ class LAMB(Optimizer):
         items = list(zip(_as_list(index), _as_list(weight), _as_list(grad), states))
         if self._on_server:
             self._check_on_server(items)
-        if self._needs_whole_step:
-            items = self._collect_step(items)
-            if not items:
-                return
-        (self.fused_step if self.use_fused_step else self.step)(*map(list, zip(*items)))
+        if self._callback_error is not None and in_kvstore_callback():
+            self._fail_in_callback(self._callback_error, items)
+            return
+        try:
+            if self._needs_whole_step:
+                if in_kvstore_callback():
+                    raise ValueError(
+                        "LAMB: %s needs every gradient of a step before the first update, but "
+                        "the kvstore updates each parameter as its gradient arrives and sends it "
+                        "back at once (update_on_kvstore=True); use "
+                        "gluon.Trainer(..., update_on_kvstore=False) (Module API: set "
+                        "MXNET_UPDATE_ON_KVSTORE=0)" % self._whole_step_reason())
+                items = self._collect_step(items)
+                if not items:
+                    return
+            (self.fused_step if self.use_fused_step else self.step)(*map(list, zip(*items)))
+        except Exception as error:  # noqa: BLE001 (re-raised, or raised by the next step)
+            if not in_kvstore_callback():
+                raise
+            self._fail_in_callback(error, items)
 
     # The master copy lives in the state and the operators handle it: no separate path.
     update_multi_precision = update
+
+    def _use_device_counts(self, device_id):
+        """Switches every step count to those of ``device_id`` (MXNet's Updater does before
+        each update): several devices in one process each count their own steps."""
+        _MXNET_SET_DEVICE(self, device_id)
+        self._applied_steps = self._all_applied_steps.setdefault(device_id, {})
+        self._micro_steps = self._all_micro_steps.setdefault(device_id, {})
+
+    # The name MXNet's Updater calls (2.0 renamed it, and warns on the old one).
+    if hasattr(Optimizer, "_set_current_device"):
+        _set_current_device = _use_device_counts
+    else:
+        _set_current_context = _use_device_counts
+
+    # ------------------------------------------------------ errors in a kvstore callback
+
+    @property
+    def rescale_grad(self):
+        return self._rescale_grad
+
+    @rescale_grad.setter
+    def rescale_grad(self, value):
+        # gluon.Trainer.step sets rescale_grad before anything else: where an error that a
+        # kvstore callback could not raise in the step before reaches the user.
+        error, self._callback_error = getattr(self, "_callback_error", None), None
+        self._rescale_grad = value
+        if error is not None:
+            raise error
+
+    def _fail_in_callback(self, error, items):
+        """MXNet's kvstore calls the updater from a ctypes callback (update_on_kvstore=True),
+        which prints an exception and drops it: training would go on with weights that never
+        change. Instead nothing of the call is applied, the first error is kept (the next
+        gluon.Trainer.step raises it, and every update until then is refused), and each weight
+        of the call gets an mxlamb_error operator that fails with the message, so the kvstore's
+        pull and whatever reads the weights next raises it (the Module API included)."""
+        if self._callback_error is None:
+            self._callback_error = error
+        message = ("%s: %s [raised in MXNet's kvstore updater: the update was not applied]"
+                   % (type(error).__name__, error))
+        for item in items:
+            weight = _legacy(item[1])
+            if weight.size:
+                ndarray.mxlamb_error(weight, message=message, out=weight)
 
     # ------------------------------------------------------------------------ the user's
 
@@ -540,16 +696,20 @@ class LAMB(Optimizer):
         return "skip_nonfinite"
 
     def _run_step(self, indices, weights, grads, states, group_size):
+        if weights:
+            # Counts are per device (MXNet's Updater switches them too; a direct call may not).
+            self._use_device_counts(_legacy(weights[0]).context.device_id)
         self._update_count(list(indices))
         dtypes = {}
         items = []
         checked = self._checked
         for index, weight, grad, state in zip(indices, weights, grads, states):
-            cached = checked.get(index)  # _checked_state's cache, looked up inline (per tensor)
-            if (cached is not None and cached[0] is weight and cached[1] is grad
-                    and cached[2] is state):
-                prepared = cached[3]
-            else:
+            prepared = None
+            for cached in checked.get(index, ()):  # _checked_state's cache, inline (per tensor)
+                if cached[0] is weight and cached[1] is grad and cached[2] is state:
+                    prepared = cached[3]
+                    break
+            if prepared is None:
                 prepared = self._checked_state(index, weight, grad, state)
             if prepared.size > 0:
                 items.append((index, prepared.weight, prepared.grad, prepared.slots))
@@ -569,13 +729,13 @@ class LAMB(Optimizer):
         for dtype, members in by_dtype.items():
             for start in range(0, len(members), group_size):
                 self._update_group(members[start:start + group_size], grad_scale, stats, dtype)
-        applied = self._applied_steps
+        applied, begin = self._applied_steps, self.begin_num_update
         if self.gradient_accumulation_steps is None and not self.use_ema:
             for item in items:
-                applied[item[0]] = applied.get(item[0], 0) + 1
+                applied[item[0]] = applied.get(item[0], begin) + 1
             return
         for index, weight, _, slots in items:
-            applied[index] = applied.get(index, 0) + 1
+            applied[index] = applied.get(index, begin) + 1
             if slots.accum is not None:
                 slots.accum[:] = 0
             if (self.use_ema and self.ema_overwrite_frequency is not None
@@ -593,7 +753,7 @@ class LAMB(Optimizer):
         ready = []
         for index, weight, grad, slots in items:
             accum = slots.accum
-            accum += grad.astype(numpy.float32, copy=False) * scale
+            accum += grad.astype(accum.dtype, copy=False) * scale
             self._micro_steps[index] = self._micro_steps.get(index, 0) + 1
             if self._micro_steps[index] == steps:
                 self._micro_steps[index] = 0
@@ -612,11 +772,20 @@ class LAMB(Optimizer):
         return ndarray.mxlamb_grad_stats(*grads, state, **attrs)
 
     def _current_step_state(self, create, context=None):
+        """[loss scale, clean steps, skipped steps] of ``context``'s device (each device that
+        steps keeps its own, so that several devices do not count one step twice); without a
+        context, the first device's (all devices see the same gradients and agree)."""
         if self.loss_scaler is not None:
-            return self.loss_scaler.state
-        if self._step_state is None and create:
-            self._step_state = ndarray.array([1.0, 0.0, 0.0], ctx=context, dtype=numpy.float64)
-        return self._step_state
+            return (self.loss_scaler.state if context is None
+                    else self.loss_scaler.state_on(context))
+        if context is None:
+            return next(iter(self._step_states.values()), None)
+        memory = device_key(context)
+        state = self._step_states.get(memory)
+        if state is None and create:
+            state = self._step_states[memory] = ndarray.array([1.0, 0.0, 0.0], ctx=context,
+                                                              dtype=numpy.float64)
+        return state
 
     def _counts_for(self, indices, context):
         """The device step counts of ``context`` and the slots of ``indices`` in them."""
@@ -625,7 +794,9 @@ class LAMB(Optimizer):
         counts = self._device_counts.get(context)
         needed = len(self._count_slots)
         if counts is None or counts.shape[0] < needed:
-            grown = ndarray.zeros((max(16, 2 * needed),), ctx=context, dtype=numpy.float64)
+            # A count starts at begin_num_update, as MXNet's _index_update_count does.
+            grown = ndarray.full((max(16, 2 * needed),), self.begin_num_update, ctx=context,
+                                 dtype=numpy.float64)
             if counts is not None:
                 grown[:counts.shape[0]] = counts
             counts = self._device_counts[context] = grown
@@ -664,7 +835,9 @@ class LAMB(Optimizer):
             extra1.append(counts)
             extra2.append(counts)
         else:
-            attrs["step_counts"] = _joined([self._applied_steps.get(i, 0) + 1 for i in indices])
+            begin = self.begin_num_update
+            attrs["step_counts"] = _joined([self._applied_steps.get(i, begin) + 1
+                                            for i in indices])
         if (stats is None and not (self._may_skip or self._amsgrad or self.use_ema or bfloat16)
                 and weights[0].context.device_type == "cpu"):
             # The plain step: both phases in one operator call (back to back in cache; CPU
@@ -738,9 +911,10 @@ class LAMB(Optimizer):
             "epsilon": self.epsilon,
             "bias_correction": self.bias_correction,
             "rescale_grad": grad_scale,
-            "clip_gradient": -1.0 if self.clip_gradient is None else self.clip_gradient,
-            "lower_bound": -1.0 if self.lower_bound is None else self.lower_bound,
-            "upper_bound": -1.0 if self.upper_bound is None else self.upper_bound,
+            # None or 0 (MXNet's "not given") is -1; a negative clip_gradient does not clip.
+            "clip_gradient": self.clip_gradient or -1.0,
+            "lower_bound": self.lower_bound or -1.0,
+            "upper_bound": self.upper_bound or -1.0,
             "lrs": _joined(self._get_lrs(indices)),
             "wds": _joined(wds),
         }
@@ -791,17 +965,30 @@ class LAMB(Optimizer):
         """(model weight, Slots) of every parameter with an average, or of ``params``."""
         if not self.use_ema:
             raise ValueError("LAMB: weight averages need use_ema=True")
-        if params is None:
-            return [(cached[0], cached[3].slots) for cached in self._checked.values()]
         if hasattr(params, "values"):
             params = list(params.values())
-        wanted = {id(p) for p in params}
+        wanted = None if params is None else {id(p) for p in params}
         targets = []
-        for index, cached in self._checked.items():
+        for index, entries in self._checked.items():
             param = self.param_dict.get(index)
-            if param is not None and id(param) in wanted:
-                targets.append((cached[0], cached[3].slots))
+            if not entries or (wanted is not None and id(param) not in wanted):
+                continue
+            targets += [(cached[0], cached[3].slots) for cached in entries]
+            # With update_on_kvstore=True the weight stepped is the kvstore's copy: the model's
+            # arrays on each device get the average as well.
+            stepped = {id(cached[0]) for cached in entries}
+            for data in self._model_arrays(param):
+                if id(data) not in stepped:
+                    targets.append((data, entries[0][3].slots))
         return targets
+
+    @staticmethod
+    def _model_arrays(param):
+        """The arrays of a Gluon Parameter on each of its devices (none if it has none)."""
+        try:
+            return list(param.list_data()) if param is not None else []
+        except Exception:  # noqa: BLE001 (not initialised: nothing of it was stepped)
+            return []
 
     @staticmethod
     def _cast_into(source, target):
@@ -826,14 +1013,18 @@ class LAMB(Optimizer):
         Trainer and Updater pass the same array objects every step: a parameter whose weight,
         gradient and state are the very objects checked before is not checked again (the
         cache keeps them alive, so an identity cannot be reused by a new array)."""
-        cached = self._checked.get(index)
-        if (cached is not None and cached[0] is weight and cached[1] is grad
-                and cached[2] is state):
-            return cached[3]
+        entries = self._checked.setdefault(index, [])
+        for cached in entries:
+            if cached[0] is weight and cached[1] is grad and cached[2] is state:
+                return cached[3]
         result = Prepared(_legacy(weight), _legacy(grad),
                           self._check_state(index, weight, grad, state),
                           numpy.dtype(weight.dtype), weight.size)
-        self._checked[index] = (weight, grad, state, result)
+        # One entry per device (several devices update the same index, each its own copy);
+        # an entry of the same device is an older array of this parameter.
+        memory = device_key(weight.context)
+        entries[:] = [c for c in entries if device_key(c[0].context) != memory]
+        entries.append((weight, grad, state, result))
         return result
 
     def _state_layout(self):
@@ -852,9 +1043,10 @@ class LAMB(Optimizer):
 
         dtype = numpy.dtype(weight.dtype)
         multi_precision = self._is_multi_precision(weight)
-        if dtype != _FLOAT32 and not multi_precision:
-            refuse("weight is %s; LAMB updates float32 weights, and float16/bfloat16 weights "
-                   "with multi_precision=True" % self._dtype_name(dtype))
+        if dtype not in (_FLOAT32, _FLOAT64) and not multi_precision:
+            refuse("weight is %s; LAMB updates float32 and float64 weights, and "
+                   "float16/bfloat16 weights with multi_precision=True" % self._dtype_name(dtype))
+        math_dtype = _FLOAT64 if dtype == _FLOAT64 else _FLOAT32  # of master copy and states
         if grad.stype != "default" or weight.stype != "default":
             refuse("%s storage; LAMB needs dense weights and gradients (the trust ratio is a "
                    "whole-tensor norm, and densifying a sparse gradient would decay rows it "
@@ -864,7 +1056,7 @@ class LAMB(Optimizer):
         if numpy.dtype(grad.dtype) != dtype:
             refuse("gradient is %s, weight is %s"
                    % (self._dtype_name(grad.dtype), self._dtype_name(dtype)))
-        if grad.context != weight.context:
+        if not same_memory(grad.context, weight.context):
             refuse("gradient is on %s, weight on %s" % (grad.context, weight.context))
         layout = self._state_layout()
         expected = "(%s)" % ", ".join(layout)
@@ -879,15 +1071,15 @@ class LAMB(Optimizer):
                                                  for a in arrays + (master,)):
             refuse("state is not %s (made with other options?)" % expected)
         named = dict(zip(layout, arrays))
-        packed = self._packed.get(index)
+        packed = self._packed.get(id(named["mean"]))
         moments_at = (packed[2] if packed is not None and packed[0] is named["mean"]
                       and packed[1] is named["var"] else None)
         for name, array in [("weight32", master)] + list(named.items()):
-            if (array.shape != weight.shape or numpy.dtype(array.dtype) != _FLOAT32
-                    or array.context != weight.context):
-                refuse("state %s is %s %s on %s, expected float32 %s on %s"
+            if (array.shape != weight.shape or numpy.dtype(array.dtype) != math_dtype
+                    or not same_memory(array.context, weight.context)):
+                refuse("state %s is %s %s on %s, expected %s %s on %s"
                        % (name, self._dtype_name(array.dtype), array.shape, array.context,
-                          weight.shape, weight.context))
+                          math_dtype.name, weight.shape, weight.context))
         return Slots(*(None if array is None else _legacy(array) for array in (
             master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
             named.get("accum"))), moments_at=moments_at)

@@ -6,6 +6,8 @@ import numpy
 from mxnet import context as _context
 from mxnet import ndarray
 
+from .devices import device_key
+
 __all__ = ["LossScaler"]
 
 
@@ -24,8 +26,11 @@ class LossScaler:
         loss.backward()
         trainer.step(batch_size)
 
-    The state is one float64 array ``[scale, clean steps, skipped steps]``; reading
-    :attr:`loss_scale` or :attr:`skipped_steps` waits for the device, nothing else does.
+    The state is one float64 array ``[scale, clean steps, skipped steps]`` per device that
+    steps (:meth:`state_on`): with several devices in one process each device's update keeps
+    its own copy, and all agree since they see the same gradients. :attr:`state` is the copy of
+    the device ``ctx`` names, or of the first device that stepped when none of them is ``ctx``.
+    Reading :attr:`loss_scale` or :attr:`skipped_steps` waits for the device, nothing else does.
     """
 
     def __init__(self, init_scale=2.0 ** 15, growth_interval=2000, ctx=None):
@@ -40,11 +45,38 @@ class LossScaler:
                              % (growth_interval,))
         self.growth_interval = int(growth_interval)
         ctx = ctx or _context.current_context()
-        self.state = ndarray.array([float(init_scale), 0.0, 0.0], ctx=ctx, dtype=numpy.float64)
+        self._initial = ndarray.array([float(init_scale), 0.0, 0.0], ctx=ctx, dtype=numpy.float64)
+        self._states = {}  # device_key(context) -> that device's state
+
+    @property
+    def state(self):
+        """The state of ``ctx``'s device, else of the first device that stepped."""
+        if not self._states:
+            return self._initial
+        return self._states.get(device_key(self._initial.context), next(iter(self._states.values())))
+
+    def state_on(self, context):
+        """The state that the optimizer updates on ``context``'s device (made at first use
+        from :attr:`state`, the initial scale until a device has stepped)."""
+        memory = device_key(context)
+        state = self._states.get(memory)
+        if state is None:
+            if memory == device_key(self._initial.context):
+                state = self._initial
+            else:
+                state = self.state.copyto(context)
+            self._states[memory] = state
+        return state
+
+    def __setstate__(self, fields):
+        if "state" in fields:  # pickled by mxlamb 0.2: one state
+            fields["_initial"], fields["_states"] = fields.pop("state"), {}
+        self.__dict__.update(fields)
 
     def scale_loss(self, loss):
         """``loss * scale`` (in the loss's type), recorded by autograd like any product."""
-        scale = self.state[0:1].astype(loss.dtype).reshape((1,) * max(loss.ndim, 1))
+        scale = self.state_on(loss.context)[0:1].astype(loss.dtype)
+        scale = scale.reshape((1,) * max(loss.ndim, 1))
         return ndarray.broadcast_mul(loss, scale)
 
     @property

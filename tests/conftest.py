@@ -19,8 +19,8 @@ else:
 
     BFLOAT16 = np.dtype(_DTYPE_MX_TO_NP[12])
 
-    DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16),
-              "bfloat16": BFLOAT16}
+    DTYPES = {"float32": np.dtype(np.float32), "float64": np.dtype(np.float64),
+              "float16": np.dtype(np.float16), "bfloat16": BFLOAT16}
 
 # MXNet 2.0 (make test-mxnet2): its Gluon has no prefix/name_scope, no Module API, and its
 # own LAMB lives in mxnet.optimizer.lamb. It flushes denormals to zero on CPU by default;
@@ -36,20 +36,37 @@ mxnet1_only = pytest.mark.skipif(
 
 # (rtol, atol) of the model weight against the float64 reference after the test's steps.
 # Float32 values (fp32 weights, master copies, moments) always use the float32 row; low-precision
-# weights may round to the neighbouring representable value of their own type.
+# weights may round to the neighbouring representable value of their own type. float64 weights
+# and their moments are computed in float64: a few ulps from the reference.
 TOLERANCE = {
     "float32": (2e-5, 2e-6),
+    "float64": (1e-12, 1e-14),
     "float16": (2e-3, 1e-4),
     "bfloat16": (1.6e-2, 1e-3),
 }
 
 
 def mx_array(values, dtype="float32"):
-    """An NDArray of ``dtype`` (a DTYPES key) from float values."""
+    """An NDArray of ``dtype`` (a DTYPES key) from float values (float64 keeps every bit)."""
+    if dtype == "float64":
+        values = np.asarray(values, dtype=np.float64)
+        return (mx.nd.array(values, dtype=np.float64) if values.size
+                else mx.nd.empty(values.shape, dtype=np.float64))
     a = mx.nd.array(np.asarray(values, dtype=np.float32), dtype=np.float32)
     if dtype == "float32" or a.size == 0:
         return a if dtype == "float32" else mx.nd.empty(a.shape, dtype=DTYPES[dtype])
     return a.astype(DTYPES[dtype])
+
+
+def state_tolerance(dtype):
+    """(rtol, atol) of master copies and moments: float64 ones for float64 weights, float32
+    ones for every other weight dtype."""
+    return TOLERANCE["float64" if dtype == "float64" else "float32"]
+
+
+def is_low_precision(dtype):
+    """float16 and bfloat16 (DTYPES keys): the dtypes that need multi_precision."""
+    return dtype in ("float16", "bfloat16")
 
 
 def to_f64(array):

@@ -1,13 +1,17 @@
 """LAMB in float64 NumPy, written from the paper (arXiv:1904.00962, Algorithm 2) and the MXNet
 docs, independent of mxlamb's code. Every implementation is tested against this.
 
-    g = clip(rescale_grad * grad, +-clip_gradient)          (clip when clip_gradient given)
+    g = clip(rescale_grad * grad, +-clip_gradient)          (clip when clip_gradient > 0)
     m = beta1 m + (1 - beta1) g;   v = beta2 v + (1 - beta2) g^2
     m_hat = m / (1 - beta1^t);     v_hat = v / (1 - beta2^t)  (when bias_correction)
     u = m_hat / (sqrt(v_hat) + epsilon) + wd w
-    r1 = clamp(||w||, lower_bound, upper_bound);  r2 = ||u||
+    r1 = clamp(||w||, lower_bound, upper_bound);  r2 = ||u||   (a bound applies when > 0)
     ratio = r1 / r2, or 1 when r1 == 0 or r2 == 0
     w = w - lr ratio u
+
+None, 0 or a negative clip_gradient or bound is "not given", as MXNet's multi_lamb_update
+documents it ("If clip_gradient <= 0, gradient clipping is turned off", "If lower_bound <= 0,
+Lower limit is not set") and as MXNet's LAMB passes them (only when truthy).
 """
 import numpy as np
 
@@ -31,7 +35,7 @@ class ReferenceLAMB:
     def raw_update(self, key, grad, wd):
         """Phase 1: moments and u. Returns u."""
         g = np.asarray(grad, dtype=np.float64) * self.rescale_grad
-        if self.clip_gradient is not None:
+        if self.clip_gradient is not None and self.clip_gradient > 0:
             g = np.clip(g, -self.clip_gradient, self.clip_gradient)
         self.t[key] += 1
         t = self.t[key]
@@ -45,9 +49,9 @@ class ReferenceLAMB:
     def trust_ratio(self, weight, update):
         r1 = np.sqrt(np.sum(weight * weight))
         r2 = np.sqrt(np.sum(update * update))
-        if self.lower_bound is not None:
+        if self.lower_bound is not None and self.lower_bound > 0:
             r1 = max(r1, self.lower_bound)
-        if self.upper_bound is not None:
+        if self.upper_bound is not None and self.upper_bound > 0:
             r1 = min(r1, self.upper_bound)
         return 1.0 if r1 == 0 or r2 == 0 else r1 / r2
 

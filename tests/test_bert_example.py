@@ -71,3 +71,17 @@ def test_a_few_pretraining_steps_match_mxnets_lamb_and_learn(tmp_path):
     for key in ("mlm", "nsp"):
         np.testing.assert_allclose(histories["mxlamb"][key], histories["mxnet-lamb"][key],
                                    rtol=1e-5, err_msg=key)
+
+
+def test_two_devices_give_one_devices_loss_curve(tmp_path):
+    """GluonNLP's multi-GPU recipe (micro-batches split across devices, kvstore 'device',
+    update_on_kvstore=False) on two CPU contexts: the same curve as on one (no dropout, whose
+    masks differ per device)."""
+    example = load(os.path.join(EXAMPLES, "bert_pretrain.py"))
+    args = ["--steps", "8", "--batch-size", "8", "--accumulate", "2", "--dropout", "0",
+            "--optimizers", "mxlamb"]
+    one = example.main(args + ["--out-dir", str(tmp_path / "one")])["mxlamb"]
+    two = example.main(args + ["--out-dir", str(tmp_path / "two"), "--devices", "2"])["mxlamb"]
+    assert one["mlm"][-1] < one["mlm"][0] - 0.1  # it learns
+    for key in ("mlm", "nsp"):
+        np.testing.assert_allclose(two[key], one[key], rtol=2e-5, err_msg=key)

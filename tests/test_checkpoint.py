@@ -15,38 +15,51 @@ OPTIONS = {"learning_rate": 0.01, "wd": 0.01, "global_clipnorm": 1.0, "use_ema":
 pytestmark = mxnet1_only
 
 
-def train(net, trainer, x, y, start, stop):
+def train(net, trainer, x, y, start, stop, dtype="float32"):
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     for step in range(start, stop):
         lo = (step * 64) % len(x)
         with autograd.record():
-            loss = loss_fn(net(mx.nd.array(x[lo:lo + 64])), mx.nd.array(y[lo:lo + 64]))
+            loss = loss_fn(net(mx.nd.array(x[lo:lo + 64], dtype=dtype)),
+                           mx.nd.array(y[lo:lo + 64], dtype=dtype))
         loss.backward()
         trainer.step(64)
 
 
-def test_round_trip_mid_run_continues_bit_identically(tmp_path):
-    x, y = rings_data()
-    straight = make_net()
-    train(straight, gluon.Trainer(straight.collect_params(), "lamb", OPTIONS), x, y, 0, 9)
+def make_typed_net(dtype, seed=0):
+    net = make_net(seed=seed)
+    net.cast(dtype)
+    return net
 
-    first = make_net()
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_round_trip_mid_run_continues_bit_identically(tmp_path, dtype):
+    x, y = rings_data()
+    straight = make_typed_net(dtype)
+    train(straight, gluon.Trainer(straight.collect_params(), "lamb", OPTIONS), x, y, 0, 9, dtype)
+
+    first = make_typed_net(dtype)
     trainer = gluon.Trainer(first.collect_params(), "lamb", OPTIONS)
-    train(first, trainer, x, y, 0, 5)  # mid-accumulation: one gradient is pending in the sums
+    train(first, trainer, x, y, 0, 5, dtype)  # mid-accumulation: a gradient is in the sums
     first.save_parameters(str(tmp_path / "net.params"))
     mxlamb.save_states(trainer, str(tmp_path / "trainer.states"))
     # The file is an mx.nd.save file of arrays only: loadable without unpickling anything.
     loaded = mx.nd.load(str(tmp_path / "trainer.states"))
     assert all(isinstance(v, mx.nd.NDArray) for v in loaded.values())
 
-    resumed = make_net(seed=1)
+    if dtype == "float64":  # moments, average and gradient sums are float64 in the file
+        assert {v.dtype for k, v in loaded.items() if k.startswith("u")} == {np.float64}, \
+            {k: v.dtype for k, v in loaded.items()}
+
+    resumed = make_typed_net(dtype, seed=1)
     resumed.load_parameters(str(tmp_path / "net.params"))
     trainer = gluon.Trainer(resumed.collect_params(), "lamb", OPTIONS)
     mxlamb.load_states(trainer, str(tmp_path / "trainer.states"))
     assert trainer._optimizer.num_update == 5
-    train(resumed, trainer, x, y, 5, 9)
+    train(resumed, trainer, x, y, 5, 9, dtype)
     for (name, a), b in zip(straight.collect_params().items(),
                             resumed.collect_params().values()):
+        assert a.data().dtype == np.dtype(dtype)
         np.testing.assert_array_equal(a.data().asnumpy(), b.data().asnumpy(), err_msg=name)
 
 
@@ -191,17 +204,19 @@ LR, WD, STEPS = 0.05, 0.01, 4
 
 
 def fixed_gradient_run(trainer, net, first, last, seed=11):
-    """Steps first..last-1 with gradients that do not depend on the weights (loss = sum(w * c)),
-    so that the float64 reference sees the very same gradients."""
+    """Steps first..last-1 with gradients that do not depend on the weights (loss = sum(w * c)
+    on each device, the kvstore's sum over devices divided by their number), so that the
+    float64 reference sees the very same gradients."""
     params = list(net.collect_params().values())
+    devices = params[0].list_ctx()
     for step in range(first, last):
         rng = np.random.RandomState(seed + step)
         coefficients = [rng.randn(*p.shape).astype(np.float32) for p in params]
         with autograd.record():
-            loss = sum((p.data().astype("float32") * mx.nd.array(c)).sum()
-                       for p, c in zip(params, coefficients))
-        loss.backward()
-        trainer.step(1)
+            losses = [sum((p.data(ctx).astype("float32") * mx.nd.array(c, ctx=ctx)).sum()
+                          for p, c in zip(params, coefficients)) for ctx in devices]
+        autograd.backward(losses)
+        trainer.step(len(devices))
     return params
 
 
@@ -218,33 +233,35 @@ def reference_weights(net, steps, seed=11):
     return [ref.weight[k] for k in range(len(params))]
 
 
-def dense(dtype):
+def dense(dtype, devices=1):
     mx.random.seed(5)
     net = gluon.nn.Dense(7, in_units=5, prefix="fc_")
-    net.initialize(mx.init.Normal(0.5))
+    net.initialize(mx.init.Normal(0.5), ctx=[mx.cpu(k) for k in range(devices)])
     net.cast(dtype)
     return net
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype, devices", [("float32", 1), ("float16", 1), ("float32", 2)])
 @pytest.mark.parametrize("start", ["mxnet", "mxlamb"])
 def test_a_run_moves_between_mxnets_lamb_and_mxlamb_with_moments_and_step_counts(
-        tmp_path, dtype, start):
+        tmp_path, dtype, devices, start):
     from conftest import BUILTIN_LAMB, TOLERANCE
 
     options = {"learning_rate": LR, "wd": WD, "multi_precision": dtype == "float16"}
     make = {"mxnet": lambda: BUILTIN_LAMB(**options), "mxlamb": lambda: mxlamb.LAMB(**options)}
+    # Several devices: each device's Updater steps (and counts) its own copy.
+    kvstore = {"update_on_kvstore": False} if devices > 1 else {}
     end = "mxlamb" if start == "mxnet" else "mxnet"
-    net = dense(dtype)
+    net = dense(dtype, devices)
     expected = reference_weights(net, 2 * STEPS)
-    throughout = dense(dtype)
-    fixed_gradient_run(gluon.Trainer(throughout.collect_params(), make[end]()), throughout,
-                       0, 2 * STEPS)
+    throughout = dense(dtype, devices)
+    fixed_gradient_run(gluon.Trainer(throughout.collect_params(), make[end](), **kvstore),
+                       throughout, 0, 2 * STEPS)
 
-    trainer = gluon.Trainer(net.collect_params(), make[start]())
+    trainer = gluon.Trainer(net.collect_params(), make[start](), **kvstore)
     fixed_gradient_run(trainer, net, 0, STEPS)
     trainer.save_states(str(tmp_path / "pickled.states"))
-    resumed = gluon.Trainer(net.collect_params(), "lamb", options)  # 'lamb' is mxlamb's
+    resumed = gluon.Trainer(net.collect_params(), "lamb", options, **kvstore)  # mxlamb's 'lamb'
     resumed.load_states(str(tmp_path / "pickled.states"))
     # The pickle holds the optimizer object: the file resumes with the class that wrote it.
     assert type(resumed._optimizer) is type(trainer._optimizer)
@@ -259,10 +276,11 @@ def test_a_run_moves_between_mxnets_lamb_and_mxlamb_with_moments_and_step_counts
     rtol, atol = TOLERANCE[dtype]
     for p, want, other in zip(net.collect_params().values(), expected,
                               throughout.collect_params().values()):
-        got = p.data().asnumpy().astype(np.float64)
-        np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=p.name)
-        np.testing.assert_allclose(got, other.data().asnumpy(), rtol=rtol, atol=atol,
-                                   err_msg=p.name)
+        for ctx in p.list_ctx():
+            got = p.data(ctx).asnumpy().astype(np.float64)
+            np.testing.assert_allclose(got, want, rtol=rtol, atol=atol, err_msg=p.name)
+            np.testing.assert_allclose(got, other.data(ctx).asnumpy(), rtol=rtol, atol=atol,
+                                       err_msg=p.name)
     if end == "mxlamb":
         assert optimizer._applied_steps == {0: 2 * STEPS, 1: 2 * STEPS}
 

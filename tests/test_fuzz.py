@@ -21,7 +21,7 @@ FP32_SCALES = [(1.0, 1.0), (1e-30, 1.0), (1e30, 1.0), (1.0, 1e-30), (1.0, 1e-40)
 
 problems = st.fixed_dictionaries({
     "sizes": st.lists(st.sampled_from(SIZES), min_size=1, max_size=5),
-    "dtype": st.sampled_from(["float32", "float32", "float16"]),
+    "dtype": st.sampled_from(["float32", "float32", "float16", "float64"]),
     "scales": st.sampled_from(FP32_SCALES),
     "beta1": st.sampled_from([0.0, 0.5, 0.9]),
     "beta2": st.sampled_from([0.0, 0.9, 0.999]),
@@ -44,7 +44,7 @@ problems = st.fixed_dictionaries({
 @given(problems)
 def test_random_groups_match_the_reference(p):
     dtype = p["dtype"]
-    w_scale, g_scale = p["scales"] if dtype == "float32" else (1.0, 1.0)
+    w_scale, g_scale = p["scales"] if dtype in ("float32", "float64") else (1.0, 1.0)
     lower, upper = p["bounds"]
     steps = p["steps"]
     if lower is not None and w_scale < lower:
@@ -54,8 +54,9 @@ def test_random_groups_match_the_reference(p):
         # legitimately. One step of it is well-conditioned and checked.
         steps = 1
     rng = np.random.RandomState(p["seed"])
-    round_ = ((lambda x: x.astype(np.float32).astype(np.float64)) if dtype == "float32" else
-              (lambda x: x.astype(np.float16).astype(np.float64)))
+    round_ = {"float32": lambda x: x.astype(np.float32).astype(np.float64),
+              "float16": lambda x: x.astype(np.float16).astype(np.float64),
+              "float64": lambda x: x}[dtype]
     weights = [round_(rng.randn(n) * w_scale) for n in p["sizes"]]
     grads = [[round_(rng.randn(n) * g_scale) for n in p["sizes"]] for _ in range(steps)]
     lr = 0.01
@@ -64,7 +65,7 @@ def test_random_groups_match_the_reference(p):
                       bias_correction=p["bias_correction"], aggregate_num=p["aggregate_num"],
                       use_fused_step=p["use_fused_step"], wd=p["wd"],
                       rescale_grad=p["rescale_grad"], clip_gradient=p["clip_gradient"],
-                      multi_precision=dtype != "float32")
+                      multi_precision=dtype == "float16")
     ref = ReferenceLAMB(beta1=p["beta1"], beta2=p["beta2"], epsilon=p["epsilon"],
                         lower_bound=lower, upper_bound=upper,
                         bias_correction=p["bias_correction"], rescale_grad=p["rescale_grad"],

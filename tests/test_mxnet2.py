@@ -90,3 +90,42 @@ def test_2_0_step_api_on_np_arrays_matches_the_reference(dtype, fused):
     for k, array in enumerate(arrays):
         assert isinstance(array, mx.np.ndarray)
         np.testing.assert_allclose(to_f64(array), ref.weight[k], rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("update_on_kvstore", [True, False, None])
+def test_gluon2_two_devices_equal_one_device(update_on_kvstore):
+    """Issue 18 on Gluon 2.0: counts per device (2.0's Updater calls _set_current_device),
+    cpu(1) gradients against the kvstore's pinned weights. (2.0's Trainer updates on the
+    kvstore only with aggregate_num 1; there MXNet 2.0.0b1's own LAMB counts every step twice,
+    10 after 5 steps, and is 2.7e-3 off the one-device run: it is compared elsewhere only.)"""
+    group = {"aggregate_num": 1} if update_on_kvstore else {}
+    def run(n, optimizer):
+        contexts = [mx.cpu(k) for k in range(n)]
+        net = gluon.nn.HybridSequential()
+        net.add(gluon.nn.Dense(16, in_units=5, activation="tanh"),
+                gluon.nn.Dense(3, in_units=16))
+        mx.random.seed(0)
+        net.initialize(mx.init.Xavier(), ctx=contexts)
+        trainer = gluon.Trainer(net.collect_params(), optimizer, kvstore="device",
+                                update_on_kvstore=update_on_kvstore if n > 1 else None)
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        rng = np.random.RandomState(1)
+        for _ in range(5):
+            x = rng.randn(12, 5).astype(np.float32)
+            y = rng.randint(0, 3, 12).astype(np.float32)
+            xs = gluon.utils.split_and_load(mx.np.array(x), contexts)
+            ys = gluon.utils.split_and_load(mx.np.array(y), contexts)
+            with autograd.record():
+                losses = [loss_fn(net(a), b) for a, b in zip(xs, ys)]
+            for loss in losses:
+                loss.backward()
+            trainer.step(12)
+        return {k: [d.asnumpy() for d in p.list_data()] for k, p in net.collect_params().items()}
+    single = run(1, mxlamb.LAMB(learning_rate=0.01))
+    ours = run(2, mxlamb.LAMB(learning_rate=0.01, **group))
+    theirs = run(2, BUILTIN_LAMB(learning_rate=0.01, **group))
+    for name, copies in ours.items():
+        for copy, builtin in zip(copies, theirs[name]):
+            np.testing.assert_allclose(copy, single[name][0], rtol=0, atol=2e-6, err_msg=name)
+            if not update_on_kvstore:
+                np.testing.assert_allclose(copy, builtin, rtol=0, atol=1e-6, err_msg=name)

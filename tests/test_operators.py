@@ -26,12 +26,17 @@ def phases(weights, grads, means, variances, lrs, wds, counts, **options):
     return sumsq
 
 
-def random_group(sizes, seed):
+def random_group(sizes, seed, dtype=np.float32):
+    """Weights, gradients, means and variances of ``dtype`` (float32, or float64: the
+    operators' two math types)."""
     rng = np.random.RandomState(seed)
-    arrays = lambda: [mx.nd.array(rng.randn(n).astype(np.float32)) for n in sizes]  # noqa: E731
-    weights, grads = arrays(), arrays()
-    means = [mx.nd.array(rng.randn(n).astype(np.float32) * 0.1) for n in sizes]
-    variances = [mx.nd.array(rng.rand(n).astype(np.float32) * 0.01) for n in sizes]
+    array = lambda x: mx.nd.array(x.astype(dtype), dtype=dtype)  # noqa: E731
+    # float32 values are rounded first (as they always were); float64 ones keep every bit.
+    value = (lambda x: x) if dtype == np.float64 else (lambda x: x.astype(np.float32))  # noqa
+    weights = [array(value(rng.randn(n))) for n in sizes]
+    grads = [array(value(rng.randn(n))) for n in sizes]
+    means = [array(value(rng.randn(n)) * 0.1) for n in sizes]
+    variances = [array(value(rng.rand(n)) * 0.01) for n in sizes]
     return weights, grads, means, variances
 
 
@@ -40,9 +45,14 @@ def random_group(sizes, seed):
 SIZES = [1, 15, 16, 17, 4097, 18011, 32767, 32768, 32769, 200003]
 
 
-def test_every_isa_level_matches_the_reference(isa):
+# float64 weights are computed in float64 end to end: a few ulps from the reference.
+MATH_TOLERANCE = {np.float32: TOLERANCE["float32"], np.float64: (1e-12, 1e-14)}
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_every_isa_level_matches_the_reference(isa, dtype):
     """Per-tensor lr, wd and step count differ inside the group."""
-    weights, grads, means, variances = random_group(SIZES, seed=1)
+    weights, grads, means, variances = random_group(SIZES, seed=1, dtype=dtype)
     lrs = [0.01 * (1 + i % 3) for i in range(len(SIZES))]
     wds = [0.0 if i % 2 else 0.02 for i in range(len(SIZES))]
     counts = [1 + i for i in range(len(SIZES))]
@@ -53,27 +63,29 @@ def test_every_isa_level_matches_the_reference(isa):
     expected = [ref.step(i, to_f64(g), lrs[i], wds[i]) for i, g in enumerate(grads)]
     phases(weights, grads, means, variances, lrs, wds, counts)
     for i, w in enumerate(weights):
-        np.testing.assert_allclose(to_f64(w), expected[i], *TOLERANCE["float32"])
-        np.testing.assert_allclose(to_f64(means[i]), ref.mean[i], *TOLERANCE["float32"])
-        np.testing.assert_allclose(to_f64(variances[i]), ref.var[i], *TOLERANCE["float32"])
+        assert w.dtype == dtype and means[i].dtype == dtype
+        np.testing.assert_allclose(to_f64(w), expected[i], *MATH_TOLERANCE[dtype])
+        np.testing.assert_allclose(to_f64(means[i]), ref.mean[i], *MATH_TOLERANCE[dtype])
+        np.testing.assert_allclose(to_f64(variances[i]), ref.var[i], *MATH_TOLERANCE[dtype])
 
 
-def run_group(sizes, seed, steps=3):
-    weights, grads, means, variances = random_group(sizes, seed)
+def run_group(sizes, seed, steps=3, dtype=np.float32):
+    weights, grads, means, variances = random_group(sizes, seed, dtype)
     n = len(sizes)
     for t in range(1, steps + 1):
         sumsq = phases(weights, grads, means, variances, [0.01] * n, [0.01] * n, [t] * n)
     return [a.asnumpy() for a in weights + means + variances + [sumsq]]
 
 
-def test_results_are_bit_identical_on_every_isa_level():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_results_are_bit_identical_on_every_isa_level(dtype):
     """No FMA contraction and a fixed lane order: the CPU's ISA never changes a bit."""
     before = _library.native.mxlamb_active_isa()
     results = {}
     try:
         for isa in supported_isas():
             _library.native.mxlamb_set_isa(isa.encode())
-            results[isa] = run_group(SIZES, seed=2)
+            results[isa] = run_group(SIZES, seed=2, dtype=dtype)
             mx.nd.waitall()
     finally:
         _library.native.mxlamb_set_isa(before)
@@ -83,13 +95,14 @@ def test_results_are_bit_identical_on_every_isa_level():
             np.testing.assert_array_equal(a, b, err_msg=isa)
 
 
-def test_results_are_bit_identical_for_any_thread_count():
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["float32", "float64"])
+def test_results_are_bit_identical_for_any_thread_count(dtype):
     threads_before = _library.native.mxlamb_num_threads()
     results = []
     try:
         for threads in (1, 2, 3, 8):
             _library.native.mxlamb_set_num_threads(threads)
-            results.append(run_group([300007, 70001, 5, 131072], seed=4))
+            results.append(run_group([300007, 70001, 5, 131072], seed=4, dtype=dtype))
             mx.nd.waitall()
     finally:
         _library.native.mxlamb_set_num_threads(threads_before)
@@ -111,7 +124,7 @@ def fused(weights, grads, means, variances, lrs, wds, counts, lowp=None, **optio
 FUSED_SIZES = [700000, 500000, 1, 4097, 2100000, 3]
 
 
-@pytest.mark.parametrize("multi_precision", [False, True])
+@pytest.mark.parametrize("multi_precision", [False, True, "float64"])
 def test_fused_step_is_bit_identical_to_the_two_phases(isa, multi_precision):
     """mxlamb_step (phase 1 and 2 back to back per cache-sized batch) against mxlamb_phase1
     then mxlamb_phase2 over the whole group: weights, moments and the sums-of-squares table."""
@@ -121,8 +134,10 @@ def test_fused_step_is_bit_identical_to_the_two_phases(isa, multi_precision):
     counts = [1 + i for i in range(n)]
     options = dict(lower_bound=0.1, upper_bound=5.0, layer_adaptation="1,0,1,1,1,1")
     results = []
+    dtype = np.float64 if multi_precision == "float64" else np.float32
+    multi_precision = multi_precision is True
     for run in ("phases", "fused"):
-        weights, grads, means, variances = random_group(FUSED_SIZES, seed=5)
+        weights, grads, means, variances = random_group(FUSED_SIZES, seed=5, dtype=dtype)
         lowp = None
         if multi_precision:
             lowp = [w.astype(np.float16) for w in weights]
@@ -214,7 +229,7 @@ def test_float16_results_are_bit_identical_on_every_isa_level(operators):
             np.testing.assert_array_equal(a, b, err_msg="%s, array %d" % (isa, i))
 
 
-@pytest.mark.parametrize("multi_precision", [False, True])
+@pytest.mark.parametrize("multi_precision", [False, True, "float64"])
 def test_packed_moments_are_bit_identical_to_per_tensor_moments(isa, multi_precision):
     """mxlamb_step with moments_offset: tensor t's mean and var side by side in one array from
     the offset on, against the same step with m and v per tensor."""
@@ -222,11 +237,13 @@ def test_packed_moments_are_bit_identical_to_per_tensor_moments(isa, multi_preci
     n = len(sizes)
     attrs = dict(ATTRS, num_tensors=n, lrs="0.01,0.02,0.03,0.01", wds="0.02,0,0.02,0",
                  step_counts="1,2,3,4")
+    dtype = np.float64 if multi_precision == "float64" else np.float32
+    multi_precision = multi_precision is True
     if multi_precision:
         attrs.update(multi_precision=True, weight_dtype=2)
     results = []
     for packed in (False, True):
-        weights, grads, means, variances = random_group(sizes, seed=9)
+        weights, grads, means, variances = random_group(sizes, seed=9, dtype=dtype)
         lowp = [w.astype(np.float16) for w in weights] if multi_precision else None
         if multi_precision:
             grads = [g.astype(np.float16) for g in grads]
@@ -235,12 +252,12 @@ def test_packed_moments_are_bit_identical_to_per_tensor_moments(isa, multi_preci
             table = mx.nd.mxlamb_step(*[x for row in rows for x in row], **attrs)
         else:
             offset = 5  # and room to spare after the last var
-            moments = np.zeros(offset + 2 * sum(sizes) + 3, np.float32)
+            moments = np.zeros(offset + 2 * sum(sizes) + 3, dtype)
             at = offset
             for m, v, size in zip(means, variances, sizes):
                 moments[at:at + size], moments[at + size:at + 2 * size] = m.asnumpy(), v.asnumpy()
                 at += 2 * size
-            moments = mx.nd.array(moments)
+            moments = mx.nd.array(moments, dtype=dtype)
             rows = zip(weights, grads, *([lowp] if multi_precision else []))
             table = mx.nd.mxlamb_step(*[x for row in rows for x in row], moments,
                                       moments_offset=offset, **attrs)
@@ -313,6 +330,24 @@ def test_operator_refuses_mismatched_shapes_with_a_named_tensor():
     m, v = mx.nd.zeros((4,)), mx.nd.zeros((4,))
     with pytest.raises(mx.base.MXNetError, match="grad of tensor 0 has another shape"):
         mx.nd.mxlamb_phase1(w, g, m, v, num_tensors=1, lrs="0.1", wds="0", step_counts="1")
+
+
+def test_operator_refuses_mixed_math_types_with_a_named_tensor():
+    """One call has one math type, its first weight's: float32 or float64 (float32 under
+    multi_precision)."""
+    weights, grads, means, variances = random_group([4, 5], seed=0, dtype=np.float64)
+    means[1] = means[1].astype(np.float32)
+    with pytest.raises(mx.base.MXNetError, match="mean of tensor 1 is float32, expected float64"):
+        phases(weights, grads, means, variances, [0.1] * 2, [0.0] * 2, [1] * 2).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="weight of tensor 0 is float16, expected "
+                                                 "float32 or float64"):
+        w16 = [w.astype(np.float16) for w in weights]
+        fused(w16, grads, means, variances, [0.1] * 2, [0.0] * 2, [1] * 2).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="weight of tensor 0 is float64, expected "
+                                                 "float32 .the master copy"):
+        fused(weights, grads, means, variances, [0.1] * 2, [0.0] * 2, [1] * 2,
+              lowp=[w.astype(np.float16) for w in weights], multi_precision=True,
+              weight_dtype=2).wait_to_read()
 
 
 def test_operator_refuses_a_wrong_length_list():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import mxlamb
-from conftest import DTYPES, TOLERANCE, mx_array, to_f64
+from conftest import DTYPES, TOLERANCE, is_low_precision, mx_array, state_tolerance, to_f64
 from reference import ReferenceLAMB
 
 STEPS = 7
@@ -21,9 +21,11 @@ WD_MULT = {2: 0.0, 6: 3.0}
 
 def make_problem(shapes, dtype, seed, steps=STEPS):
     rng = np.random.RandomState(seed)
-    weights = [np.zeros(s, np.float32) if i in ZERO_INIT and len(shapes) == len(SHAPES)
-               else rng.randn(*s).astype(np.float32) for i, s in enumerate(shapes)]
-    grads = [[rng.randn(*s).astype(np.float32) for s in shapes] for _ in range(steps)]
+    # float32 values, but for float64 weights, which get every bit of the draw
+    values = np.float64 if dtype == "float64" else np.float32
+    weights = [np.zeros(s, values) if i in ZERO_INIT and len(shapes) == len(SHAPES)
+               else rng.randn(*s).astype(values) for i, s in enumerate(shapes)]
+    grads = [[rng.randn(*s).astype(values) for s in shapes] for _ in range(steps)]
     return [mx_array(w, dtype) for w in weights], [[mx_array(g, dtype) for g in step]
                                                    for step in grads]
 
@@ -54,7 +56,7 @@ def run_reference(options, lr, wd, weights, grads, lr_mult=None, wd_mult=None):
 
 
 def assert_matches_reference(ref, weights, states, dtype, multi_precision):
-    rtol, atol = TOLERANCE["float32"]
+    rtol, atol = state_tolerance(dtype)
     for i, w in enumerate(weights):
         if multi_precision:
             master, (mean, var) = states[i]
@@ -65,6 +67,8 @@ def assert_matches_reference(ref, weights, states, dtype, multi_precision):
                 to_f64(w), to_f64(mx_array(to_f64(master), dtype)), err_msg="weight %d" % i)
         else:
             mean, var = states[i]
+        assert (w.dtype, mean.dtype, var.dtype) == (w.dtype,) + (
+            (np.float64,) * 2 if dtype == "float64" else (np.float32,) * 2)
         np.testing.assert_allclose(to_f64(w), ref.weight[i], *TOLERANCE[dtype],
                                    err_msg="weight %d" % i)
         np.testing.assert_allclose(to_f64(mean), ref.mean[i], rtol, atol, err_msg="mean %d" % i)
@@ -81,7 +85,7 @@ OPTION_GRID = [
 def check(dtype, wd, bounds, bias_correction, rescale_grad, clip_gradient, aggregate_num=4,
           use_fused_step=True, via="updater", seed=0):
     lr = 0.02
-    multi_precision = dtype != "float32"
+    multi_precision = is_low_precision(dtype)
     opt = mx.optimizer.create(
         "lamb", learning_rate=lr, beta1=0.9, beta2=0.99, epsilon=1e-6, lower_bound=bounds[0],
         upper_bound=bounds[1], bias_correction=bias_correction, aggregate_num=aggregate_num,
@@ -208,7 +212,7 @@ def test_single_ndarray_update_is_the_1x_non_aggregated_call():
     assert a._index_update_count == b._index_update_count == {0: 1}
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64"])
 @pytest.mark.parametrize("slab_elements", [None, 9000])
 def test_packed_moments_are_bit_identical_to_per_tensor_moments(monkeypatch, dtype,
                                                                  slab_elements):
@@ -234,17 +238,17 @@ def test_packed_moments_are_bit_identical_to_per_tensor_moments(monkeypatch, dty
         calls.clear()
         weights, grads = make_problem(shapes, dtype, seed=8, steps=3)
         opt = mxlamb.LAMB(learning_rate=0.01, wd=0.01, aggregate_num=3,
-                          multi_precision=dtype != "float32")
+                          multi_precision=is_low_precision(dtype))
         states = run(opt, weights, grads, via="fused_step")  # not the 2.0 Updater's groups
         results.append([to_f64(w) for w in weights] + [
             to_f64(a) for i in range(len(shapes)) for a in mx.base._as_list(states[i])
             if isinstance(a, mx.nd.NDArray)] + [to_f64(a) for i in range(len(shapes))
-                                                 if dtype != "float32"
+                                                 if is_low_precision(dtype)
                                                  for a in states[i][1]])
         packed_calls = [c for c in calls if c[0]]
         if packing:
             assert packed_calls, calls
-            per_tensor = 3 if dtype != "float32" else 2
+            per_tensor = 3 if is_low_precision(dtype) else 2
             assert all(inputs == per_tensor * n + 1 for _, n, inputs in packed_calls)
             assert len(calls) == 3 * 3
             assert len(packed_calls) == (2 if slab_elements is None else 1) * 3
@@ -265,5 +269,5 @@ def test_packed_states_are_ordinary_arrays_to_their_users():
     assert to_f64(mean1).sum() == 0 and to_f64(states[0][1]).sum() == 0
     clone = pickle.loads(pickle.dumps(var1))
     np.testing.assert_array_equal(clone.asnumpy(), np.full((2, 3), 7.0, np.float32))
-    slab, offset, size = opt._packed[1][2]
+    slab, offset, size = opt._packed[id(mean1)][2]
     assert (offset, size) == (10, 6) and to_f64(slab)[16:22].tolist() == [7.0] * 6

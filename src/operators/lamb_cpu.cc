@@ -15,15 +15,16 @@ std::vector<int64_t> sizes_of(const std::vector<Span>& spans) {
 
 }  // namespace
 
-void lamb_phase1_cpu(const std::vector<Phase1Span>& tensors, const StepCoeffs& step,
-                     const std::vector<TensorCoeffs>& coeffs, double* sumsq) {
-  const KernelTable& k = active_kernels();
+template <typename T>
+void lamb_phase1_cpu(const std::vector<Phase1Span<T>>& tensors, const StepCoeffs<T>& step,
+                     const std::vector<TensorCoeffs<T>>& coeffs, double* sumsq) {
+  const PhaseKernels<T>& k = active_kernels().phases<T>();
   const ChunkPlan plan(sizes_of(tensors));
   std::vector<double> partial(2 * plan.chunks.size());
   for_each_chunk(plan, [&](int64_t c, const Chunk& chunk) {
-    const Phase1Span& whole = tensors[chunk.tensor];
-    const size_t grad_bytes = whole.grad_type == DType::kFloat32 ? 4 : 2;
-    Phase1Span part = whole;
+    const Phase1Span<T>& whole = tensors[chunk.tensor];
+    const int64_t grad_bytes = dtype_bytes(whole.grad_type);
+    Phase1Span<T> part = whole;
     part.weight = whole.weight + chunk.begin;
     part.grad = static_cast<const char*>(whole.grad) + chunk.begin * grad_bytes;
     part.mean = whole.mean + chunk.begin;
@@ -44,18 +45,20 @@ void lamb_phase1_cpu(const std::vector<Phase1Span>& tensors, const StepCoeffs& s
   }
 }
 
-void lamb_phase2_cpu(const std::vector<Phase2Span>& tensors, const StepCoeffs& step,
-                     const std::vector<TensorCoeffs>& coeffs,
-                     const std::vector<float>& step_sizes, const EmaCoeffs& ema) {
-  const KernelTable& k = active_kernels();
+template <typename T>
+void lamb_phase2_cpu(const std::vector<Phase2Span<T>>& tensors, const StepCoeffs<T>& step,
+                     const std::vector<TensorCoeffs<T>>& coeffs, const std::vector<T>& step_sizes,
+                     const EmaCoeffs<T>& ema) {
+  const PhaseKernels<T>& k = active_kernels().phases<T>();
   const ChunkPlan plan(sizes_of(tensors));
   for_each_chunk(plan, [&](int64_t, const Chunk& chunk) {
-    const Phase2Span& whole = tensors[chunk.tensor];
-    Phase2Span part = whole;
+    const Phase2Span<T>& whole = tensors[chunk.tensor];
+    Phase2Span<T> part = whole;
     part.weight = whole.weight + chunk.begin;
     part.weight_out = whole.weight_out + chunk.begin;
     if (whole.weight_lowp != nullptr) {
-      part.weight_lowp = static_cast<char*>(whole.weight_lowp) + chunk.begin * 2;
+      part.weight_lowp = static_cast<char*>(whole.weight_lowp) +
+                         chunk.begin * dtype_bytes(whole.lowp_type);
     }
     part.mean = whole.mean + chunk.begin;
     part.var = whole.var + chunk.begin;
@@ -65,13 +68,28 @@ void lamb_phase2_cpu(const std::vector<Phase2Span>& tensors, const StepCoeffs& s
   });
 }
 
+template void lamb_phase1_cpu<float>(const std::vector<Phase1Span<float>>&,
+                                      const StepCoeffs<float>&,
+                                      const std::vector<TensorCoeffs<float>>&, double*);
+template void lamb_phase1_cpu<double>(const std::vector<Phase1Span<double>>&,
+                                       const StepCoeffs<double>&,
+                                       const std::vector<TensorCoeffs<double>>&, double*);
+template void lamb_phase2_cpu<float>(const std::vector<Phase2Span<float>>&,
+                                      const StepCoeffs<float>&,
+                                      const std::vector<TensorCoeffs<float>>&,
+                                      const std::vector<float>&, const EmaCoeffs<float>&);
+template void lamb_phase2_cpu<double>(const std::vector<Phase2Span<double>>&,
+                                       const StepCoeffs<double>&,
+                                       const std::vector<TensorCoeffs<double>>&,
+                                       const std::vector<double>&, const EmaCoeffs<double>&);
+
 void grad_sumsq_cpu(const std::vector<GradSpan>& grads, double* out) {
   const KernelTable& k = active_kernels();
   const ChunkPlan plan(sizes_of(grads));
   std::vector<double> partial(plan.chunks.size());
   for_each_chunk(plan, [&](int64_t c, const Chunk& chunk) {
     const GradSpan& whole = grads[chunk.tensor];
-    const size_t bytes = whole.grad_type == DType::kFloat32 ? 4 : 2;
+    const int64_t bytes = dtype_bytes(whole.grad_type);
     GradSpan part = whole;
     part.grad = static_cast<const char*>(whole.grad) + chunk.begin * bytes;
     part.n = chunk.end - chunk.begin;

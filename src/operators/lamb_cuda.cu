@@ -33,7 +33,7 @@ struct TensorEntry {
   float* var;
   void* weight_lowp;
   int64_t n;
-  TensorCoeffs coeffs;
+  TensorCoeffs<float> coeffs;
 };
 
 struct ChunkEntry {
@@ -88,7 +88,7 @@ __device__ double block_sum(double value, double* shared) {
 
 template <typename GradT>
 __global__ void __launch_bounds__(kBlock)
-    phase1_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, StepCoeffs step,
+    phase1_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, StepCoeffs<float> step,
                   double* partials) {
   __shared__ double shared[kBlock];
   const ChunkEntry c = chunks[blockIdx.x];
@@ -130,11 +130,11 @@ __global__ void norms_kernel(const int64_t* first_chunk, const double* partials,
 
 template <typename LowT>
 __global__ void __launch_bounds__(kBlock)
-    phase2_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, StepCoeffs step,
+    phase2_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, StepCoeffs<float> step,
                   const double* sumsq, double lower_bound, double upper_bound) {
   const ChunkEntry c = chunks[blockIdx.x];
   const TensorEntry t = tensors[c.tensor];
-  const float step_size = mxlamb::step_size(t.coeffs.lr, sumsq[2 * c.tensor],
+  const float step_size = mxlamb::step_size<float>(t.coeffs.lr, sumsq[2 * c.tensor],
                                             sumsq[2 * c.tensor + 1], lower_bound, upper_bound,
                                             true);
   LowT* lowp = static_cast<LowT*>(t.weight_lowp);
@@ -148,8 +148,8 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-StepCoeffs step_of(const MxlambCudaGroup& g) {
-  return StepCoeffs{g.beta1,
+StepCoeffs<float> step_of(const MxlambCudaGroup& g) {
+  return StepCoeffs<float>{g.beta1,
                     g.beta2,
                     static_cast<float>(1.0 - static_cast<double>(g.beta1)),
                     static_cast<float>(1.0 - static_cast<double>(g.beta2)),
@@ -222,7 +222,7 @@ cudaError_t write_tables(const MxlambCudaGroup& g, const Layout& l, char* worksp
   int64_t c = 0;
   for (int t = 0; t < g.num_tensors; ++t) {
     const double count = static_cast<double>(g.step_counts[t]);
-    TensorCoeffs coeffs;
+    TensorCoeffs<float> coeffs;
     coeffs.inv_bias1 = static_cast<float>(inverse_bias(g.beta1, count, g.bias_correction));
     coeffs.inv_bias2 = static_cast<float>(inverse_bias(g.beta2, count, g.bias_correction));
     coeffs.epsilon = g.epsilon;
@@ -253,7 +253,7 @@ cudaError_t dispatch(int dtype, Args... args) {
 
 template <typename GradT>
 struct LaunchPhase1 {
-  static cudaError_t run(const Layout& l, char* ws, StepCoeffs step, cudaStream_t stream) {
+  static cudaError_t run(const Layout& l, char* ws, StepCoeffs<float> step, cudaStream_t stream) {
     phase1_kernel<GradT><<<static_cast<unsigned>(l.num_chunks), kBlock, 0, stream>>>(
         reinterpret_cast<const TensorEntry*>(ws + l.tensors),
         reinterpret_cast<const ChunkEntry*>(ws + l.chunks), step,
@@ -264,7 +264,7 @@ struct LaunchPhase1 {
 
 template <typename LowT>
 struct LaunchPhase2 {
-  static cudaError_t run(const Layout& l, char* ws, StepCoeffs step, const double* sumsq,
+  static cudaError_t run(const Layout& l, char* ws, StepCoeffs<float> step, const double* sumsq,
                          double lower, double upper, cudaStream_t stream) {
     phase2_kernel<LowT><<<static_cast<unsigned>(l.num_chunks), kBlock, 0, stream>>>(
         reinterpret_cast<const TensorEntry*>(ws + l.tensors),

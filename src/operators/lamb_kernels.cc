@@ -36,24 +36,24 @@ inline double sum_lanes(const double* acc) {
   return level[0];
 }
 
-// Phase 1 of one element: updates mean and var in place, returns u.
-template <typename GradT>
-MXLAMB_INLINE float phase1_element(float w, GradT grad, float* mean, float* var,
-                                   const StepCoeffs& step, const TensorCoeffs& tensor) {
-  float m = *mean, v = *var;
-  update_moments(scaled_grad(to_float(grad), step, tensor), &m, &v, step);
+// Phase 1 of one element in math type T: updates mean and var in place, returns u.
+template <typename T>
+MXLAMB_INLINE T phase1_element(T w, T grad, T* mean, T* var, const StepCoeffs<T>& step,
+                               const TensorCoeffs<T>& tensor) {
+  T m = *mean, v = *var;
+  update_moments(scaled_grad(grad, step, tensor), &m, &v, step);
   *mean = m;
   *var = v;
   return raw_update(w, m, v, tensor);
 }
 
 // The same under AMSGrad: the running max of var is kept and used for u.
-template <typename GradT>
-MXLAMB_INLINE float phase1_element(float w, GradT grad, float* mean, float* var, float* var_max,
-                                   const StepCoeffs& step, const TensorCoeffs& tensor) {
-  float m = *mean, v = *var;
-  update_moments(scaled_grad(to_float(grad), step, tensor), &m, &v, step);
-  const float v_max = amsgrad_var(*var_max, v);
+template <typename T>
+MXLAMB_INLINE T phase1_element(T w, T grad, T* mean, T* var, T* var_max,
+                               const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor) {
+  T m = *mean, v = *var;
+  update_moments(scaled_grad(grad, step, tensor), &m, &v, step);
+  const T v_max = amsgrad_var(*var_max, v);
   *mean = m;
   *var = v;
   *var_max = v_max;
@@ -80,11 +80,22 @@ MXLAMB_INLINE void accumulate_squares(const float* x, double* acc) {
   }
 }
 
-template <bool kAmsgrad>
-MXLAMB_INLINE float phase1_at(int64_t i, float grad, const float* __restrict__ w,
-                              float* __restrict__ m, float* __restrict__ v,
-                              float* __restrict__ v_max, const StepCoeffs& step,
-                              const TensorCoeffs& tensor) {
+// The same for float64 values (nothing to widen).
+MXLAMB_INLINE void accumulate_squares(const double* x, double* acc) {
+  for (int octet = 0; octet < kSumLanes; octet += 8) {
+    DoubleOctet value;
+    DoubleOctet sum;
+    std::memcpy(&value, x + octet, sizeof(value));
+    std::memcpy(&sum, acc + octet, sizeof(sum));
+    sum += value * value;
+    std::memcpy(acc + octet, &sum, sizeof(sum));
+  }
+}
+
+template <bool kAmsgrad, typename T>
+MXLAMB_INLINE T phase1_at(int64_t i, T grad, const T* __restrict__ w, T* __restrict__ m,
+                          T* __restrict__ v, T* __restrict__ v_max, const StepCoeffs<T>& step,
+                          const TensorCoeffs<T>& tensor) {
   if (kAmsgrad) return phase1_element(w[i], grad, &m[i], &v[i], &v_max[i], step, tensor);
   return phase1_element(w[i], grad, &m[i], &v[i], step, tensor);
 }
@@ -153,25 +164,26 @@ MXLAMB_INLINE void narrow_block<half_t>(const float* src, half_t* dst) {
 }
 #endif
 
-// kAmsgrad is a template parameter so that the plain loop has no per-element branch.
-template <typename GradT, bool kAmsgrad>
-void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs& tensor,
+// T is the math type, GradT the gradient's storage type (T itself, or float16/bfloat16 for
+// float). kAmsgrad is a template parameter so that the plain loop has no per-element branch.
+template <typename T, typename GradT, bool kAmsgrad>
+void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor,
                  double* weight_sumsq, double* update_sumsq) {
-  const float* __restrict__ w = s.weight;
+  const T* __restrict__ w = s.weight;
   const GradT* __restrict__ g = static_cast<const GradT*>(s.grad);
-  float* __restrict__ m = s.mean;
-  float* __restrict__ v = s.var;
-  float* __restrict__ v_max = kAmsgrad ? s.var_max : nullptr;
+  T* __restrict__ m = s.mean;
+  T* __restrict__ v = s.var;
+  T* __restrict__ v_max = kAmsgrad ? s.var_max : nullptr;
   double acc_w[kSumLanes] = {};
   double acc_u[kSumLanes] = {};
-  float u[kSumLanes];
+  T u[kSumLanes];
 
   const int64_t body = s.n - s.n % kSumLanes;
   for (int64_t i = 0; i < body; i += kSumLanes) {
-    if constexpr (std::is_same<GradT, float>::value) {
-      const float* g_float = reinterpret_cast<const float*>(g);
+    if constexpr (std::is_same<GradT, T>::value) {
+      const T* g_math = reinterpret_cast<const T*>(g);
       for (int lane = 0; lane < kSumLanes; ++lane) {
-        u[lane] = phase1_at<kAmsgrad>(i + lane, g_float[i + lane], w, m, v, v_max, step, tensor);
+        u[lane] = phase1_at<kAmsgrad>(i + lane, g_math[i + lane], w, m, v, v_max, step, tensor);
       }
     } else {
       float g_block[kSumLanes];
@@ -185,8 +197,8 @@ void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs
   }
   // The tail continues the same lane pattern with zeros in the unused lanes (0^2 adds nothing).
   if (body < s.n) {
-    float w_tail[kSumLanes] = {};
-    float u_tail[kSumLanes] = {};
+    T w_tail[kSumLanes] = {};
+    T u_tail[kSumLanes] = {};
     for (int64_t i = body; i < s.n; ++i) {
       w_tail[i - body] = w[i];
       u_tail[i - body] = phase1_at<kAmsgrad>(i, to_float(g[i]), w, m, v, v_max, step, tensor);
@@ -198,23 +210,26 @@ void phase1_span(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs
   *update_sumsq = sum_lanes(acc_u);
 }
 
-template <typename LowT, bool kEma>
-void phase2_span(const Phase2Span& s, const TensorCoeffs& tensor, float step_size,
-                 const EmaCoeffs& ema) {
-  const float* w = s.weight;  // may alias w_out: no __restrict__
-  float* w_out = s.weight_out;
+// LowT: the storage type of the model weight written besides the master copy (float16 or
+// bfloat16, math type float), or T itself where there is none.
+template <typename T, typename LowT, bool kEma>
+void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size,
+                 const EmaCoeffs<T>& ema) {
+  constexpr bool kLowp = !std::is_same<LowT, T>::value;
+  const T* w = s.weight;  // may alias w_out: no __restrict__
+  T* w_out = s.weight_out;
   LowT* __restrict__ w_lowp = static_cast<LowT*>(s.weight_lowp);
-  const float* __restrict__ m = s.mean;
-  const float* __restrict__ v = s.var;
-  float* __restrict__ avg = s.average;
+  const T* __restrict__ m = s.mean;
+  const T* __restrict__ v = s.var;
+  T* __restrict__ avg = s.average;
   auto element = [&](int64_t i) {
-    const float updated = apply_update(w[i], raw_update(w[i], m[i], v[i], tensor), step_size);
+    const T updated = apply_update(w[i], raw_update(w[i], m[i], v[i], tensor), step_size);
     w_out[i] = updated;
     if (kEma) avg[i] = moving_average(avg[i], updated, ema);
     return updated;
   };
   int64_t body = 0;
-  if (w_lowp != nullptr) {  // blocks, so that the narrowing is block conversions
+  if constexpr (kLowp) {  // blocks, so that the narrowing is block conversions
     body = s.n - s.n % kSumLanes;
     float block[kSumLanes];
     for (int64_t i = 0; i < body; i += kSumLanes) {
@@ -223,63 +238,84 @@ void phase2_span(const Phase2Span& s, const TensorCoeffs& tensor, float step_siz
     }
   }
   for (int64_t i = body; i < s.n; ++i) {
-    const float updated = element(i);
-    if (w_lowp != nullptr) w_lowp[i] = from_float<LowT>(updated);
+    const T updated = element(i);
+    if constexpr (kLowp) w_lowp[i] = from_float<LowT>(updated);
   }
 }
 
 template <typename GradT>
 double grad_sumsq_span(const GradSpan& s) {
+  using MathT = decltype(to_float(GradT{}));
   const GradT* __restrict__ g = static_cast<const GradT*>(s.grad);
   double acc[kSumLanes] = {};
-  float block[kSumLanes];
+  MathT block[kSumLanes];
   const int64_t body = s.n - s.n % kSumLanes;
   for (int64_t i = 0; i < body; i += kSumLanes) {
     for (int lane = 0; lane < kSumLanes; ++lane) block[lane] = to_float(g[i + lane]);
     accumulate_squares(block, acc);
   }
   if (body < s.n) {
-    float tail[kSumLanes] = {};
+    MathT tail[kSumLanes] = {};
     for (int64_t i = body; i < s.n; ++i) tail[i - body] = to_float(g[i]);
     accumulate_squares(tail, acc);
   }
   return sum_lanes(acc);
 }
 
-void phase1(const Phase1Span& s, const StepCoeffs& step, const TensorCoeffs& tensor,
-            double* weight_sumsq, double* update_sumsq) {
-  const bool amsgrad = s.var_max != nullptr;
+template <typename T, typename GradT>
+void phase1_typed(const Phase1Span<T>& s, const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor,
+                  double* weight_sumsq, double* update_sumsq) {
+  if (s.var_max != nullptr) {
+    return phase1_span<T, GradT, true>(s, step, tensor, weight_sumsq, update_sumsq);
+  }
+  return phase1_span<T, GradT, false>(s, step, tensor, weight_sumsq, update_sumsq);
+}
+
+void phase1(const Phase1Span<float>& s, const StepCoeffs<float>& step,
+            const TensorCoeffs<float>& tensor, double* weight_sumsq, double* update_sumsq) {
   switch (s.grad_type) {
     case DType::kFloat16:
-      return amsgrad ? phase1_span<half_t, true>(s, step, tensor, weight_sumsq, update_sumsq)
-                     : phase1_span<half_t, false>(s, step, tensor, weight_sumsq, update_sumsq);
+      return phase1_typed<float, half_t>(s, step, tensor, weight_sumsq, update_sumsq);
     case DType::kBfloat16:
-      return amsgrad ? phase1_span<bf16_t, true>(s, step, tensor, weight_sumsq, update_sumsq)
-                     : phase1_span<bf16_t, false>(s, step, tensor, weight_sumsq, update_sumsq);
+      return phase1_typed<float, bf16_t>(s, step, tensor, weight_sumsq, update_sumsq);
     default:
-      return amsgrad ? phase1_span<float, true>(s, step, tensor, weight_sumsq, update_sumsq)
-                     : phase1_span<float, false>(s, step, tensor, weight_sumsq, update_sumsq);
+      return phase1_typed<float, float>(s, step, tensor, weight_sumsq, update_sumsq);
   }
 }
 
-template <typename LowT>
-void phase2_typed(const Phase2Span& s, const TensorCoeffs& tensor, float step_size,
-                  const EmaCoeffs& ema) {
-  if (s.average != nullptr) return phase2_span<LowT, true>(s, tensor, step_size, ema);
-  return phase2_span<LowT, false>(s, tensor, step_size, ema);
+// float64 weights have float64 gradients (the operators' type checks).
+void phase1_f64(const Phase1Span<double>& s, const StepCoeffs<double>& step,
+                const TensorCoeffs<double>& tensor, double* weight_sumsq, double* update_sumsq) {
+  return phase1_typed<double, double>(s, step, tensor, weight_sumsq, update_sumsq);
 }
 
-void phase2(const Phase2Span& s, const StepCoeffs&, const TensorCoeffs& tensor, float step_size,
-            const EmaCoeffs& ema) {
-  if (s.weight_lowp == nullptr) return phase2_typed<float>(s, tensor, step_size, ema);
-  if (s.lowp_type == DType::kBfloat16) return phase2_typed<bf16_t>(s, tensor, step_size, ema);
-  return phase2_typed<half_t>(s, tensor, step_size, ema);
+template <typename T, typename LowT>
+void phase2_typed(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size,
+                  const EmaCoeffs<T>& ema) {
+  if (s.average != nullptr) return phase2_span<T, LowT, true>(s, tensor, step_size, ema);
+  return phase2_span<T, LowT, false>(s, tensor, step_size, ema);
+}
+
+void phase2(const Phase2Span<float>& s, const StepCoeffs<float>&, const TensorCoeffs<float>& tensor,
+            float step_size, const EmaCoeffs<float>& ema) {
+  if (s.weight_lowp == nullptr) return phase2_typed<float, float>(s, tensor, step_size, ema);
+  if (s.lowp_type == DType::kBfloat16) {
+    return phase2_typed<float, bf16_t>(s, tensor, step_size, ema);
+  }
+  return phase2_typed<float, half_t>(s, tensor, step_size, ema);
+}
+
+void phase2_f64(const Phase2Span<double>& s, const StepCoeffs<double>&,
+                const TensorCoeffs<double>& tensor, double step_size,
+                const EmaCoeffs<double>& ema) {
+  return phase2_typed<double, double>(s, tensor, step_size, ema);
 }
 
 double grad_sumsq(const GradSpan& s) {
   switch (s.grad_type) {
     case DType::kFloat16: return grad_sumsq_span<half_t>(s);
     case DType::kBfloat16: return grad_sumsq_span<bf16_t>(s);
+    case DType::kFloat64: return grad_sumsq_span<double>(s);
     default: return grad_sumsq_span<float>(s);
   }
 }
@@ -287,7 +323,8 @@ double grad_sumsq(const GradSpan& s) {
 }  // namespace
 
 KernelTable MXLAMB_CAT(kernels_, MXLAMB_ISA)() {
-  return KernelTable{MXLAMB_STR(MXLAMB_ISA), &phase1, &phase2, &grad_sumsq};
+  return KernelTable{MXLAMB_STR(MXLAMB_ISA), {&phase1, &phase2}, {&phase1_f64, &phase2_f64},
+                     &grad_sumsq};
 }
 
 }  // namespace mxlamb

@@ -18,25 +18,28 @@ namespace mxlamb {
 // level and for every thread count, so results are bit-identical everywhere.
 constexpr int kSumLanes = 16;
 
-// One contiguous span [0, n) of one tensor.
+// One contiguous span [0, n) of one tensor, in math type T (float: float32 weights or the
+// float32 master copy of float16/bfloat16 ones; double: float64 weights).
+template <typename T>
 struct Phase1Span {
-  const float* weight;  // fp32 weight, or the fp32 master copy under multi-precision
-  const void* grad;     // grad_type elements
-  float* mean;
-  float* var;
-  float* var_max;  // AMSGrad's running max of var (updated here), or nullptr
+  const T* weight;  // the weight, or the fp32 master copy under multi-precision
+  const void* grad;  // grad_type elements (float64 gradients for double)
+  T* mean;
+  T* var;
+  T* var_max;  // AMSGrad's running max of var (updated here), or nullptr
   int64_t n;
   DType grad_type;
 };
 
+template <typename T>
 struct Phase2Span {
-  const float* weight;  // fp32 weight, or the fp32 master copy under multi-precision
-  float* weight_out;    // where the updated fp32 weight goes (may be `weight` itself)
-  void* weight_lowp;    // the fp16/bf16 model weight under multi-precision, else nullptr
+  const T* weight;   // the weight, or the fp32 master copy under multi-precision
+  T* weight_out;     // where the updated weight goes (may be `weight` itself)
+  void* weight_lowp;  // the fp16/bf16 model weight under multi-precision (float only), else nullptr
   DType lowp_type;
-  const float* mean;
-  const float* var;     // the running max of var under AMSGrad
-  float* average;       // the weight EMA to update after the step, or nullptr
+  const T* mean;
+  const T* var;      // the running max of var under AMSGrad
+  T* average;        // the weight EMA to update after the step, or nullptr
   int64_t n;
 };
 
@@ -48,22 +51,39 @@ struct GradSpan {
 };
 
 // Phase 1 on a span: updates mean and var, returns sum(w^2) and sum(u^2) of the span.
-using Phase1Fn = void (*)(const Phase1Span& span, const StepCoeffs& step,
-                          const TensorCoeffs& tensor, double* weight_sumsq,
+template <typename T>
+using Phase1Fn = void (*)(const Phase1Span<T>& span, const StepCoeffs<T>& step,
+                          const TensorCoeffs<T>& tensor, double* weight_sumsq,
                           double* update_sumsq);
 // Phase 2 on a span: w <- w - step_size * u, u recomputed from mean and var.
 // With span.average set, also avg <- mu avg + (1 - mu) w.
-using Phase2Fn = void (*)(const Phase2Span& span, const StepCoeffs& step,
-                          const TensorCoeffs& tensor, float step_size, const EmaCoeffs& ema);
+template <typename T>
+using Phase2Fn = void (*)(const Phase2Span<T>& span, const StepCoeffs<T>& step,
+                          const TensorCoeffs<T>& tensor, T step_size, const EmaCoeffs<T>& ema);
 // sum(grad^2) of a span, in double (same lanes and order as the phase-1 sums).
 using GradSumsqFn = double (*)(const GradSpan& span);
 
+// The phase kernels of one math type.
+template <typename T>
+struct PhaseKernels {
+  Phase1Fn<T> phase1;
+  Phase2Fn<T> phase2;
+};
+
 struct KernelTable {
   const char* isa;
-  Phase1Fn phase1;
-  Phase2Fn phase2;
+  PhaseKernels<float> f32;
+  PhaseKernels<double> f64;
   GradSumsqFn grad_sumsq;
+
+  template <typename T>
+  const PhaseKernels<T>& phases() const;
 };
+
+template <>
+inline const PhaseKernels<float>& KernelTable::phases<float>() const { return f32; }
+template <>
+inline const PhaseKernels<double>& KernelTable::phases<double>() const { return f64; }
 
 KernelTable kernels_baseline();
 KernelTable kernels_avx2();

@@ -34,25 +34,32 @@
 
 namespace mxlamb {
 
+// The arithmetic type T of the stages below is the "math type" of the weights: float for
+// float32 weights and for float16/bfloat16 weights with their float32 master copy, double for
+// float64 weights. The functions are written once for both; what is computed in double for
+// every T (bias corrections, norms, trust ratio, gradient multipliers) takes double.
+
 // Hyper-parameters shared by every tensor of one step.
+template <typename T>
 struct StepCoeffs {
-  float beta1;
-  float beta2;
+  T beta1;
+  T beta2;
   // 1 - beta, rounded from double: in float, 1 - 0.999f is 1.3e-5 relative off.
-  float one_minus_beta1;
-  float one_minus_beta2;
-  float clip_gradient;  // < 0: no clipping
+  T one_minus_beta1;
+  T one_minus_beta2;
+  T clip_gradient;  // < 0: no clipping
 };
 
 // Per-tensor values: they differ inside one group (lr_mult, wd_mult, per-index step counts,
 // per-tensor gradient clipping).
+template <typename T>
 struct TensorCoeffs {
-  float inv_bias1;   // 1 / (1 - beta1^t), from double; 1 when bias correction is off
-  float inv_bias2;   // 1 / (1 - beta2^t), from double; 1 when bias correction is off
-  float epsilon;     // see step_epsilon
-  float grad_scale;  // see gradient_scale
-  float wd;
-  float lr;
+  T inv_bias1;   // 1 / (1 - beta1^t), from double; 1 when bias correction is off
+  T inv_bias2;   // 1 / (1 - beta2^t), from double; 1 when bias correction is off
+  T epsilon;     // see step_epsilon
+  T grad_scale;  // see gradient_scale
+  T wd;
+  T lr;
 };
 
 // Bias correction 1 / (1 - beta^t) in double (1 when off).
@@ -85,29 +92,33 @@ MXLAMB_HD double gradient_scale(double base_and_global, double grad_sumsq, doubl
 
 // Clip without fminf/fmaxf: those turn a NaN gradient into +-clip_gradient, i.e. a finite but
 // wrong update. Plain comparisons are false for NaN, so NaN propagates as it does in MXNet.
-MXLAMB_HD float scaled_grad(float grad, const StepCoeffs& s, const TensorCoeffs& t) {
-  float g = grad * t.grad_scale;
-  if (s.clip_gradient >= 0.0f) {
+template <typename T>
+MXLAMB_HD T scaled_grad(T grad, const StepCoeffs<T>& s, const TensorCoeffs<T>& t) {
+  T g = grad * t.grad_scale;
+  if (s.clip_gradient >= T(0)) {
     g = g > s.clip_gradient ? s.clip_gradient : g;
     g = g < -s.clip_gradient ? -s.clip_gradient : g;
   }
   return g;
 }
 
-MXLAMB_HD void update_moments(float g, float* mean, float* var, const StepCoeffs& s) {
+template <typename T>
+MXLAMB_HD void update_moments(T g, T* mean, T* var, const StepCoeffs<T>& s) {
   *mean = s.beta1 * *mean + s.one_minus_beta1 * g;
   *var = s.beta2 * *var + s.one_minus_beta2 * g * g;
 }
 
 // AMSGrad (Reddi et al.; Keras' amsgrad): the largest second moment so far replaces v.
 // A NaN v propagates (the comparison is false).
-MXLAMB_HD float amsgrad_var(float var_max, float var) { return var <= var_max ? var_max : var; }
+template <typename T>
+MXLAMB_HD T amsgrad_var(T var_max, T var) { return var <= var_max ? var_max : var; }
 
 // Epsilon is added outside the square root, and weight decay is part of u (as in MXNet), so
 // it is scaled by the trust ratio too.
-MXLAMB_HD float raw_update(float weight, float mean, float var, const TensorCoeffs& t) {
-  const float mean_hat = mean * t.inv_bias1;
-  const float var_hat = var * t.inv_bias2;
+template <typename T>
+MXLAMB_HD T raw_update(T weight, T mean, T var, const TensorCoeffs<T>& t) {
+  const T mean_hat = mean * t.inv_bias1;
+  const T var_hat = var * t.inv_bias2;
   return mean_hat / (std::sqrt(var_hat) + t.epsilon) + t.wd * weight;
 }
 
@@ -126,24 +137,28 @@ MXLAMB_HD double trust_ratio(double weight_sumsq, double update_sumsq, double lo
 }
 
 // lr * trust_ratio, once per tensor; lr alone where layer adaptation is off (AdamW, or a
-// tensor excluded from adaptation).
-MXLAMB_HD float step_size(double lr, double weight_sumsq, double update_sumsq,
-                          double lower_bound, double upper_bound, bool layer_adaptation) {
-  if (!layer_adaptation) return static_cast<float>(lr);
-  return static_cast<float>(lr * trust_ratio(weight_sumsq, update_sumsq, lower_bound, upper_bound));
+// tensor excluded from adaptation). Computed in double, rounded once to T (step_size<T>).
+template <typename T>
+MXLAMB_HD T step_size(double lr, double weight_sumsq, double update_sumsq, double lower_bound,
+                      double upper_bound, bool layer_adaptation) {
+  if (!layer_adaptation) return static_cast<T>(lr);
+  return static_cast<T>(lr * trust_ratio(weight_sumsq, update_sumsq, lower_bound, upper_bound));
 }
 
-MXLAMB_HD float apply_update(float weight, float update, float step) {
+template <typename T>
+MXLAMB_HD T apply_update(T weight, T update, T step) {
   return weight - step * update;
 }
 
 // Exponential moving average of the weights, after the update: avg = mu avg + (1 - mu) w.
+template <typename T>
 struct EmaCoeffs {
-  float momentum;
-  float one_minus_momentum;  // from double
+  T momentum;
+  T one_minus_momentum;  // from double
 };
 
-MXLAMB_HD float moving_average(float average, float weight, const EmaCoeffs& e) {
+template <typename T>
+MXLAMB_HD T moving_average(T average, T weight, const EmaCoeffs<T>& e) {
   return e.momentum * average + e.one_minus_momentum * weight;
 }
 

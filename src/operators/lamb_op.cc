@@ -170,9 +170,8 @@ struct StepAttrs {
   Layout layout;
   bool multi_precision = false;
   bool amsgrad = false;
-  StepCoeffs step{};
-  EmaCoeffs ema{};
   double beta1 = 0.9, beta2 = 0.999, epsilon = 1e-6, rescale = 1.0, clipnorm = -1.0;
+  double clip_gradient = -1.0, ema_momentum = 0.99;
   bool bias_correction = true, epsilon_hat = false;
   double lower_bound = -1.0, upper_bound = -1.0;
   std::vector<double> lrs, wds, counts;    // counts: host step counts (without device_counts)
@@ -183,14 +182,13 @@ struct StepAttrs {
 // Reads the attributes both phases share.
 bool parse_step(const std::string& op, const Attrs& attrs, bool phase1, StepAttrs* s) {
   Layout& l = s->layout;
-  double clip, ema_momentum;
   if (!layout_of(op, attrs, phase1, &l) || !get_double(op, attrs, "beta1", 0.9, &s->beta1) ||
       !get_double(op, attrs, "beta2", 0.999, &s->beta2) ||
       !get_double(op, attrs, "epsilon", 1e-6, &s->epsilon) ||
       !get_double(op, attrs, "rescale_grad", 1.0, &s->rescale) ||
-      !get_double(op, attrs, "clip_gradient", -1.0, &clip) ||
+      !get_double(op, attrs, "clip_gradient", -1.0, &s->clip_gradient) ||
       !get_double(op, attrs, "clipnorm", -1.0, &s->clipnorm) ||
-      !get_double(op, attrs, "ema_momentum", 0.99, &ema_momentum) ||
+      !get_double(op, attrs, "ema_momentum", 0.99, &s->ema_momentum) ||
       !get_double(op, attrs, "lower_bound", -1.0, &s->lower_bound) ||
       !get_double(op, attrs, "upper_bound", -1.0, &s->upper_bound) ||
       !get_list(op, attrs, "lrs", l.n, &s->lrs) || !get_list(op, attrs, "wds", l.n, &s->wds) ||
@@ -209,23 +207,33 @@ bool parse_step(const std::string& op, const Attrs& attrs, bool phase1, StepAttr
   s->amsgrad = get_bool(attrs, "amsgrad", false);
   s->bias_correction = get_bool(attrs, "bias_correction", true);
   s->epsilon_hat = get_bool(attrs, "epsilon_hat", false);
-  s->step = StepCoeffs{static_cast<float>(s->beta1), static_cast<float>(s->beta2),
-                       static_cast<float>(1.0 - s->beta1), static_cast<float>(1.0 - s->beta2),
-                       static_cast<float>(clip)};
-  s->ema = EmaCoeffs{static_cast<float>(ema_momentum), static_cast<float>(1.0 - ema_momentum)};
   return true;
 }
 
+// The step's coefficients in math type T, each rounded once from double.
+template <typename T>
+StepCoeffs<T> step_coeffs(const StepAttrs& s) {
+  return StepCoeffs<T>{static_cast<T>(s.beta1), static_cast<T>(s.beta2),
+                       static_cast<T>(1.0 - s.beta1), static_cast<T>(1.0 - s.beta2),
+                       static_cast<T>(s.clip_gradient)};
+}
+
+template <typename T>
+EmaCoeffs<T> ema_coeffs(const StepAttrs& s) {
+  return EmaCoeffs<T>{static_cast<T>(s.ema_momentum), static_cast<T>(1.0 - s.ema_momentum)};
+}
+
 // The per-tensor coefficients at step count t (grad_scale is set by the caller).
-TensorCoeffs tensor_coeffs(const StepAttrs& s, int t, double count) {
-  TensorCoeffs c;
+template <typename T>
+TensorCoeffs<T> tensor_coeffs(const StepAttrs& s, int t, double count) {
+  TensorCoeffs<T> c;
   const double inv_bias2 = inverse_bias(s.beta2, count, s.bias_correction);
-  c.inv_bias1 = static_cast<float>(inverse_bias(s.beta1, count, s.bias_correction));
-  c.inv_bias2 = static_cast<float>(inv_bias2);
-  c.epsilon = static_cast<float>(step_epsilon(s.epsilon, inv_bias2, s.epsilon_hat));
-  c.grad_scale = static_cast<float>(s.rescale);
-  c.wd = static_cast<float>(s.wds[t]);
-  c.lr = static_cast<float>(s.lrs[t]);
+  c.inv_bias1 = static_cast<T>(inverse_bias(s.beta1, count, s.bias_correction));
+  c.inv_bias2 = static_cast<T>(inv_bias2);
+  c.epsilon = static_cast<T>(step_epsilon(s.epsilon, inv_bias2, s.epsilon_hat));
+  c.grad_scale = static_cast<T>(s.rescale);
+  c.wd = static_cast<T>(s.wds[t]);
+  c.lr = static_cast<T>(s.lrs[t]);
   return c;
 }
 
@@ -252,6 +260,24 @@ bool is_low_precision(int flag) {
 std::string tensor_label(int t, const char* slot) {
   return std::string(slot) + " of tensor " + std::to_string(t);
 }
+
+constexpr int kFloat32Flag = static_cast<int>(DType::kFloat32);
+constexpr int kFloat64Flag = static_cast<int>(DType::kFloat64);
+
+// The math type of an operator call (see lamb_math.h) is its first weight's type: float32 or
+// float64, and float32 under multi_precision (the weights are then the float32 master copies).
+// Every other weight, moment and state of the call has that type; so has every gradient, but
+// for a float16 or bfloat16 one under multi_precision.
+bool math_type_of(const char* op, const std::vector<int>& in, bool multi_precision, int* math) {
+  *math = in[0];
+  if (*math == kFloat32Flag || (*math == kFloat64Flag && !multi_precision)) return true;
+  return fail(op, tensor_label(0, "weight") + " is " + dtype_name(*math) + ", expected " +
+                      (multi_precision ? "float32 (the master copy, under multi_precision)"
+                                       : "float32 or float64"));
+}
+
+bool is_float64(const MXTensor& t) { return dtype_of(t) == DType::kFloat64; }
+
 
 // Type and shape checks of the trailing float64 inputs that phase 1 and phase 2 share.
 bool check_trailing_types(const char* op, const Layout& l, const std::vector<int>& in) {
@@ -349,17 +375,21 @@ MXReturnValue phase1_parse(const Attrs& attrs, int* num_in, int* num_out) {
 
 MXReturnValue phase1_type(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
   Layout l;
-  if (!layout_of(kPhase1, attrs, true, &l)) return MX_FAIL;
+  int math;
   const bool mp = get_bool(attrs, "multi_precision", false);
+  if (!layout_of(kPhase1, attrs, true, &l) || !math_type_of(kPhase1, *in, mp, &math)) {
+    return MX_FAIL;
+  }
   for (int i = 0; i < l.n * l.slots; ++i) {
     const int slot = i % l.slots;
     const int flag = (*in)[i];
     // Under multi-precision the gradient is the model's type, or float32 (accumulated).
-    const bool ok = slot == kGrad && mp ? is_low_precision(flag) || flag == 0 : flag == 0;
+    const bool ok = slot == kGrad && mp ? is_low_precision(flag) || flag == kFloat32Flag
+                                        : flag == math;
     if (!ok) {
       fail(kPhase1, tensor_label(i / l.slots, kPhase1SlotNames[slot]) + " is " +
                         dtype_name(flag) + ", expected " +
-                        (slot == kGrad && mp ? "float16, bfloat16 or float32" : "float32"));
+                        (slot == kGrad && mp ? "float16, bfloat16 or float32" : dtype_name(math)));
       return MX_FAIL;
     }
   }
@@ -390,10 +420,9 @@ MXReturnValue phase1_mutate(const Attrs& attrs, std::vector<int>* mutated) {
   return MX_SUCCESS;
 }
 
-MXReturnValue phase1_forward(const Attrs& attrs, std::vector<MXTensor>* in,
-                             std::vector<MXTensor>* out, const OpResource&) {
-  StepAttrs s;
-  if (!parse_step(kPhase1, attrs, true, &s)) return MX_FAIL;
+template <typename T>
+MXReturnValue phase1_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
+                                   std::vector<MXTensor>* out) {
   const Layout& l = s.layout;
   double* sumsq = (*out)[0].data<double>();
   const StepControl control = step_control(s, *in);
@@ -417,26 +446,34 @@ MXReturnValue phase1_forward(const Attrs& attrs, std::vector<MXTensor>* in,
     }
   }
   double* counts = l.counts >= 0 ? (*in)[l.counts].data<double>() : nullptr;
-  std::vector<TensorCoeffs> coeffs(l.n);
-  std::vector<Phase1Span> spans(l.n);
+  std::vector<TensorCoeffs<T>> coeffs(l.n);
+  std::vector<Phase1Span<T>> spans(l.n);
   for (int t = 0; t < l.n; ++t) {
     double count = counts != nullptr ? counts[slots[t]] + 1.0 : s.counts[t];
     if (counts != nullptr) counts[slots[t]] = count;
-    coeffs[t] = tensor_coeffs(s, t, count);
-    coeffs[t].grad_scale = static_cast<float>(
+    coeffs[t] = tensor_coeffs<T>(s, t, count);
+    coeffs[t].grad_scale = static_cast<T>(
         grad_sumsq != nullptr ? gradient_scale(control.multiplier, grad_sumsq[rows[t]], s.clipnorm)
                               : control.multiplier);
     MXTensor* x = &(*in)[t * l.slots];
-    spans[t] = Phase1Span{x[kWeight].data<float>(),
-                          x[kGrad].data_ptr,
-                          x[kMean].data<float>(),
-                          x[kVar].data<float>(),
-                          s.amsgrad ? x[kVarMax].data<float>() : nullptr,
-                          x[kWeight].size(),
-                          dtype_of(x[kGrad])};
+    spans[t] = Phase1Span<T>{x[kWeight].data<T>(),
+                             x[kGrad].data_ptr,
+                             x[kMean].data<T>(),
+                             x[kVar].data<T>(),
+                             s.amsgrad ? x[kVarMax].data<T>() : nullptr,
+                             x[kWeight].size(),
+                             dtype_of(x[kGrad])};
   }
-  lamb_phase1_cpu(spans, s.step, coeffs, sumsq);
+  lamb_phase1_cpu(spans, step_coeffs<T>(s), coeffs, sumsq);
   return MX_SUCCESS;
+}
+
+MXReturnValue phase1_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                             std::vector<MXTensor>* out, const OpResource&) {
+  StepAttrs s;
+  if (!parse_step(kPhase1, attrs, true, &s)) return MX_FAIL;
+  return is_float64((*in)[0]) ? phase1_forward_typed<double>(s, in, out)
+                              : phase1_forward_typed<float>(s, in, out);
 }
 
 // ---------------------------------------------------------------------------------- phase 2
@@ -454,19 +491,23 @@ MXReturnValue phase2_parse(const Attrs& attrs, int* num_in, int* num_out) {
 
 MXReturnValue phase2_type(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
   Layout l;
-  if (!layout_of(kPhase2, attrs, false, &l)) return MX_FAIL;
+  int math;
   const bool mp = get_bool(attrs, "multi_precision", false);
+  if (!layout_of(kPhase2, attrs, false, &l) || !math_type_of(kPhase2, *in, mp, &math)) {
+    return MX_FAIL;
+  }
   for (int i = 0; i < l.n * l.slots; ++i) {
-    if ((*in)[i] != 0) {
+    if ((*in)[i] != math) {
       fail(kPhase2, tensor_label(i / l.slots, kPhase2SlotNames[i % l.slots]) + " is " +
-                        dtype_name((*in)[i]) + ", expected float32");
+                        dtype_name((*in)[i]) + ", expected " + dtype_name(math));
       return MX_FAIL;
     }
   }
   if (!check_trailing_types(kPhase2, l, *in)) return MX_FAIL;
   // MXNet infers output types before it looks at out=, so the model weights' type under
-  // multi-precision comes as an attribute (mshadow's flag: 2 float16, 12 bfloat16).
-  double weight_dtype = 0;
+  // multi-precision comes as an attribute (mshadow's flag: 2 float16, 12 bfloat16). Without
+  // it the outputs are the weights, of the math type.
+  double weight_dtype = math;
   if (mp && (!get_double(kPhase2, attrs, "weight_dtype", -1, &weight_dtype) ||
              !is_low_precision(static_cast<int>(weight_dtype)))) {
     fail(kPhase2, "with multi_precision, attribute weight_dtype must be 2 (float16) or "
@@ -502,37 +543,44 @@ MXReturnValue phase2_mutate(const Attrs& attrs, std::vector<int>* mutated) {
   return MX_SUCCESS;
 }
 
-MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
-                             std::vector<MXTensor>* out, const OpResource&) {
-  StepAttrs s;
-  if (!parse_step(kPhase2, attrs, false, &s)) return MX_FAIL;
+template <typename T>
+MXReturnValue phase2_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
+                                   std::vector<MXTensor>* out) {
   const Layout& l = s.layout;
   if (!step_control(s, *in).apply) return MX_SUCCESS;  // skipped: nothing is written
   std::vector<int64_t> slots;
   if (!count_slots(kPhase2, s, *in, &slots)) return MX_FAIL;
   const double* counts = l.counts >= 0 ? (*in)[l.counts].data<double>() : nullptr;
   const double* sumsq = (*in)[l.sumsq].data<double>();
-  std::vector<TensorCoeffs> coeffs(l.n);
-  std::vector<float> step_sizes(l.n);
-  std::vector<Phase2Span> spans(l.n);
+  std::vector<TensorCoeffs<T>> coeffs(l.n);
+  std::vector<T> step_sizes(l.n);
+  std::vector<Phase2Span<T>> spans(l.n);
   for (int t = 0; t < l.n; ++t) {
     // Phase 1 has already counted this step in the device counts.
-    coeffs[t] = tensor_coeffs(s, t, counts != nullptr ? counts[slots[t]] : s.counts[t]);
-    step_sizes[t] = step_size(s.lrs[t], sumsq[2 * t], sumsq[2 * t + 1], s.lower_bound,
-                              s.upper_bound, s.layer_adaptation[t] != 0);
+    coeffs[t] = tensor_coeffs<T>(s, t, counts != nullptr ? counts[slots[t]] : s.counts[t]);
+    step_sizes[t] = step_size<T>(s.lrs[t], sumsq[2 * t], sumsq[2 * t + 1], s.lower_bound,
+                                 s.upper_bound, s.layer_adaptation[t] != 0);
     MXTensor* x = &(*in)[t * l.slots];
     MXTensor& o = (*out)[t];
-    float* master = x[kP2Weight].data<float>();
-    float* average = l.slots > kP2Average ? x[kP2Average].data<float>() : nullptr;
+    T* master = x[kP2Weight].data<T>();
+    T* average = l.slots > kP2Average ? x[kP2Average].data<T>() : nullptr;
     spans[t] = s.multi_precision
-                   ? Phase2Span{master, master, o.data_ptr, dtype_of(o), x[kP2Mean].data<float>(),
-                                x[kP2Var].data<float>(), average, x[kP2Weight].size()}
-                   : Phase2Span{master, o.data<float>(), nullptr, DType::kFloat32,
-                                x[kP2Mean].data<float>(), x[kP2Var].data<float>(), average,
-                                x[kP2Weight].size()};
+                   ? Phase2Span<T>{master, master, o.data_ptr, dtype_of(o), x[kP2Mean].data<T>(),
+                                   x[kP2Var].data<T>(), average, x[kP2Weight].size()}
+                   : Phase2Span<T>{master, o.data<T>(), nullptr, dtype_of(o),
+                                   x[kP2Mean].data<T>(), x[kP2Var].data<T>(), average,
+                                   x[kP2Weight].size()};
   }
-  lamb_phase2_cpu(spans, s.step, coeffs, step_sizes, s.ema);
+  lamb_phase2_cpu(spans, step_coeffs<T>(s), coeffs, step_sizes, ema_coeffs<T>(s));
   return MX_SUCCESS;
+}
+
+MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                             std::vector<MXTensor>* out, const OpResource&) {
+  StepAttrs s;
+  if (!parse_step(kPhase2, attrs, false, &s)) return MX_FAIL;
+  return is_float64((*in)[0]) ? phase2_forward_typed<double>(s, in, out)
+                              : phase2_forward_typed<float>(s, in, out);
 }
 
 // ------------------------------------------------------------------------ phase 1 + phase 2
@@ -595,26 +643,28 @@ MXReturnValue step_parse(const Attrs& attrs, int* num_in, int* num_out) {
 
 MXReturnValue step_type(const Attrs& attrs, std::vector<int>* in, std::vector<int>* out) {
   StepLayout l;
+  int math;
   if (!step_layout(attrs, &l)) return MX_FAIL;
   const bool mp = l.lowp >= 0;
+  if (!math_type_of(kStep, *in, mp, &math)) return MX_FAIL;
   for (int i = 0; i < l.n * l.slots; ++i) {
     const int slot = i % l.slots;
     const int flag = (*in)[i];
     const bool ok = slot == l.lowp ? is_low_precision(flag)
-                    : slot == kGrad && mp ? is_low_precision(flag) || flag == 0
-                                          : flag == 0;
+                    : slot == kGrad && mp ? is_low_precision(flag) || flag == kFloat32Flag
+                                          : flag == math;
     if (!ok) {
       fail(kStep, tensor_label(i / l.slots, step_slot_name(l, slot)) + " is " +
                       dtype_name(flag) + ", expected " +
                       (slot == l.lowp ? "float16 or bfloat16"
                        : slot == kGrad && mp ? "float16, bfloat16 or float32"
-                                             : "float32"));
+                                             : dtype_name(math)));
       return MX_FAIL;
     }
   }
-  if (l.packed && (*in)[l.moments()] != 0) {
+  if (l.packed && (*in)[l.moments()] != math) {
     fail(kStep, std::string("the packed moments are ") + dtype_name((*in)[l.moments()]) +
-                    ", expected float32");
+                    ", expected " + dtype_name(math));
     return MX_FAIL;
   }
   (*out)[0] = static_cast<int>(DType::kFloat64);
@@ -670,46 +720,54 @@ MXReturnValue step_mutate(const Attrs& attrs, std::vector<int>* mutated) {
   return MX_SUCCESS;
 }
 
-MXReturnValue step_forward(const Attrs& attrs, std::vector<MXTensor>* in,
-                           std::vector<MXTensor>* out, const OpResource&) {
-  StepLayout l;
-  StepAttrs s;
-  if (!step_layout(attrs, &l) || !parse_step(kStep, attrs, true, &s)) return MX_FAIL;
+template <typename T>
+MXReturnValue step_forward_typed(const StepLayout& l, const StepAttrs& s,
+                                 std::vector<MXTensor>* in, std::vector<MXTensor>* out) {
   const int n = l.n;
   double* sumsq = (*out)[0].data<double>();
-  float* packed = l.packed ? (*in)[l.moments()].data<float>() + l.moments_offset : nullptr;
-  std::vector<TensorCoeffs> coeffs(n);
-  std::vector<Phase1Span> first(n);
-  std::vector<Phase2Span> second(n);
+  T* packed = l.packed ? (*in)[l.moments()].data<T>() + l.moments_offset : nullptr;
+  std::vector<TensorCoeffs<T>> coeffs(n);
+  std::vector<Phase1Span<T>> first(n);
+  std::vector<Phase2Span<T>> second(n);
   for (int t = 0; t < n; ++t) {
-    coeffs[t] = tensor_coeffs(s, t, s.counts[t]);
-    coeffs[t].grad_scale = static_cast<float>(s.rescale);
+    coeffs[t] = tensor_coeffs<T>(s, t, s.counts[t]);
+    coeffs[t].grad_scale = static_cast<T>(s.rescale);
     MXTensor* x = &(*in)[t * l.slots];
-    float* weight = x[kWeight].data<float>();
+    T* weight = x[kWeight].data<T>();
     const int64_t size = x[kWeight].size();
-    float* mean;
-    float* var;
+    T* mean;
+    T* var;
     if (l.packed) {
       mean = packed;
       var = packed + size;
       packed += 2 * size;
     } else {
-      mean = x[kMean].data<float>();
-      var = x[kVar].data<float>();
+      mean = x[kMean].data<T>();
+      var = x[kVar].data<T>();
     }
-    first[t] = Phase1Span{weight, x[kGrad].data_ptr, mean, var, nullptr, size, dtype_of(x[kGrad])};
-    second[t] = l.lowp >= 0 ? Phase2Span{weight, weight, x[l.lowp].data_ptr,
-                                         dtype_of(x[l.lowp]), mean, var, nullptr, size}
-                            : Phase2Span{weight, weight, nullptr, DType::kFloat32, mean, var,
-                                         nullptr, size};
+    first[t] = Phase1Span<T>{weight, x[kGrad].data_ptr, mean, var, nullptr, size,
+                             dtype_of(x[kGrad])};
+    second[t] = l.lowp >= 0 ? Phase2Span<T>{weight, weight, x[l.lowp].data_ptr,
+                                            dtype_of(x[l.lowp]), mean, var, nullptr, size}
+                            : Phase2Span<T>{weight, weight, nullptr, dtype_of(x[kWeight]), mean,
+                                            var, nullptr, size};
   }
-  lamb_step_cpu(first, second, s.step, coeffs,
+  lamb_step_cpu(first, second, step_coeffs<T>(s), coeffs,
                 [&s](int t, double weight_sumsq, double update_sumsq) {
-                  return step_size(s.lrs[t], weight_sumsq, update_sumsq, s.lower_bound,
-                                   s.upper_bound, s.layer_adaptation[t] != 0);
+                  return step_size<T>(s.lrs[t], weight_sumsq, update_sumsq, s.lower_bound,
+                                      s.upper_bound, s.layer_adaptation[t] != 0);
                 },
                 sumsq);
   return MX_SUCCESS;
+}
+
+MXReturnValue step_forward(const Attrs& attrs, std::vector<MXTensor>* in,
+                           std::vector<MXTensor>* out, const OpResource&) {
+  StepLayout l;
+  StepAttrs s;
+  if (!step_layout(attrs, &l) || !parse_step(kStep, attrs, true, &s)) return MX_FAIL;
+  return is_float64((*in)[0]) ? step_forward_typed<double>(l, s, in, out)
+                              : step_forward_typed<float>(l, s, in, out);
 }
 
 // ----------------------------------------------------------------------------- grad stats
@@ -728,9 +786,10 @@ MXReturnValue grad_stats_parse(const Attrs& attrs, int* num_in, int* num_out) {
 MXReturnValue grad_stats_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
   const int n = static_cast<int>(in->size()) - 1;
   for (int t = 0; t < n; ++t) {
-    if ((*in)[t] != 0 && !is_low_precision((*in)[t])) {
-      fail(kGradStats, tensor_label(t, "grad") + " is " + dtype_name((*in)[t]) +
-                           ", expected float32, float16 or bfloat16");
+    const int flag = (*in)[t];
+    if (flag != kFloat32Flag && flag != kFloat64Flag && !is_low_precision(flag)) {
+      fail(kGradStats, tensor_label(t, "grad") + " is " + dtype_name(flag) +
+                           ", expected float32, float64, float16 or bfloat16");
       return MX_FAIL;
     }
   }
@@ -867,9 +926,14 @@ MXReturnValue trust_ratio_forward(const Attrs& attrs, std::vector<MXTensor>* in,
 //
 // The CUDA kernels take plain LAMB (every MXNet LAMB option, fp32 and multi-precision). The
 // mxlamb extras (AMSGrad, EMA, gradient statistics, device step counts, per-tensor layer
-// adaptation, Keras' epsilon) are CPU-only for now and refused here by name.
+// adaptation, Keras' epsilon) and float64 weights are CPU-only for now and refused here by
+// name (the CUDA interface, lamb_cuda.h, takes float32 weights and moments).
 
-bool gpu_supports(const char* op, const Attrs& attrs) {
+bool gpu_supports(const char* op, const Attrs& attrs, const std::vector<MXTensor>& in) {
+  if (is_float64(in[0])) {
+    return fail(op, "float64 weights are not implemented on GPU yet (CPU only; the CUDA "
+                    "kernels update float32 weights and float32 master copies)");
+  }
   for (const char* key : {"amsgrad", "use_ema", "has_stats", "device_counts", "epsilon_hat"}) {
     if (get_bool(attrs, key, false)) {
       return fail(op, std::string(key) + " is not implemented on GPU yet (CPU only)");
@@ -901,11 +965,12 @@ struct CudaGroup {
     group.lrs = lrs.data();
     group.wds = wds.data();
     group.step_counts = counts.data();
-    group.beta1 = s.step.beta1;
-    group.beta2 = s.step.beta2;
+    const StepCoeffs<float> step = step_coeffs<float>(s);
+    group.beta1 = step.beta1;
+    group.beta2 = step.beta2;
     group.epsilon = static_cast<float>(s.epsilon);
     group.rescale_grad = static_cast<float>(s.rescale);
-    group.clip_gradient = s.step.clip_gradient;
+    group.clip_gradient = step.clip_gradient;
     group.bias_correction = s.bias_correction;
     group.lower_bound = s.lower_bound;
     group.upper_bound = s.upper_bound;
@@ -929,7 +994,7 @@ bool cuda_ok(const char* op, int err) {
 MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   StepAttrs s;
-  if (!gpu_supports(kPhase1, attrs) || !parse_step(kPhase1, attrs, true, &s)) return MX_FAIL;
+  if (!gpu_supports(kPhase1, attrs, *in) || !parse_step(kPhase1, attrs, true, &s)) return MX_FAIL;
   CudaGroup g(s);
   for (int t = 0; t < s.layout.n; ++t) {
     MXTensor* x = &(*in)[t * s.layout.slots];
@@ -952,7 +1017,7 @@ MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
 MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   StepAttrs s;
-  if (!gpu_supports(kPhase2, attrs) || !parse_step(kPhase2, attrs, false, &s)) return MX_FAIL;
+  if (!gpu_supports(kPhase2, attrs, *in) || !parse_step(kPhase2, attrs, false, &s)) return MX_FAIL;
   CudaGroup g(s);
   g.group.lowp_dtype = s.multi_precision ? static_cast<int>((*out)[0].dtype) : 0;
   for (int t = 0; t < s.layout.n; ++t) {
@@ -974,6 +1039,36 @@ MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
              : MX_FAIL;
 }
 #endif  // MXLAMB_WITH_CUDA
+
+
+// mxlamb_error(x, message=...) -> out: fails when the engine runs it, with ``message``. MXNet
+// swallows a Python exception raised inside a kvstore updater callback; the optimizer then
+// writes this operator's failure into the weight it could not update (out=weight), so the
+// kvstore's pull and everything that reads the weight raise the message: training stops where
+// the user reads a value, and no step goes on with weights that silently never change.
+MXReturnValue error_parse(const Attrs& attrs, int* num_in, int* num_out) {
+  *num_in = 1;
+  *num_out = 1;
+  return MX_SUCCESS;
+}
+
+MXReturnValue error_type(const Attrs&, std::vector<int>* in, std::vector<int>* out) {
+  (*out)[0] = (*in)[0];
+  return MX_SUCCESS;
+}
+
+MXReturnValue error_shape(const Attrs&, std::vector<std::vector<unsigned int>>* in,
+                          std::vector<std::vector<unsigned int>>* out) {
+  (*out)[0] = (*in)[0];
+  return MX_SUCCESS;
+}
+
+MXReturnValue error_forward(const Attrs& attrs, std::vector<MXTensor>*, std::vector<MXTensor>*,
+                            const OpResource&) {
+  auto it = attrs.find("message");
+  MX_ERROR_MSG << (it == attrs.end() ? std::string("mxlamb: the optimizer failed") : it->second);
+  return MX_FAIL;
+}
 
 }  // namespace
 }  // namespace mxlamb
@@ -1017,6 +1112,15 @@ REGISTER_OP(mxlamb_trust_ratio)
     .setInferType(mxlamb::trust_ratio_type)
     .setInferShape(mxlamb::trust_ratio_shape)
     .setForward(mxlamb::trust_ratio_forward, "cpu");
+
+REGISTER_OP(mxlamb_error)
+    .setParseAttrs(mxlamb::error_parse)
+    .setInferType(mxlamb::error_type)
+    .setInferShape(mxlamb::error_shape)
+#ifdef MXLAMB_WITH_CUDA
+    .setForward(mxlamb::error_forward, "gpu")
+#endif
+    .setForward(mxlamb::error_forward, "cpu");
 
 // Called by mx.library.load: refuse an MXNet other than the one this library was built for
 // (the Python loader checks first and raises an ImportError that says what to run).

@@ -1,8 +1,9 @@
-// Storage types and their conversion to the float "math type" (CPU side).
+// Storage types and their conversion to the "math type" (CPU side).
 //
-// The update is always computed in float; half-precision types are storage only. Rounding
-// float -> half/bfloat16 is round-to-nearest-even, identical on every ISA level, so results do
-// not depend on which code path ran.
+// The update of float32, float16 and bfloat16 weights is computed in float (half-precision
+// types are storage only, with a float32 master copy); float64 weights are computed in
+// double. Rounding float -> half/bfloat16 is round-to-nearest-even, identical on every ISA
+// level, so results do not depend on which code path ran.
 #ifndef MXLAMB_PRECISION_H_
 #define MXLAMB_PRECISION_H_
 
@@ -34,7 +35,14 @@ struct bf16_t {
   uint16_t bits;
 };
 
+// to_float(x): x in its math type, float for every storage type but double (its own).
 MXLAMB_INLINE float to_float(float x) { return x; }
+MXLAMB_INLINE double to_float(double x) { return x; }
+
+// Bytes per element of a storage type.
+MXLAMB_INLINE int64_t dtype_bytes(DType type) {
+  return type == DType::kFloat64 ? 8 : type == DType::kFloat32 ? 4 : 2;
+}
 
 // Integer operations and selects only, so the compiler vectorises them on every ISA level and
 // denormal-as-zero settings cannot change the result.
