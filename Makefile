@@ -4,9 +4,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mxlamb-built
 
-.PHONY: install demo demo-mlp test test-mxnet2 bench sanitize rss horovod clean
+.PHONY: install demo demo-mlp test test-mxnet2 test-packaging bench sanitize rss horovod clean
 
-$(STAMP): setup.py setup.cfg pyproject.toml requirements.txt $(wildcard src/operators/*)
+$(STAMP): setup.py setup.cfg pyproject.toml build_backend.py requirements.txt $(wildcard src/operators/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -r requirements.txt
@@ -50,13 +50,20 @@ $(MX2_STAMP): setup.py requirements-mxnet2.txt $(wildcard src/operators/*)
 	$(MX2_VENV)/bin/python -c "import setup; setup.compile_operator_library('$(MX2_LIB)', 'build/mxnet2/obj')" >/dev/null
 	touch $@
 
-# The whole suite on MXNet 1.9.1, then again on MXNet 2.0.0b1.
+# The whole suite on MXNet 1.9.1, then again on MXNet 2.0.0b1, then the package as users get it.
 test: $(STAMP) $(if $(HOROVOD_BUILDABLE),$(HVD_STAMP)) $(MX2_STAMP)
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-mxnet2
+	$(MAKE) --no-print-directory test-packaging
 
 test-mxnet2: $(MX2_STAMP)
 	MXLAMB_LIBRARY=$(CURDIR)/$(MX2_LIB) PYTHONPATH=$(CURDIR) $(MX2_VENV)/bin/python -m pytest -q -p no:cacheprovider
+
+# python -m build (an sdist, then a wheel from it), installed into fresh virtualenvs holding
+# mxnet 1.9.1 and 2.0.0b1 (which must stay), used from outside the source tree and from an
+# unpacked sdist's root: tests/test_packaging.py, about two minutes.
+test-packaging: $(STAMP)
+	MXLAMB_PACKAGING_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_packaging.py
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_step.py
@@ -79,4 +86,4 @@ rss: $(STAMP)
 	$(BIN)/python benchmarks/rss_long_run.py --steps 10000
 
 clean:
-	rm -rf build mxlamb/libmxlamb.so *.egg-info $(MX2_VENV)
+	rm -rf build dist mxlamb/libmxlamb.so *.egg-info $(MX2_VENV)

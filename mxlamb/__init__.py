@@ -4,16 +4,39 @@
 (and ``'adamw'`` :class:`mxlamb.AdamW`) for ``mx.optimizer.create``, ``gluon.Trainer`` and the
 Module API. MXNet's own class stays at ``mxnet.optimizer.optimizer.LAMB``.
 """
-from mxnet.optimizer import Optimizer
+__version__ = "0.3.0"  # the one version number (setup.cfg reads it)
+
+# mxlamb leaves MXNet to the user (a dependency would replace mxnet-cu112, mxnet-mkl or a 2.0
+# beta with the CPU mxnet): say so where it is missing, and name the numpy that MXNet needs.
+# (A kvstore server imports mxlamb while mxnet is half imported: then this is a no-op.)
+try:
+    import mxnet  # noqa: F401
+except ImportError as _err:
+    if getattr(_err, "name", None) != "mxnet":
+        raise
+    raise ImportError(
+        "mxlamb needs Apache MXNet, which it does not install for you (any distribution: mxnet, "
+        "mxnet-cu112, mxnet-mkl, 2.0 betas): install yours first, e.g. pip install mxnet==1.9.1 "
+        "'numpy<1.24', then import mxlamb") from _err
+except AttributeError as _err:
+    if "numpy" not in str(_err):
+        raise
+    import numpy as _numpy
+    raise ImportError(
+        "MXNet cannot be imported with numpy %s (%s): MXNet 1.x and 2.0.0b1 use np.bool and "
+        "friends, which numpy 1.24 removed. Install numpy < 1.24: pip install 'numpy<1.24'"
+        % (_numpy.__version__, str(_err).splitlines()[0])) from _err
+
+from mxnet.optimizer import Optimizer  # noqa: E402
 
 from .adamw import AdamW
-from .checkpoint import load_states, save_states
+from .checkpoint import convert_lamb, load_states, save_states
 from .lamb import LAMB, TrustRatios
 from .loss_scaler import LossScaler
 from . import dist  # noqa: F401  (mxlamb.dist: the launcher and prepare())
 
-__all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states", "dist"]
-__version__ = "0.2.0"
+__all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states",
+           "convert_lamb", "dist"]
 
 # Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point.
 Optimizer.opt_registry["lamb"] = LAMB

@@ -27,13 +27,20 @@ bool cpu_has(const char* isa) {
   return std::strcmp(isa, "baseline") == 0;
 }
 
+// A level's table is built the first time the CPU is known to have it: kernels_avx2() and
+// kernels_avx512() are compiled with -mavx2/-mavx512f, so even their few instructions that fill
+// the table may be VEX or EVEX code, an illegal instruction on a CPU without AVX.
 const KernelTable* table_for(const char* isa) {
-  static const KernelTable baseline = kernels_baseline();
-  static const KernelTable avx2 = kernels_avx2();
-  static const KernelTable avx512 = kernels_avx512();
   if (!cpu_has(isa)) return nullptr;
-  if (std::strcmp(isa, "avx512") == 0) return &avx512;
-  if (std::strcmp(isa, "avx2") == 0) return &avx2;
+  if (std::strcmp(isa, "avx512") == 0) {
+    static const KernelTable avx512 = kernels_avx512();
+    return &avx512;
+  }
+  if (std::strcmp(isa, "avx2") == 0) {
+    static const KernelTable avx2 = kernels_avx2();
+    return &avx2;
+  }
+  static const KernelTable baseline = kernels_baseline();
   return &baseline;
 }
 
