@@ -16,7 +16,7 @@ from mxnet.optimizer import Optimizer
 
 from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
 from . import dispatch
-from .devices import fail_in_callback, in_kvstore_callback
+from .devices import in_kvstore_callback, raise_after_callback
 from .dist import check_on_server
 from .options import (OPTIMIZER_KWARGS, TRAINING_OPTIONS, WHOLE_STEP, Options, aggregation,
                       flag, number, warn_trap)
@@ -165,7 +165,7 @@ class LAMB(Optimizer):
         self.counters = StepCounters(self.begin_num_update)
         self.collector = StepCollector()
         self._use_device_counts(0)
-        self._callback_error = None   # what a kvstore callback refused (devices.fail_in_callback)
+        self._callback_error = None   # what a kvstore callback refused (raise_after_callback)
         self._on_server = False       # unpickled in a kvstore server (see update)
         self._full_sizes = {}         # index -> (name, size), for a kvstore server
         self._reset_transient()
@@ -231,7 +231,7 @@ class LAMB(Optimizer):
         except Exception as error:  # noqa: BLE001 (re-raised, or raised by the next step)
             if not in_kvstore_callback():
                 raise
-            # The Updater calls update next, which refuses the call (see fail_in_callback).
+            # The Updater calls update next, which refuses the call and raises this after it.
             self._callback_error = self._callback_error or error
             return None
 
@@ -261,7 +261,7 @@ class LAMB(Optimizer):
         if self._on_server:
             check_on_server(self, items)
         if self._callback_error is not None and in_kvstore_callback():
-            fail_in_callback(self._callback_error, items)
+            raise_after_callback(self)  # nothing of a step with an error is applied
             return
         try:
             if self.options.needs_whole_step:
@@ -281,7 +281,7 @@ class LAMB(Optimizer):
             if not in_kvstore_callback():
                 raise
             self._callback_error = self._callback_error or error
-            fail_in_callback(error, items)
+            raise_after_callback(self)
 
     # The master copy lives in the state and the operators handle it: no separate path.
     update_multi_precision = update
