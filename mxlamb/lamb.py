@@ -20,7 +20,7 @@ from .devices import in_kvstore_callback, raise_after_callback
 from .dist import check_on_server
 from .options import (OPTIMIZER_KWARGS, TRAINING_OPTIONS, WHOLE_STEP, Options, aggregation,
                       flag, number, warn_trap)
-from .state import LOW_PRECISION, ParameterStates, dtype_name, legacy
+from .state import LOW_PRECISION, ParameterStates, legacy
 from .steps import StepCollector, StepCounters, accumulate
 
 __all__ = ["LAMB", "TrustRatios"]

@@ -52,3 +52,34 @@ def test_bad_arrays_at_step_time_name_the_parameter_and_change_nothing(case):
     np.testing.assert_array_equal(to_f64(good), before)
     for s, b in zip(updater.states[0], states_before):
         np.testing.assert_array_equal(to_f64(s), b)
+
+
+@pytest.mark.parametrize("option,value", [
+    ("global_clipnorm", -1.0), ("global_clipnorm", 0.0), ("clipnorm", -0.5),
+    ("clipnorm", float("nan")), ("ema_momentum", 1.0), ("ema_momentum", -0.1),
+    ("ema_overwrite_frequency", 0), ("ema_overwrite_frequency", 2.5),
+    ("gradient_accumulation_steps", 2.0), ("gradient_accumulation_steps", 0),
+    ("loss_scale_factor", 0.0), ("use_ema", 1), ("skip_nonfinite", "yes"),
+    ("exclude_from_weight_decay", ["bias", "(unclosed"]),
+    ("exclude_from_layer_adaptation", "bias"), ("loss_scaler", 128.0),
+])
+def test_bad_option_values_raise_naming_the_option(option, value):
+    with pytest.raises(ValueError, match=option):
+        mxlamb.LAMB(**{option: value})
+    with pytest.raises(ValueError, match=option):
+        mx.optimizer.create("adamw", **{option: value})
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    ({"weight_decay": -1.0}, "weight_decay"), ({"amsgrad": 1}, "amsgrad"),
+    ({"lower_bound": 1.0}, "lower_bound"), ({"epsilon": -1e-7}, "epsilon")])
+def test_adamw_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        mxlamb.AdamW(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [({"init_scale": 0.5}, "init_scale"),
+                                         ({"growth_interval": 0}, "growth_interval")])
+def test_loss_scaler_bad_values(kwargs, name):
+    with pytest.raises(ValueError, match=name):
+        mxlamb.LossScaler(**kwargs)
