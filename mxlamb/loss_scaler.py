@@ -48,7 +48,8 @@ class LossScaler:
         """The state of ``ctx``'s device, else of the first device that stepped."""
         if not self._states:
             return self._initial
-        return self._states.get(device_key(self._initial.context), next(iter(self._states.values())))
+        own = self._states.get(device_key(self._initial.context))
+        return own if own is not None else next(iter(self._states.values()))
 
     def state_on(self, context):
         """The state that the optimizer updates on ``context``'s device (made at first use

@@ -47,7 +47,8 @@ def test_global_clipnorm_equals_gluon_clip_global_norm_then_step():
         mx.random.seed(3)
         net = gluon.nn.HybridSequential(prefix="clip_")
         with net.name_scope():
-            net.add(gluon.nn.Dense(16, activation="tanh", in_units=8), gluon.nn.Dense(2, in_units=16))
+            net.add(gluon.nn.Dense(16, activation="tanh", in_units=8),
+                    gluon.nn.Dense(2, in_units=16))
         net.initialize(mx.init.Xavier())
         return net
 

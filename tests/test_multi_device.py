@@ -89,7 +89,8 @@ def assert_same_as_one_device(multi, single, atol=ATOL):
 
 
 def test_contexts_are_memories_not_names():
-    assert same_memory(mx.cpu(1), mx.cpu_pinned(0)) and same_memory(mx.cpu(0), mx.Context("cpu_shared", 0))
+    assert same_memory(mx.cpu(1), mx.cpu_pinned(0))
+    assert same_memory(mx.cpu(0), mx.Context("cpu_shared", 0))
     assert not same_memory(mx.gpu(0), mx.gpu(1)) and not same_memory(mx.cpu(0), mx.gpu(0))
 
 
