@@ -79,7 +79,8 @@ sanitize: $(STAMP)
 	LD_PRELOAD="$$(g++ -print-file-name=libasan.so) $$(g++ -print-file-name=libubsan.so)" \
 	ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/test_operators.py tests/test_optimizer.py \
-	    tests/test_training_options.py tests/test_fuzz.py
+	    tests/test_gradient_options.py tests/test_ema.py tests/test_exclusions.py tests/test_adamw.py \
+	    tests/test_float64_options.py tests/test_fuzz.py
 
 # 10,000 steps of a small model; prints the RSS curve and fails if it grows.
 rss: $(STAMP)
