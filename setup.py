@@ -71,7 +71,7 @@ ISA_FLAGS = {
                "-mprefer-vector-width=512"],
 }
 
-PORTABLE_SOURCES = ["lamb_op.cc", "lamb_cpu.cc", "runtime.cc", "portability.cc"]
+PORTABLE_SOURCES = ["lamb_op.cc", "lamb_cpu.cc", "runtime.cc", "bench_probe.cc", "portability.cc"]
 
 # Portability: libstdc++, libgcc and libgomp stay shared with MXNet (one C++ and one OpenMP
 # runtime in the process), and the library asks them and glibc for nothing newer than
