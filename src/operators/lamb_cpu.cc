@@ -1,3 +1,5 @@
+// The CPU's multi-tensor phases: a group's tensors cut into chunks (multi_tensor.h), each chunk
+// handed to the active ISA level's span kernel, per-chunk sums combined in chunk order.
 #include "lamb_cpu.h"
 
 #include "multi_tensor.h"

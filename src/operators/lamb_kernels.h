@@ -1,7 +1,7 @@
 // The per-span LAMB kernels and the table that selects an instruction-set level at run time.
 //
 // lamb_kernels.cc is compiled once per ISA level (baseline x86-64, AVX2, AVX-512) into the same
-// library; isa_dispatch.cc picks the best level the running CPU supports (or the one named by
+// library; runtime.cc picks the best level the running CPU supports (or the one named by
 // MXLAMB_ISA). The build machine's CPU is never assumed.
 #ifndef MXLAMB_LAMB_KERNELS_H_
 #define MXLAMB_LAMB_KERNELS_H_
