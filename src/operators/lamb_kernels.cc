@@ -164,8 +164,7 @@ MXLAMB_INLINE void narrow_block<half_t>(const float* src, half_t* dst) {
 }
 #endif
 
-// T is the math type, GradT the gradient's storage type (T itself, or float16/bfloat16 for
-// float). kAmsgrad is a template parameter so that the plain loop has no per-element branch.
+// T is the math type, GradT the gradient's storage type (T itself, or float16 for float). kAmsgrad is a template parameter so that the plain loop has no per-element branch.
 template <typename T, typename GradT, bool kAmsgrad>
 void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor,
                  double* weight_sumsq, double* update_sumsq) {
@@ -210,15 +209,15 @@ void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const Tensor
   *update_sumsq = sum_lanes(acc_u);
 }
 
-// LowT: the storage type of the model weight written besides the master copy (float16 or
-// bfloat16, math type float), or T itself where there is none.
+// LowT: the storage type of the model weight written beside the master copy (float16, math
+// type float), or T itself where there is none.
 template <typename T, typename LowT, bool kEma>
 void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size,
                  const EmaCoeffs<T>& ema) {
   constexpr bool kLowp = !std::is_same<LowT, T>::value;
   const T* w = s.weight;  // may alias w_out: no __restrict__
   T* w_out = s.weight_out;
-  LowT* __restrict__ w_lowp = static_cast<LowT*>(s.weight_lowp);
+  LowT* __restrict__ w_lowp = reinterpret_cast<LowT*>(s.model_weight);
   const T* __restrict__ m = s.mean;
   const T* __restrict__ v = s.var;
   T* __restrict__ avg = s.average;
@@ -276,8 +275,6 @@ void phase1(const Phase1Span<float>& s, const StepCoeffs<float>& step,
   switch (s.grad_type) {
     case DType::kFloat16:
       return phase1_typed<float, half_t>(s, step, tensor, weight_sumsq, update_sumsq);
-    case DType::kBfloat16:
-      return phase1_typed<float, bf16_t>(s, step, tensor, weight_sumsq, update_sumsq);
     default:
       return phase1_typed<float, float>(s, step, tensor, weight_sumsq, update_sumsq);
   }
@@ -298,10 +295,7 @@ void phase2_typed(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_
 
 void phase2(const Phase2Span<float>& s, const StepCoeffs<float>&, const TensorCoeffs<float>& tensor,
             float step_size, const EmaCoeffs<float>& ema) {
-  if (s.weight_lowp == nullptr) return phase2_typed<float, float>(s, tensor, step_size, ema);
-  if (s.lowp_type == DType::kBfloat16) {
-    return phase2_typed<float, bf16_t>(s, tensor, step_size, ema);
-  }
+  if (s.model_weight == nullptr) return phase2_typed<float, float>(s, tensor, step_size, ema);
   return phase2_typed<float, half_t>(s, tensor, step_size, ema);
 }
 
@@ -314,7 +308,6 @@ void phase2_f64(const Phase2Span<double>& s, const StepCoeffs<double>&,
 double grad_sumsq(const GradSpan& s) {
   switch (s.grad_type) {
     case DType::kFloat16: return grad_sumsq_span<half_t>(s);
-    case DType::kBfloat16: return grad_sumsq_span<bf16_t>(s);
     case DType::kFloat64: return grad_sumsq_span<double>(s);
     default: return grad_sumsq_span<float>(s);
   }

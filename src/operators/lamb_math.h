@@ -35,9 +35,10 @@
 namespace mxlamb {
 
 // The arithmetic type T of the stages below is the "math type" of the weights: float for
-// float32 weights and for float16/bfloat16 weights with their float32 master copy, double for
-// float64 weights. The functions are written once for both; what is computed in double for
-// every T (bias corrections, norms, trust ratio, gradient multipliers) takes double.
+// float32 weights and for float16 (and, in the CUDA kernels, bfloat16) weights with their
+// float32 master copy, double for float64 weights. The functions are written once for both;
+// what is computed in double for every T (bias corrections, norms, trust ratio, step size,
+// gradient multipliers) takes double.
 
 // Hyper-parameters shared by every tensor of one step.
 template <typename T>

@@ -15,10 +15,12 @@
 //          step_state (3,) float64 = [loss scale, clean steps, skipped steps] updated.
 //   mxlamb_trust_ratio(sumsq) -> (N,) float64, the ratios phase 2 applied (read on request).
 //
-// w is the fp32 weight, or under multi_precision the fp32 master copy (then g is the fp16,
-// bfloat16 or fp32 gradient, phase 2 updates the master in place and writes the rounded model
-// weight to out, whose type the attribute weight_dtype gives). Per-tensor values (lrs, wds,
-// step_counts, layer_adaptation, stat_rows, count_slots) are comma-separated lists.
+// w is the fp32 weight, or under multi_precision the fp32 master copy (then g is the fp16 or
+// fp32 gradient, phase 2 updates the master in place and writes the rounded fp16 model weight
+// to out, whose type the attribute weight_dtype gives). MXNet's extension API (1.9.1 and
+// 2.0.0b1) passes no bfloat16 array to a library operator: the type checks refuse it. Per-tensor
+// values (lrs, wds, step_counts, layer_adaptation, stat_rows, count_slots) are comma-separated
+// lists.
 //
 // The optional inputs, each switched on by an attribute:
 //   amsgrad=1           vmax per tensor (phase 1 updates it; phase 2 gets it as its v)
@@ -253,9 +255,7 @@ const char* dtype_name(int flag) {
   }
 }
 
-bool is_low_precision(int flag) {
-  return flag == static_cast<int>(DType::kFloat16) || flag == static_cast<int>(DType::kBfloat16);
-}
+bool is_half(int flag) { return flag == static_cast<int>(DType::kFloat16); }
 
 std::string tensor_label(int t, const char* slot) {
   return std::string(slot) + " of tensor " + std::to_string(t);
@@ -267,7 +267,7 @@ constexpr int kFloat64Flag = static_cast<int>(DType::kFloat64);
 // The math type of an operator call (see lamb_math.h) is its first weight's type: float32 or
 // float64, and float32 under multi_precision (the weights are then the float32 master copies).
 // Every other weight, moment and state of the call has that type; so has every gradient, but
-// for a float16 or bfloat16 one under multi_precision.
+// for a float16 one under multi_precision.
 bool math_type_of(const char* op, const std::vector<int>& in, bool multi_precision, int* math) {
   *math = in[0];
   if (*math == kFloat32Flag || (*math == kFloat64Flag && !multi_precision)) return true;
@@ -384,12 +384,12 @@ MXReturnValue phase1_type(const Attrs& attrs, std::vector<int>* in, std::vector<
     const int slot = i % l.slots;
     const int flag = (*in)[i];
     // Under multi-precision the gradient is the model's type, or float32 (accumulated).
-    const bool ok = slot == kGrad && mp ? is_low_precision(flag) || flag == kFloat32Flag
+    const bool ok = slot == kGrad && mp ? is_half(flag) || flag == kFloat32Flag
                                         : flag == math;
     if (!ok) {
       fail(kPhase1, tensor_label(i / l.slots, kPhase1SlotNames[slot]) + " is " +
                         dtype_name(flag) + ", expected " +
-                        (slot == kGrad && mp ? "float16, bfloat16 or float32" : dtype_name(math)));
+                        (slot == kGrad && mp ? "float16 or float32" : dtype_name(math)));
       return MX_FAIL;
     }
   }
@@ -505,13 +505,12 @@ MXReturnValue phase2_type(const Attrs& attrs, std::vector<int>* in, std::vector<
   }
   if (!check_trailing_types(kPhase2, l, *in)) return MX_FAIL;
   // MXNet infers output types before it looks at out=, so the model weights' type under
-  // multi-precision comes as an attribute (mshadow's flag: 2 float16, 12 bfloat16). Without
-  // it the outputs are the weights, of the math type.
+  // multi-precision comes as an attribute (mshadow's flag: 2, float16). Without it the outputs
+  // are the weights, of the math type.
   double weight_dtype = math;
   if (mp && (!get_double(kPhase2, attrs, "weight_dtype", -1, &weight_dtype) ||
-             !is_low_precision(static_cast<int>(weight_dtype)))) {
-    fail(kPhase2, "with multi_precision, attribute weight_dtype must be 2 (float16) or "
-                  "12 (bfloat16)");
+             !is_half(static_cast<int>(weight_dtype)))) {
+    fail(kPhase2, "with multi_precision, attribute weight_dtype must be 2 (float16)");
     return MX_FAIL;
   }
   for (int t = 0; t < l.n; ++t) (*out)[t] = static_cast<int>(weight_dtype);
@@ -565,11 +564,11 @@ MXReturnValue phase2_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in
     T* master = x[kP2Weight].data<T>();
     T* average = l.slots > kP2Average ? x[kP2Average].data<T>() : nullptr;
     spans[t] = s.multi_precision
-                   ? Phase2Span<T>{master, master, o.data_ptr, dtype_of(o), x[kP2Mean].data<T>(),
-                                   x[kP2Var].data<T>(), average, x[kP2Weight].size()}
-                   : Phase2Span<T>{master, o.data<T>(), nullptr, dtype_of(o),
+                   ? Phase2Span<T>{master, master, static_cast<half_t*>(o.data_ptr),
                                    x[kP2Mean].data<T>(), x[kP2Var].data<T>(), average,
-                                   x[kP2Weight].size()};
+                                   x[kP2Weight].size()}
+                   : Phase2Span<T>{master, o.data<T>(), nullptr, x[kP2Mean].data<T>(),
+                                   x[kP2Var].data<T>(), average, x[kP2Weight].size()};
   }
   lamb_phase2_cpu(spans, step_coeffs<T>(s), coeffs, step_sizes, ema_coeffs<T>(s));
   return MX_SUCCESS;
@@ -598,7 +597,7 @@ const char* const kPackedSlotNames[] = {"weight", "grad", "model weight"};
 struct StepLayout {
   int n = 0;
   int slots = 0;     // inputs per tensor
-  int lowp = -1;     // slot of the fp16/bf16 model weight, or -1
+  int lowp = -1;     // slot of the fp16 model weight, or -1
   bool packed = false;
   int64_t moments_offset = 0;
   int total() const { return n * slots + (packed ? 1 : 0); }
@@ -650,14 +649,14 @@ MXReturnValue step_type(const Attrs& attrs, std::vector<int>* in, std::vector<in
   for (int i = 0; i < l.n * l.slots; ++i) {
     const int slot = i % l.slots;
     const int flag = (*in)[i];
-    const bool ok = slot == l.lowp ? is_low_precision(flag)
-                    : slot == kGrad && mp ? is_low_precision(flag) || flag == kFloat32Flag
+    const bool ok = slot == l.lowp ? is_half(flag)
+                    : slot == kGrad && mp ? is_half(flag) || flag == kFloat32Flag
                                           : flag == math;
     if (!ok) {
       fail(kStep, tensor_label(i / l.slots, step_slot_name(l, slot)) + " is " +
                       dtype_name(flag) + ", expected " +
-                      (slot == l.lowp ? "float16 or bfloat16"
-                       : slot == kGrad && mp ? "float16, bfloat16 or float32"
+                      (slot == l.lowp ? "float16"
+                       : slot == kGrad && mp ? "float16 or float32"
                                              : dtype_name(math)));
       return MX_FAIL;
     }
@@ -747,10 +746,8 @@ MXReturnValue step_forward_typed(const StepLayout& l, const StepAttrs& s,
     }
     first[t] = Phase1Span<T>{weight, x[kGrad].data_ptr, mean, var, nullptr, size,
                              dtype_of(x[kGrad])};
-    second[t] = l.lowp >= 0 ? Phase2Span<T>{weight, weight, x[l.lowp].data_ptr,
-                                            dtype_of(x[l.lowp]), mean, var, nullptr, size}
-                            : Phase2Span<T>{weight, weight, nullptr, dtype_of(x[kWeight]), mean,
-                                            var, nullptr, size};
+    half_t* model_weight = l.lowp >= 0 ? static_cast<half_t*>(x[l.lowp].data_ptr) : nullptr;
+    second[t] = Phase2Span<T>{weight, weight, model_weight, mean, var, nullptr, size};
   }
   lamb_step_cpu(first, second, step_coeffs<T>(s), coeffs,
                 [&s](int t, double weight_sumsq, double update_sumsq) {
@@ -787,9 +784,9 @@ MXReturnValue grad_stats_type(const Attrs&, std::vector<int>* in, std::vector<in
   const int n = static_cast<int>(in->size()) - 1;
   for (int t = 0; t < n; ++t) {
     const int flag = (*in)[t];
-    if (flag != kFloat32Flag && flag != kFloat64Flag && !is_low_precision(flag)) {
+    if (flag != kFloat32Flag && flag != kFloat64Flag && !is_half(flag)) {
       fail(kGradStats, tensor_label(t, "grad") + " is " + dtype_name(flag) +
-                           ", expected float32, float64, float16 or bfloat16");
+                           ", expected float32, float64 or float16");
       return MX_FAIL;
     }
   }
