@@ -1,4 +1,4 @@
-// LAMB span kernels: load, call the lamb_math.h stage functions, store.
+// LAMB span kernels: load, call lamb_math.h's per-element phase functions, store.
 //
 // This file is compiled once per ISA level with different -m flags and
 // -DMXLAMB_ISA=<name> (see setup.py); each copy defines kernels_<name>(). The loops are written
@@ -34,30 +34,6 @@ inline double sum_lanes(const double* acc) {
     for (int l = 0; l < width; ++l) level[l] = level[l] + level[l + width];
   }
   return level[0];
-}
-
-// Phase 1 of one element in math type T: updates mean and var in place, returns u.
-template <typename T>
-MXLAMB_INLINE T phase1_element(T w, T grad, T* mean, T* var, const StepCoeffs<T>& step,
-                               const TensorCoeffs<T>& tensor) {
-  T m = *mean, v = *var;
-  update_moments(scaled_grad(grad, step, tensor), &m, &v, step);
-  *mean = m;
-  *var = v;
-  return raw_update(w, m, v, tensor);
-}
-
-// The same under AMSGrad: the running max of var is kept and used for u.
-template <typename T>
-MXLAMB_INLINE T phase1_element(T w, T grad, T* mean, T* var, T* var_max,
-                               const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor) {
-  T m = *mean, v = *var;
-  update_moments(scaled_grad(grad, step, tensor), &m, &v, step);
-  const T v_max = amsgrad_var(*var_max, v);
-  *mean = m;
-  *var = v;
-  *var_max = v_max;
-  return raw_update(w, m, v_max, tensor);
 }
 
 // Adds the squares of one block of kSumLanes values to the lane accumulators. Written with
@@ -222,7 +198,7 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
   const T* __restrict__ v = s.var;
   T* __restrict__ avg = s.average;
   auto element = [&](int64_t i) {
-    const T updated = apply_update(w[i], raw_update(w[i], m[i], v[i], tensor), step_size);
+    const T updated = phase2_element(w[i], m[i], v[i], tensor, step_size);
     w_out[i] = updated;
     if (kEma) avg[i] = moving_average(avg[i], updated, ema);
     return updated;

@@ -170,12 +170,10 @@ constexpr int kP2Weight = 0, kP2Mean = 1, kP2Var = 2, kP2Average = 3;
 
 struct StepAttrs {
   Layout layout;
+  LambParams params;
   bool multi_precision = false;
   bool amsgrad = false;
-  double beta1 = 0.9, beta2 = 0.999, epsilon = 1e-6, rescale = 1.0, clipnorm = -1.0;
-  double clip_gradient = -1.0, ema_momentum = 0.99;
-  bool bias_correction = true, epsilon_hat = false;
-  double lower_bound = -1.0, upper_bound = -1.0;
+  double rescale = 1.0, clipnorm = -1.0, ema_momentum = 0.99;
   std::vector<double> lrs, wds, counts;    // counts: host step counts (without device_counts)
   std::vector<double> stat_rows, count_slots;
   std::vector<char> layer_adaptation;
@@ -184,15 +182,16 @@ struct StepAttrs {
 // Reads the attributes both phases share.
 bool parse_step(const std::string& op, const Attrs& attrs, bool phase1, StepAttrs* s) {
   Layout& l = s->layout;
-  if (!layout_of(op, attrs, phase1, &l) || !get_double(op, attrs, "beta1", 0.9, &s->beta1) ||
-      !get_double(op, attrs, "beta2", 0.999, &s->beta2) ||
-      !get_double(op, attrs, "epsilon", 1e-6, &s->epsilon) ||
+  LambParams& p = s->params;
+  if (!layout_of(op, attrs, phase1, &l) || !get_double(op, attrs, "beta1", 0.9, &p.beta1) ||
+      !get_double(op, attrs, "beta2", 0.999, &p.beta2) ||
+      !get_double(op, attrs, "epsilon", 1e-6, &p.epsilon) ||
       !get_double(op, attrs, "rescale_grad", 1.0, &s->rescale) ||
-      !get_double(op, attrs, "clip_gradient", -1.0, &s->clip_gradient) ||
+      !get_double(op, attrs, "clip_gradient", -1.0, &p.clip_gradient) ||
       !get_double(op, attrs, "clipnorm", -1.0, &s->clipnorm) ||
       !get_double(op, attrs, "ema_momentum", 0.99, &s->ema_momentum) ||
-      !get_double(op, attrs, "lower_bound", -1.0, &s->lower_bound) ||
-      !get_double(op, attrs, "upper_bound", -1.0, &s->upper_bound) ||
+      !get_double(op, attrs, "lower_bound", -1.0, &p.lower_bound) ||
+      !get_double(op, attrs, "upper_bound", -1.0, &p.upper_bound) ||
       !get_list(op, attrs, "lrs", l.n, &s->lrs) || !get_list(op, attrs, "wds", l.n, &s->wds) ||
       !get_flags(op, attrs, "layer_adaptation", l.n, &s->layer_adaptation)) {
     return false;
@@ -207,36 +206,9 @@ bool parse_step(const std::string& op, const Attrs& attrs, bool phase1, StepAttr
   }
   s->multi_precision = get_bool(attrs, "multi_precision", false);
   s->amsgrad = get_bool(attrs, "amsgrad", false);
-  s->bias_correction = get_bool(attrs, "bias_correction", true);
-  s->epsilon_hat = get_bool(attrs, "epsilon_hat", false);
+  p.bias_correction = get_bool(attrs, "bias_correction", true);
+  p.epsilon_hat = get_bool(attrs, "epsilon_hat", false);
   return true;
-}
-
-// The step's coefficients in math type T, each rounded once from double.
-template <typename T>
-StepCoeffs<T> step_coeffs(const StepAttrs& s) {
-  return StepCoeffs<T>{static_cast<T>(s.beta1), static_cast<T>(s.beta2),
-                       static_cast<T>(1.0 - s.beta1), static_cast<T>(1.0 - s.beta2),
-                       static_cast<T>(s.clip_gradient)};
-}
-
-template <typename T>
-EmaCoeffs<T> ema_coeffs(const StepAttrs& s) {
-  return EmaCoeffs<T>{static_cast<T>(s.ema_momentum), static_cast<T>(1.0 - s.ema_momentum)};
-}
-
-// The per-tensor coefficients at step count t (grad_scale is set by the caller).
-template <typename T>
-TensorCoeffs<T> tensor_coeffs(const StepAttrs& s, int t, double count) {
-  TensorCoeffs<T> c;
-  const double inv_bias2 = inverse_bias(s.beta2, count, s.bias_correction);
-  c.inv_bias1 = static_cast<T>(inverse_bias(s.beta1, count, s.bias_correction));
-  c.inv_bias2 = static_cast<T>(inv_bias2);
-  c.epsilon = static_cast<T>(step_epsilon(s.epsilon, inv_bias2, s.epsilon_hat));
-  c.grad_scale = static_cast<T>(s.rescale);
-  c.wd = static_cast<T>(s.wds[t]);
-  c.lr = static_cast<T>(s.lrs[t]);
-  return c;
 }
 
 DType dtype_of(const MXTensor& t) { return static_cast<DType>(static_cast<int>(t.dtype)); }
@@ -451,10 +423,10 @@ MXReturnValue phase1_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in
   for (int t = 0; t < l.n; ++t) {
     double count = counts != nullptr ? counts[slots[t]] + 1.0 : s.counts[t];
     if (counts != nullptr) counts[slots[t]] = count;
-    coeffs[t] = tensor_coeffs<T>(s, t, count);
-    coeffs[t].grad_scale = static_cast<T>(
+    const double grad_scale =
         grad_sumsq != nullptr ? gradient_scale(control.multiplier, grad_sumsq[rows[t]], s.clipnorm)
-                              : control.multiplier);
+                              : control.multiplier;
+    coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], grad_scale);
     MXTensor* x = &(*in)[t * l.slots];
     spans[t] = Phase1Span<T>{x[kWeight].data<T>(),
                              x[kGrad].data_ptr,
@@ -464,7 +436,7 @@ MXReturnValue phase1_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in
                              x[kWeight].size(),
                              dtype_of(x[kGrad])};
   }
-  lamb_phase1_cpu(spans, step_coeffs<T>(s), coeffs, sumsq);
+  lamb_phase1_cpu(spans, step_coeffs<T>(s.params), coeffs, sumsq);
   return MX_SUCCESS;
 }
 
@@ -551,14 +523,17 @@ MXReturnValue phase2_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in
   if (!count_slots(kPhase2, s, *in, &slots)) return MX_FAIL;
   const double* counts = l.counts >= 0 ? (*in)[l.counts].data<double>() : nullptr;
   const double* sumsq = (*in)[l.sumsq].data<double>();
+  const StepCoeffs<T> step = step_coeffs<T>(s.params);
   std::vector<TensorCoeffs<T>> coeffs(l.n);
   std::vector<T> step_sizes(l.n);
   std::vector<Phase2Span<T>> spans(l.n);
   for (int t = 0; t < l.n; ++t) {
-    // Phase 1 has already counted this step in the device counts.
-    coeffs[t] = tensor_coeffs<T>(s, t, counts != nullptr ? counts[slots[t]] : s.counts[t]);
-    step_sizes[t] = step_size<T>(s.lrs[t], sumsq[2 * t], sumsq[2 * t + 1], s.lower_bound,
-                                 s.upper_bound, s.layer_adaptation[t] != 0);
+    // Phase 1 has already counted this step in the device counts. The gradient multiplier
+    // plays no part in phase 2.
+    const double count = counts != nullptr ? counts[slots[t]] : s.counts[t];
+    coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], s.rescale);
+    step_sizes[t] = step_size(step, coeffs[t], sumsq[2 * t], sumsq[2 * t + 1],
+                              s.layer_adaptation[t] != 0);
     MXTensor* x = &(*in)[t * l.slots];
     MXTensor& o = (*out)[t];
     T* master = x[kP2Weight].data<T>();
@@ -570,7 +545,7 @@ MXReturnValue phase2_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in
                    : Phase2Span<T>{master, o.data<T>(), nullptr, x[kP2Mean].data<T>(),
                                    x[kP2Var].data<T>(), average, x[kP2Weight].size()};
   }
-  lamb_phase2_cpu(spans, step_coeffs<T>(s), coeffs, step_sizes, ema_coeffs<T>(s));
+  lamb_phase2_cpu(spans, step, coeffs, step_sizes, ema_coeffs<T>(s.ema_momentum));
   return MX_SUCCESS;
 }
 
@@ -725,12 +700,12 @@ MXReturnValue step_forward_typed(const StepLayout& l, const StepAttrs& s,
   const int n = l.n;
   double* sumsq = (*out)[0].data<double>();
   T* packed = l.packed ? (*in)[l.moments()].data<T>() + l.moments_offset : nullptr;
+  const StepCoeffs<T> step = step_coeffs<T>(s.params);
   std::vector<TensorCoeffs<T>> coeffs(n);
   std::vector<Phase1Span<T>> first(n);
   std::vector<Phase2Span<T>> second(n);
   for (int t = 0; t < n; ++t) {
-    coeffs[t] = tensor_coeffs<T>(s, t, s.counts[t]);
-    coeffs[t].grad_scale = static_cast<T>(s.rescale);
+    coeffs[t] = tensor_coeffs<T>(s.params, s.counts[t], s.lrs[t], s.wds[t], s.rescale);
     MXTensor* x = &(*in)[t * l.slots];
     T* weight = x[kWeight].data<T>();
     const int64_t size = x[kWeight].size();
@@ -749,10 +724,10 @@ MXReturnValue step_forward_typed(const StepLayout& l, const StepAttrs& s,
     half_t* model_weight = l.lowp >= 0 ? static_cast<half_t*>(x[l.lowp].data_ptr) : nullptr;
     second[t] = Phase2Span<T>{weight, weight, model_weight, mean, var, nullptr, size};
   }
-  lamb_step_cpu(first, second, step_coeffs<T>(s), coeffs,
-                [&s](int t, double weight_sumsq, double update_sumsq) {
-                  return step_size<T>(s.lrs[t], weight_sumsq, update_sumsq, s.lower_bound,
-                                      s.upper_bound, s.layer_adaptation[t] != 0);
+  lamb_step_cpu(first, second, step, coeffs,
+                [&](int t, double weight_sumsq, double update_sumsq) {
+                  return step_size(step, coeffs[t], weight_sumsq, update_sumsq,
+                                   s.layer_adaptation[t] != 0);
                 },
                 sumsq);
   return MX_SUCCESS;
@@ -921,17 +896,18 @@ MXReturnValue trust_ratio_forward(const Attrs& attrs, std::vector<MXTensor>* in,
 #ifdef MXLAMB_WITH_CUDA
 // ------------------------------------------------------------------------------------ GPU
 //
-// The CUDA kernels take plain LAMB (every MXNet LAMB option, fp32 and multi-precision). The
-// mxlamb extras (AMSGrad, EMA, gradient statistics, device step counts, per-tensor layer
-// adaptation, Keras' epsilon) and float64 weights are CPU-only for now and refused here by
-// name (the CUDA interface, lamb_cuda.h, takes float32 weights and moments).
+// The CUDA kernels take plain LAMB (every MXNet LAMB option, and Keras' epsilon: a coefficient
+// like any other; fp32 and multi-precision). The other mxlamb extras (AMSGrad, EMA, gradient
+// statistics, device step counts, per-tensor layer adaptation) and float64 weights are CPU-only
+// for now and refused here by name (the CUDA interface, lamb_cuda.h, takes float32 weights and
+// moments).
 
 bool gpu_supports(const char* op, const Attrs& attrs, const std::vector<MXTensor>& in) {
   if (is_float64(in[0])) {
     return fail(op, "float64 weights are not implemented on GPU yet (CPU only; the CUDA "
                     "kernels update float32 weights and float32 master copies)");
   }
-  for (const char* key : {"amsgrad", "use_ema", "has_stats", "device_counts", "epsilon_hat"}) {
+  for (const char* key : {"amsgrad", "use_ema", "has_stats", "device_counts"}) {
     if (get_bool(attrs, key, false)) {
       return fail(op, std::string(key) + " is not implemented on GPU yet (CPU only)");
     }
@@ -948,29 +924,18 @@ struct CudaGroup {
   std::vector<float*> weights, means, vars;
   std::vector<const void*> grads;
   std::vector<void*> lowp;
-  std::vector<int64_t> sizes, counts;
-  std::vector<float> lrs, wds;
+  std::vector<int64_t> sizes;
+  std::vector<TensorCoeffs<float>> coeffs;  // made as the CPU forwards make theirs
   MxlambCudaGroup group{};
 
   explicit CudaGroup(const StepAttrs& s) {
     for (int t = 0; t < s.layout.n; ++t) {
-      lrs.push_back(static_cast<float>(s.lrs[t]));
-      wds.push_back(static_cast<float>(s.wds[t]));
-      counts.push_back(static_cast<int64_t>(s.counts[t]));
+      coeffs.push_back(
+          tensor_coeffs<float>(s.params, s.counts[t], s.lrs[t], s.wds[t], s.rescale));
     }
     group.num_tensors = s.layout.n;
-    group.lrs = lrs.data();
-    group.wds = wds.data();
-    group.step_counts = counts.data();
-    const StepCoeffs<float> step = step_coeffs<float>(s);
-    group.beta1 = step.beta1;
-    group.beta2 = step.beta2;
-    group.epsilon = static_cast<float>(s.epsilon);
-    group.rescale_grad = static_cast<float>(s.rescale);
-    group.clip_gradient = step.clip_gradient;
-    group.bias_correction = s.bias_correction;
-    group.lower_bound = s.lower_bound;
-    group.upper_bound = s.upper_bound;
+    group.step = step_coeffs<float>(s.params);
+    group.coeffs = coeffs.data();
   }
 
   void finish() {
@@ -1000,7 +965,7 @@ MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
     g.means.push_back(x[kMean].data<float>());
     g.vars.push_back(x[kVar].data<float>());
     g.sizes.push_back(x[kWeight].size());
-    g.group.grad_dtype = static_cast<int>(x[kGrad].dtype);
+    g.group.grad_dtype = static_cast<MxlambDType>(x[kGrad].dtype);
   }
   g.finish();
   const size_t bytes = mxlamb_cuda_workspace_bytes(&g.group);
@@ -1016,7 +981,7 @@ MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
   StepAttrs s;
   if (!gpu_supports(kPhase2, attrs, *in) || !parse_step(kPhase2, attrs, false, &s)) return MX_FAIL;
   CudaGroup g(s);
-  g.group.lowp_dtype = s.multi_precision ? static_cast<int>((*out)[0].dtype) : 0;
+  g.group.lowp_dtype = s.multi_precision ? static_cast<MxlambDType>((*out)[0].dtype) : MXLAMB_FLOAT32;
   for (int t = 0; t < s.layout.n; ++t) {
     MXTensor* x = &(*in)[t * s.layout.slots];
     MXTensor& o = (*out)[t];
