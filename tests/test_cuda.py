@@ -33,14 +33,16 @@ def test_cuda_kernels_compile(tmp_path):
 
 
 @needs_nvcc
-def test_mxnet_gpu_binding_compiles(tmp_path):
-    """lamb_op.cc with the forwardGPU registrations (MXLAMB_CUDA=1 builds)."""
+@pytest.mark.parametrize("source", ["lamb_op.cc", "lamb_op_gpu.cc"])
+def test_mxnet_gpu_binding_compiles(source):
+    """The operators' GPU forwards (lamb_op_gpu.cc) and their registration (lamb_op.cc) as an
+    MXLAMB_CUDA=1 build compiles them."""
     mxnet = pytest.importorskip("mxnet")
     include = mxnet.libinfo.find_include_path()
-    subprocess.check_call(["g++", "-std=c++17", "-fsyntax-only", "-DMXLAMB_WITH_CUDA",
+    subprocess.check_call(["g++", "-std=c++17", "-Wall", "-fsyntax-only", "-DMXLAMB_WITH_CUDA",
                            "-DMXLAMB_MXNET_VERSION=10901", "-I", include,
                            "-I", os.path.join(ROOT, "src", "operators"),
-                           os.path.join(ROOT, "src", "operators", "lamb_op.cc")])
+                           os.path.join(ROOT, "src", "operators", source)])
 
 
 class StepCoeffs(ctypes.Structure):
