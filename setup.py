@@ -71,7 +71,11 @@ ISA_FLAGS = {
                "-mprefer-vector-width=512"],
 }
 
-PORTABLE_SOURCES = ["lamb_op.cc", "lamb_cpu.cc", "runtime.cc", "portability.cc"]
+# Compiled once (not per ISA level). lamb_op_gpu.cc, the operators' GPU forwards, only into a
+# build with the CUDA kernels (MXLAMB_CUDA=1).
+PORTABLE_SOURCES = ["lamb_op.cc", "op_table.cc", "lamb_cpu.cc", "runtime.cc", "bench_probe.cc",
+                    "portability.cc"]
+GPU_SOURCES = ["lamb_op_gpu.cc"]
 
 # Portability: libstdc++, libgcc and libgomp stay shared with MXNet (one C++ and one OpenMP
 # runtime in the process), and the library asks them and glibc for nothing newer than
@@ -200,11 +204,20 @@ def _version_script(path, include):
     return path
 
 
-def compile_operator_library(output, build_temp, cxx=None, extra_flags=(), mxnet=None):
+def compile_operator_library(output, build_temp, cxx=None, extra_flags=(), mxnet=None,
+                             cuda_library=None):
     """Compile every operator source against ``mxnet`` (a find_mxnet() result; default: the
-    one find_mxnet() finds) and link ``output``; returns the output path."""
+    one find_mxnet() finds) and link ``output``; returns the output path. With
+    ``cuda_library`` (a compile_cuda_library() output in the same directory as ``output``) the
+    operators also get their GPU forwards, linked to it."""
     cxx = cxx or os.environ.get("CXX", "g++")
     extra = list(extra_flags) + shlex.split(os.environ.get("MXLAMB_CXXFLAGS", ""))
+    sources = PORTABLE_SOURCES
+    if cuda_library is not None:
+        sources = PORTABLE_SOURCES + GPU_SOURCES
+        extra += ["-DMXLAMB_WITH_CUDA", "-L" + os.path.dirname(os.path.abspath(cuda_library)),
+                  "-l" + re.sub(r"^lib|\.so$", "", os.path.basename(cuda_library)),
+                  "-Wl,-rpath,$ORIGIN"]
     include, lib_api, version = mxnet_build_info(mxnet)
     os.makedirs(build_temp, exist_ok=True)
     base = ([cxx] + shlex.split(os.environ.get("CXXFLAGS", "")) + COMMON_FLAGS
@@ -216,7 +229,7 @@ def compile_operator_library(output, build_temp, cxx=None, extra_flags=(), mxnet
         obj = os.path.join(build_temp, "lamb_kernels_%s.o" % isa)
         jobs.append((base + flags + ["-DMXLAMB_ISA=" + isa, "-c",
                                      os.path.join(OPERATOR_DIR, "lamb_kernels.cc"), "-o", obj], obj))
-    for source in PORTABLE_SOURCES:
+    for source in sources:
         obj = os.path.join(build_temp, source.replace(".cc", ".o"))
         jobs.append((base + ["-c", os.path.join(OPERATOR_DIR, source), "-o", obj], obj))
     obj = os.path.join(build_temp, "lib_api.o")
@@ -251,14 +264,12 @@ class BuildOperators(build_ext):
             print("mxlamb: building against mxnet %s at %s, %s"
                   % (found["version"], found["dir"], found["how"]))
         output = self.get_ext_fullpath(ext.name)
-        extra = []
+        cuda_lib = None
         if os.environ.get("MXLAMB_CUDA") == "1":
             # The kernels as their own library, and the MXNet operators' GPU forward linked to it.
             cuda_lib = compile_cuda_library(
                 os.path.join(os.path.dirname(output), "libmxlamb_cuda.so"))
-            extra = ["-DMXLAMB_WITH_CUDA", "-L" + os.path.dirname(os.path.abspath(cuda_lib)),
-                     "-lmxlamb_cuda", "-Wl,-rpath,$ORIGIN"]
-        compile_operator_library(output, self.build_temp, extra_flags=extra, mxnet=found)
+        compile_operator_library(output, self.build_temp, mxnet=found, cuda_library=cuda_lib)
         # pip builds a source directory in place (pip >= 21.3): the libraries also go into the
         # source tree's mxlamb/, so that running from the tree's root, where Python imports
         # ./mxlamb before the installed copy, finds them (the README's commands run from there).

@@ -24,7 +24,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from param_sets import PARAM_SETS  # noqa: E402
 from setup import compile_cuda_library  # noqa: E402
-from test_cuda import Group  # noqa: E402
+from test_cuda import Group, TensorCoeffs, step_coeffs, tensor_coeffs  # noqa: E402
 
 BYTES_PER_PARAM = 40
 
@@ -55,21 +55,18 @@ def mxlamb_step(lib, params, grads, means, variances, lr=1e-3, wd=0.01):
     ptrs = lambda ts: (ctypes.c_void_p * n)(*[t.data_ptr() for t in ts])  # noqa: E731
     count = [0]
     sumsq = torch.zeros((n, 2), dtype=torch.float64, device="cuda")
+    coeffs = (TensorCoeffs * n)(*[tensor_coeffs(1, lr, wd)] * n)
     group = Group(num_tensors=n, weights=ptrs(params), grads=ptrs(grads), means=ptrs(means),
                   vars=ptrs(variances), weights_lowp=None,
                   sizes=(ctypes.c_int64 * n)(*[p.numel() for p in params]), grad_dtype=0,
-                  lowp_dtype=0, lrs=(ctypes.c_float * n)(*[lr] * n),
-                  wds=(ctypes.c_float * n)(*[wd] * n), step_counts=(ctypes.c_int64 * n)(*[1] * n),
-                  beta1=0.9, beta2=0.999, epsilon=1e-6, rescale_grad=1.0, clip_gradient=-1.0,
-                  bias_correction=1, lower_bound=-1.0, upper_bound=-1.0)
+                  lowp_dtype=0, step=step_coeffs(), coeffs=coeffs)
     nbytes = lib.mxlamb_cuda_workspace_bytes(ctypes.byref(group))
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     stream = torch.cuda.current_stream().cuda_stream
 
     def step():
         count[0] += 1
-        for i in range(n):
-            group.step_counts[i] = count[0]
+        coeffs[:] = [tensor_coeffs(count[0], lr, wd)] * n
         assert lib.mxlamb_cuda_phase1(ctypes.byref(group), sumsq.data_ptr(), workspace.data_ptr(),
                                       nbytes, stream) == 0
         assert lib.mxlamb_cuda_phase2(ctypes.byref(group), sumsq.data_ptr(), workspace.data_ptr(),

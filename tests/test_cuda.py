@@ -33,17 +33,35 @@ def test_cuda_kernels_compile(tmp_path):
 
 
 @needs_nvcc
-def test_mxnet_gpu_binding_compiles(tmp_path):
-    """lamb_op.cc with the forwardGPU registrations (MXLAMB_CUDA=1 builds)."""
+@pytest.mark.parametrize("source", ["lamb_op.cc", "lamb_op_gpu.cc"])
+def test_mxnet_gpu_binding_compiles(source):
+    """The operators' GPU forwards (lamb_op_gpu.cc) and their registration (lamb_op.cc) as an
+    MXLAMB_CUDA=1 build compiles them."""
     mxnet = pytest.importorskip("mxnet")
     include = mxnet.libinfo.find_include_path()
-    subprocess.check_call(["g++", "-std=c++17", "-fsyntax-only", "-DMXLAMB_WITH_CUDA",
+    subprocess.check_call(["g++", "-std=c++17", "-Wall", "-fsyntax-only", "-DMXLAMB_WITH_CUDA",
                            "-DMXLAMB_MXNET_VERSION=10901", "-I", include,
                            "-I", os.path.join(ROOT, "src", "operators"),
-                           os.path.join(ROOT, "src", "operators", "lamb_op.cc")])
+                           os.path.join(ROOT, "src", "operators", source)])
+
+
+class StepCoeffs(ctypes.Structure):
+    """lamb_math.h's StepCoeffs<float>."""
+    _fields_ = [("beta1", ctypes.c_float), ("beta2", ctypes.c_float),
+                ("one_minus_beta1", ctypes.c_float), ("one_minus_beta2", ctypes.c_float),
+                ("clip_gradient", ctypes.c_float),
+                ("lower_bound", ctypes.c_double), ("upper_bound", ctypes.c_double)]
+
+
+class TensorCoeffs(ctypes.Structure):
+    """lamb_math.h's TensorCoeffs<float>."""
+    _fields_ = [("inv_bias1", ctypes.c_float), ("inv_bias2", ctypes.c_float),
+                ("epsilon", ctypes.c_float), ("grad_scale", ctypes.c_float),
+                ("wd", ctypes.c_float), ("lr", ctypes.c_double)]
 
 
 class Group(ctypes.Structure):
+    """lamb_cuda.h's MxlambCudaGroup."""
     _fields_ = [("num_tensors", ctypes.c_int),
                 ("weights", ctypes.POINTER(ctypes.c_void_p)),
                 ("grads", ctypes.POINTER(ctypes.c_void_p)),
@@ -52,12 +70,47 @@ class Group(ctypes.Structure):
                 ("weights_lowp", ctypes.POINTER(ctypes.c_void_p)),
                 ("sizes", ctypes.POINTER(ctypes.c_int64)),
                 ("grad_dtype", ctypes.c_int), ("lowp_dtype", ctypes.c_int),
-                ("lrs", ctypes.POINTER(ctypes.c_float)), ("wds", ctypes.POINTER(ctypes.c_float)),
-                ("step_counts", ctypes.POINTER(ctypes.c_int64)),
-                ("beta1", ctypes.c_float), ("beta2", ctypes.c_float),
-                ("epsilon", ctypes.c_float), ("rescale_grad", ctypes.c_float),
-                ("clip_gradient", ctypes.c_float), ("bias_correction", ctypes.c_int),
-                ("lower_bound", ctypes.c_double), ("upper_bound", ctypes.c_double)]
+                ("step", StepCoeffs),
+                ("coeffs", ctypes.POINTER(TensorCoeffs))]
+
+
+def step_coeffs(beta1=0.9, beta2=0.999, clip_gradient=None, lower_bound=None, upper_bound=None):
+    """lamb_math.h's step_coeffs<float>: from float64 values, each rounded once to float."""
+    return StepCoeffs(beta1, beta2, 1.0 - beta1, 1.0 - beta2,
+                      -1.0 if clip_gradient is None else clip_gradient,
+                      lower_bound or -1.0, upper_bound or -1.0)
+
+
+def tensor_coeffs(step_count, lr, wd, beta1=0.9, beta2=0.999, epsilon=1e-6, grad_scale=1.0,
+                  bias_correction=True):
+    """lamb_math.h's tensor_coeffs<float> (without Keras' epsilon hat)."""
+    inverse_bias = lambda beta: 1.0 / (1.0 - beta ** step_count) if bias_correction else 1.0  # noqa
+    return TensorCoeffs(inverse_bias(beta1), inverse_bias(beta2), epsilon, grad_scale, wd, lr)
+
+
+def test_ctypes_structs_match_the_header(tmp_path):
+    """Group, StepCoeffs and TensorCoeffs lie in memory as lamb_cuda.h's structs do (a host
+    compile of the header: no nvcc or GPU needed)."""
+    fields = {"MxlambCudaGroup": Group, "mxlamb::StepCoeffs<float>": StepCoeffs,
+              "mxlamb::TensorCoeffs<float>": TensorCoeffs}
+    lines = []
+    for struct, mirror in fields.items():
+        lines.append('  std::printf("%%s %%zu\\n", "%s", sizeof(%s));' % (struct, struct))
+        for name, _ in mirror._fields_:
+            lines.append('  std::printf("%%s.%s %%zu\\n", "%s", offsetof(%s, %s));'
+                         % (name, struct, struct, name))
+    program = tmp_path / "layout.cc"
+    program.write_text('#include <cstddef>\n#include <cstdio>\n#include "lamb_cuda.h"\n'
+                       "int main() {\n%s\n}\n" % "\n".join(lines))
+    subprocess.check_call(["g++", "-std=c++17", "-I", os.path.join(ROOT, "src", "operators"),
+                           str(program), "-o", str(tmp_path / "layout")])
+    out = subprocess.run([str(tmp_path / "layout")], capture_output=True, text=True,
+                         check=True).stdout
+    measured = dict(line.rsplit(" ", 1) for line in out.splitlines())
+    for struct, mirror in fields.items():
+        assert int(measured[struct]) == ctypes.sizeof(mirror), struct
+        for name, _ in mirror._fields_:
+            assert int(measured["%s.%s" % (struct, name)]) == getattr(mirror, name).offset, name
 
 
 def gpu_available():
@@ -134,17 +187,16 @@ def test_cuda_kernels_match_the_reference(cuda_lib, dtype, options):
         step_grads = [to_storage(g) for g in grads[t - 1]]
         for i in range(n):
             ref.step(i, step_grads[i][1], lr, options["wd"])
+        coeffs = tensor_coeffs(t, lr, options["wd"], grad_scale=options["rescale_grad"],
+                               bias_correction=options["bias_correction"])
         group = Group(
             num_tensors=n, weights=pointers(master), grads=pointers([g[0] for g in step_grads]),
             means=pointers(means), vars=pointers(variances),
             weights_lowp=pointers([l[0] for l in lowp]) if lowp else None,
             sizes=(ctypes.c_int64 * n)(*SIZES), grad_dtype=FLAGS[dtype], lowp_dtype=FLAGS[dtype],
-            lrs=(ctypes.c_float * n)(*[lr] * n), wds=(ctypes.c_float * n)(*[options["wd"]] * n),
-            step_counts=(ctypes.c_int64 * n)(*[t] * n), beta1=0.9, beta2=0.999, epsilon=1e-6,
-            rescale_grad=options["rescale_grad"],
-            clip_gradient=-1.0 if options["clip_gradient"] is None else options["clip_gradient"],
-            bias_correction=int(options["bias_correction"]),
-            lower_bound=options["bounds"][0] or -1.0, upper_bound=options["bounds"][1] or -1.0)
+            step=step_coeffs(clip_gradient=options["clip_gradient"],
+                             lower_bound=options["bounds"][0], upper_bound=options["bounds"][1]),
+            coeffs=(TensorCoeffs * n)(*[coeffs] * n))
         bytes_ = cuda_lib.mxlamb_cuda_workspace_bytes(ctypes.byref(group))
         workspace = cp.empty(bytes_, cp.uint8)
         stream = cp.cuda.get_current_stream().ptr

@@ -1,3 +1,5 @@
+// The CPU's multi-tensor phases: a group's tensors cut into chunks (multi_tensor.h), each chunk
+// handed to the active ISA level's span kernel, per-chunk sums combined in chunk order.
 #include "lamb_cpu.h"
 
 #include "multi_tensor.h"
@@ -56,10 +58,7 @@ void lamb_phase2_cpu(const std::vector<Phase2Span<T>>& tensors, const StepCoeffs
     Phase2Span<T> part = whole;
     part.weight = whole.weight + chunk.begin;
     part.weight_out = whole.weight_out + chunk.begin;
-    if (whole.weight_lowp != nullptr) {
-      part.weight_lowp = static_cast<char*>(whole.weight_lowp) +
-                         chunk.begin * dtype_bytes(whole.lowp_type);
-    }
+    if (whole.model_weight != nullptr) part.model_weight = whole.model_weight + chunk.begin;
     part.mean = whole.mean + chunk.begin;
     part.var = whole.var + chunk.begin;
     if (whole.average != nullptr) part.average = whole.average + chunk.begin;

@@ -36,8 +36,9 @@ void lamb_step_cpu(const std::vector<Phase1Span<T>>& phase1,
 // sum(g^2) of every gradient, in double: out[t].
 void grad_sumsq_cpu(const std::vector<GradSpan>& grads, double* out);
 
-// Elements per back-to-back batch: w, g, m, v of 2^20 fp32 elements are 16 MiB, half of this
-// machine's 32 MiB L3 (a smaller cache only loses the reuse, never correctness).
+// Elements per back-to-back batch: w, g, m, v of 2^20 fp32 elements are 16 MiB, which a
+// server CPU's last-level cache of 32 MiB or more keeps between the two passes. The size is
+// fixed, not read from the CPU: with a smaller cache only the reuse is lost, never correctness.
 constexpr int64_t kBackToBackElements = int64_t{1} << 20;
 
 template <typename T, typename StepSizeFn>

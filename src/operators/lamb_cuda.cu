@@ -6,8 +6,8 @@
 // argument space: they are written to the caller's device workspace (through a pinned staging
 // ring, so the copy never waits for the stream), and indices are 64-bit.
 //
-// The arithmetic is lamb_math.h's, the same functions as the CPU kernels. Reductions are
-// deterministic: each block reduces its chunk in a fixed tree, and the per-tensor norm adds the
+// The arithmetic is lamb_math.h's, the same per-element functions as the CPU kernels, on
+// coefficients the caller made with lamb_math.h as the CPU does. Reductions are deterministic: each block reduces its chunk in a fixed tree, and the per-tensor norm adds the
 // chunk partials in chunk order. No float atomics.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -97,12 +97,8 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t end = c.begin + kChunk < t.n ? c.begin + kChunk : t.n;
   double weight_sumsq = 0.0, update_sumsq = 0.0;
   for (int64_t i = c.begin + threadIdx.x; i < end; i += kBlock) {
-    float mean = t.mean[i], var = t.var[i];
-    update_moments(scaled_grad(load(grad, i), step, t.coeffs), &mean, &var, step);
-    t.mean[i] = mean;
-    t.var[i] = var;
     const float w = t.weight[i];
-    const float u = raw_update(w, mean, var, t.coeffs);
+    const float u = phase1_element(w, load(grad, i), &t.mean[i], &t.var[i], step, t.coeffs);
     weight_sumsq += static_cast<double>(w) * w;
     update_sumsq += static_cast<double>(u) * u;
   }
@@ -131,29 +127,18 @@ __global__ void norms_kernel(const int64_t* first_chunk, const double* partials,
 template <typename LowT>
 __global__ void __launch_bounds__(kBlock)
     phase2_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, StepCoeffs<float> step,
-                  const double* sumsq, double lower_bound, double upper_bound) {
+                  const double* sumsq) {
   const ChunkEntry c = chunks[blockIdx.x];
   const TensorEntry t = tensors[c.tensor];
-  const float step_size = mxlamb::step_size<float>(t.coeffs.lr, sumsq[2 * c.tensor],
-                                            sumsq[2 * c.tensor + 1], lower_bound, upper_bound,
-                                            true);
+  const float step_size =
+      mxlamb::step_size(step, t.coeffs, sumsq[2 * c.tensor], sumsq[2 * c.tensor + 1], true);
   LowT* lowp = static_cast<LowT*>(t.weight_lowp);
   const int64_t end = c.begin + kChunk < t.n ? c.begin + kChunk : t.n;
   for (int64_t i = c.begin + threadIdx.x; i < end; i += kBlock) {
-    const float w = t.weight[i];
-    const float updated =
-        apply_update(w, raw_update(w, t.mean[i], t.var[i], t.coeffs), step_size);
+    const float updated = phase2_element(t.weight[i], t.mean[i], t.var[i], t.coeffs, step_size);
     t.weight[i] = updated;
     if (lowp != nullptr) store(lowp, i, updated);
   }
-}
-
-StepCoeffs<float> step_of(const MxlambCudaGroup& g) {
-  return StepCoeffs<float>{g.beta1,
-                    g.beta2,
-                    static_cast<float>(1.0 - static_cast<double>(g.beta1)),
-                    static_cast<float>(1.0 - static_cast<double>(g.beta2)),
-                    g.clip_gradient};
 }
 
 // Pinned staging buffers for the table copies. A copy from pageable memory would make
@@ -221,17 +206,9 @@ cudaError_t write_tables(const MxlambCudaGroup& g, const Layout& l, char* worksp
   auto* first_chunk = reinterpret_cast<int64_t*>(host + l.first_chunk);
   int64_t c = 0;
   for (int t = 0; t < g.num_tensors; ++t) {
-    const double count = static_cast<double>(g.step_counts[t]);
-    TensorCoeffs<float> coeffs;
-    coeffs.inv_bias1 = static_cast<float>(inverse_bias(g.beta1, count, g.bias_correction));
-    coeffs.inv_bias2 = static_cast<float>(inverse_bias(g.beta2, count, g.bias_correction));
-    coeffs.epsilon = g.epsilon;
-    coeffs.grad_scale = g.rescale_grad;
-    coeffs.wd = g.wds[t];
-    coeffs.lr = g.lrs[t];
     tensors[t] = TensorEntry{g.weights[t], g.grads[t], g.means[t], g.vars[t],
                              g.weights_lowp != nullptr ? g.weights_lowp[t] : nullptr,
-                             g.sizes[t], coeffs};
+                             g.sizes[t], g.coeffs[t]};
     first_chunk[t] = c;
     for (int64_t begin = 0; begin < g.sizes[t]; begin += kChunk) chunks[c++] = ChunkEntry{t, begin};
   }
@@ -242,7 +219,7 @@ cudaError_t write_tables(const MxlambCudaGroup& g, const Layout& l, char* worksp
 }
 
 template <template <typename> class Launch, typename... Args>
-cudaError_t dispatch(int dtype, Args... args) {
+cudaError_t dispatch(MxlambDType dtype, Args... args) {
   switch (dtype) {
     case MXLAMB_FLOAT16: return Launch<__half>::run(args...);
     case MXLAMB_BFLOAT16: return Launch<__nv_bfloat16>::run(args...);
@@ -265,10 +242,10 @@ struct LaunchPhase1 {
 template <typename LowT>
 struct LaunchPhase2 {
   static cudaError_t run(const Layout& l, char* ws, StepCoeffs<float> step, const double* sumsq,
-                         double lower, double upper, cudaStream_t stream) {
+                         cudaStream_t stream) {
     phase2_kernel<LowT><<<static_cast<unsigned>(l.num_chunks), kBlock, 0, stream>>>(
         reinterpret_cast<const TensorEntry*>(ws + l.tensors),
-        reinterpret_cast<const ChunkEntry*>(ws + l.chunks), step, sumsq, lower, upper);
+        reinterpret_cast<const ChunkEntry*>(ws + l.chunks), step, sumsq);
     return cudaGetLastError();
   }
 };
@@ -277,7 +254,10 @@ struct LaunchPhase2 {
 cudaError_t prepare(const MxlambCudaGroup* g, void* workspace, size_t bytes, cudaStream_t stream,
                     Layout* l, bool* ready) {
   *ready = false;
-  if (g == nullptr || g->num_tensors < 0 || workspace == nullptr) return cudaErrorInvalidValue;
+  if (g == nullptr || g->num_tensors < 0 || workspace == nullptr ||
+      (g->num_tensors > 0 && g->coeffs == nullptr)) {
+    return cudaErrorInvalidValue;
+  }
   *l = layout_of(*g);
   if (bytes < l->total) return cudaErrorInvalidValue;
   if (l->num_chunks == 0) return cudaSuccess;
@@ -304,7 +284,7 @@ extern "C" int mxlamb_cuda_phase1(const MxlambCudaGroup* group, double* sumsq, v
   bool ready;
   if (cudaError_t err = prepare(group, workspace, workspace_bytes, stream, &l, &ready)) return err;
   if (!ready) return cudaSuccess;
-  if (cudaError_t err = dispatch<LaunchPhase1>(group->grad_dtype, l, ws, step_of(*group), stream)) {
+  if (cudaError_t err = dispatch<LaunchPhase1>(group->grad_dtype, l, ws, group->step, stream)) {
     return err;
   }
   norms_kernel<<<(group->num_tensors + 127) / 128, 128, 0, stream>>>(
@@ -322,7 +302,6 @@ extern "C" int mxlamb_cuda_phase2(const MxlambCudaGroup* group, const double* su
   bool ready;
   if (cudaError_t err = prepare(group, workspace, workspace_bytes, stream, &l, &ready)) return err;
   if (!ready) return cudaSuccess;
-  const int lowp = group->weights_lowp != nullptr ? group->lowp_dtype : MXLAMB_FLOAT32;
-  return dispatch<LaunchPhase2>(lowp, l, ws, step_of(*group), sumsq, group->lower_bound,
-                                group->upper_bound, stream);
+  const MxlambDType lowp = group->weights_lowp != nullptr ? group->lowp_dtype : MXLAMB_FLOAT32;
+  return dispatch<LaunchPhase2>(lowp, l, ws, group->step, sumsq, stream);
 }

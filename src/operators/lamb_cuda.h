@@ -1,10 +1,14 @@
-/* Multi-tensor LAMB on CUDA: a plain C interface on raw device pointers and a stream.
+/* Multi-tensor LAMB on CUDA: an extern "C" interface on raw device pointers and a stream.
  *
- * Usable without MXNet (the tests drive it through ctypes on CuPy/PyTorch arrays) and by the
- * MXNet binding in lamb_op.cc (MXLAMB_WITH_CUDA), which passes res.get_cuda_stream() and a
- * workspace from res.alloc_gpu(). The library allocates nothing: the tensor and chunk tables
- * and the per-chunk partial sums live in the caller's device workspace, sized by
- * mxlamb_cuda_workspace_bytes. Nothing synchronises with the host.
+ * Usable without MXNet (the tests drive it through ctypes on CuPy/PyTorch arrays, mirroring
+ * these structs) and by the operators' GPU forwards in lamb_op_gpu.cc (MXLAMB_WITH_CUDA), which
+ * pass res.get_cuda_stream() and a workspace from res.alloc_gpu(). The library allocates
+ * nothing: the tensor and chunk tables and the per-chunk partial sums live in the caller's
+ * device workspace, sized by mxlamb_cuda_workspace_bytes. Nothing synchronises with the host.
+ *
+ * The group carries its coefficients ready made, by lamb_math.h's step_coeffs and
+ * tensor_coeffs from the double hyper-parameters, exactly as the CPU operators make theirs:
+ * the kernels round nothing themselves.
  */
 #ifndef MXLAMB_LAMB_CUDA_H_
 #define MXLAMB_LAMB_CUDA_H_
@@ -12,15 +16,15 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#ifdef __cplusplus
-extern "C" {
-#endif
+#include "lamb_math.h"
 
-/* mshadow type flags */
-enum { MXLAMB_FLOAT32 = 0, MXLAMB_FLOAT16 = 2, MXLAMB_BFLOAT16 = 12 };
+extern "C" {
+
+/* Storage types, numbered as MXNet's (mshadow's) dtype flags. */
+enum MxlambDType : int { MXLAMB_FLOAT32 = 0, MXLAMB_FLOAT16 = 2, MXLAMB_BFLOAT16 = 12 };
 
 /* One group of tensors. Pointer arrays are host arrays of device pointers. */
-typedef struct {
+struct MxlambCudaGroup {
   int num_tensors;
   float* const* weights;      /* fp32 weight, or the fp32 master copy under multi-precision */
   const void* const* grads;   /* grad_dtype elements */
@@ -28,15 +32,11 @@ typedef struct {
   float* const* vars;
   void* const* weights_lowp;  /* NULL, or the fp16/bf16 model weights (lowp_dtype) */
   const int64_t* sizes;
-  int grad_dtype;
-  int lowp_dtype;
-  const float* lrs;
-  const float* wds;
-  const int64_t* step_counts;
-  float beta1, beta2, epsilon, rescale_grad, clip_gradient; /* clip_gradient < 0: none */
-  int bias_correction;
-  double lower_bound, upper_bound;                           /* <= 0: none */
-} MxlambCudaGroup;
+  MxlambDType grad_dtype;
+  MxlambDType lowp_dtype;
+  mxlamb::StepCoeffs<float> step;
+  const mxlamb::TensorCoeffs<float>* coeffs; /* host array, one per tensor */
+};
 
 /* Device workspace bytes that phase 1 and phase 2 need for this group. */
 size_t mxlamb_cuda_workspace_bytes(const MxlambCudaGroup* group);
@@ -51,8 +51,6 @@ int mxlamb_cuda_phase1(const MxlambCudaGroup* group, double* sumsq, void* worksp
 int mxlamb_cuda_phase2(const MxlambCudaGroup* group, const double* sumsq, void* workspace,
                        size_t workspace_bytes, void* stream);
 
-#ifdef __cplusplus
-}
-#endif
+}  /* extern "C" */
 
 #endif /* MXLAMB_LAMB_CUDA_H_ */

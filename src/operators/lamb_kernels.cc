@@ -1,4 +1,4 @@
-// LAMB span kernels: load, call the lamb_math.h stage functions, store.
+// LAMB span kernels: load, call lamb_math.h's per-element phase functions, store.
 //
 // This file is compiled once per ISA level with different -m flags and
 // -DMXLAMB_ISA=<name> (see setup.py); each copy defines kernels_<name>(). The loops are written
@@ -34,30 +34,6 @@ inline double sum_lanes(const double* acc) {
     for (int l = 0; l < width; ++l) level[l] = level[l] + level[l + width];
   }
   return level[0];
-}
-
-// Phase 1 of one element in math type T: updates mean and var in place, returns u.
-template <typename T>
-MXLAMB_INLINE T phase1_element(T w, T grad, T* mean, T* var, const StepCoeffs<T>& step,
-                               const TensorCoeffs<T>& tensor) {
-  T m = *mean, v = *var;
-  update_moments(scaled_grad(grad, step, tensor), &m, &v, step);
-  *mean = m;
-  *var = v;
-  return raw_update(w, m, v, tensor);
-}
-
-// The same under AMSGrad: the running max of var is kept and used for u.
-template <typename T>
-MXLAMB_INLINE T phase1_element(T w, T grad, T* mean, T* var, T* var_max,
-                               const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor) {
-  T m = *mean, v = *var;
-  update_moments(scaled_grad(grad, step, tensor), &m, &v, step);
-  const T v_max = amsgrad_var(*var_max, v);
-  *mean = m;
-  *var = v;
-  *var_max = v_max;
-  return raw_update(w, m, v_max, tensor);
 }
 
 // Adds the squares of one block of kSumLanes values to the lane accumulators. Written with
@@ -164,8 +140,7 @@ MXLAMB_INLINE void narrow_block<half_t>(const float* src, half_t* dst) {
 }
 #endif
 
-// T is the math type, GradT the gradient's storage type (T itself, or float16/bfloat16 for
-// float). kAmsgrad is a template parameter so that the plain loop has no per-element branch.
+// T is the math type, GradT the gradient's storage type (T itself, or float16 for float). kAmsgrad is a template parameter so that the plain loop has no per-element branch.
 template <typename T, typename GradT, bool kAmsgrad>
 void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor,
                  double* weight_sumsq, double* update_sumsq) {
@@ -210,20 +185,20 @@ void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const Tensor
   *update_sumsq = sum_lanes(acc_u);
 }
 
-// LowT: the storage type of the model weight written besides the master copy (float16 or
-// bfloat16, math type float), or T itself where there is none.
+// LowT: the storage type of the model weight written beside the master copy (float16, math
+// type float), or T itself where there is none.
 template <typename T, typename LowT, bool kEma>
 void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size,
                  const EmaCoeffs<T>& ema) {
   constexpr bool kLowp = !std::is_same<LowT, T>::value;
   const T* w = s.weight;  // may alias w_out: no __restrict__
   T* w_out = s.weight_out;
-  LowT* __restrict__ w_lowp = static_cast<LowT*>(s.weight_lowp);
+  LowT* __restrict__ w_lowp = reinterpret_cast<LowT*>(s.model_weight);
   const T* __restrict__ m = s.mean;
   const T* __restrict__ v = s.var;
   T* __restrict__ avg = s.average;
   auto element = [&](int64_t i) {
-    const T updated = apply_update(w[i], raw_update(w[i], m[i], v[i], tensor), step_size);
+    const T updated = phase2_element(w[i], m[i], v[i], tensor, step_size);
     w_out[i] = updated;
     if (kEma) avg[i] = moving_average(avg[i], updated, ema);
     return updated;
@@ -276,8 +251,6 @@ void phase1(const Phase1Span<float>& s, const StepCoeffs<float>& step,
   switch (s.grad_type) {
     case DType::kFloat16:
       return phase1_typed<float, half_t>(s, step, tensor, weight_sumsq, update_sumsq);
-    case DType::kBfloat16:
-      return phase1_typed<float, bf16_t>(s, step, tensor, weight_sumsq, update_sumsq);
     default:
       return phase1_typed<float, float>(s, step, tensor, weight_sumsq, update_sumsq);
   }
@@ -298,10 +271,7 @@ void phase2_typed(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_
 
 void phase2(const Phase2Span<float>& s, const StepCoeffs<float>&, const TensorCoeffs<float>& tensor,
             float step_size, const EmaCoeffs<float>& ema) {
-  if (s.weight_lowp == nullptr) return phase2_typed<float, float>(s, tensor, step_size, ema);
-  if (s.lowp_type == DType::kBfloat16) {
-    return phase2_typed<float, bf16_t>(s, tensor, step_size, ema);
-  }
+  if (s.model_weight == nullptr) return phase2_typed<float, float>(s, tensor, step_size, ema);
   return phase2_typed<float, half_t>(s, tensor, step_size, ema);
 }
 
@@ -314,7 +284,6 @@ void phase2_f64(const Phase2Span<double>& s, const StepCoeffs<double>&,
 double grad_sumsq(const GradSpan& s) {
   switch (s.grad_type) {
     case DType::kFloat16: return grad_sumsq_span<half_t>(s);
-    case DType::kBfloat16: return grad_sumsq_span<bf16_t>(s);
     case DType::kFloat64: return grad_sumsq_span<double>(s);
     default: return grad_sumsq_span<float>(s);
   }

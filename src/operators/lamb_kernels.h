@@ -1,7 +1,7 @@
 // The per-span LAMB kernels and the table that selects an instruction-set level at run time.
 //
 // lamb_kernels.cc is compiled once per ISA level (baseline x86-64, AVX2, AVX-512) into the same
-// library; isa_dispatch.cc picks the best level the running CPU supports (or the one named by
+// library; runtime.cc picks the best level the running CPU supports (or the one named by
 // MXLAMB_ISA). The build machine's CPU is never assumed.
 #ifndef MXLAMB_LAMB_KERNELS_H_
 #define MXLAMB_LAMB_KERNELS_H_
@@ -19,11 +19,11 @@ namespace mxlamb {
 constexpr int kSumLanes = 16;
 
 // One contiguous span [0, n) of one tensor, in math type T (float: float32 weights or the
-// float32 master copy of float16/bfloat16 ones; double: float64 weights).
+// float32 master copy of float16 ones; double: float64 weights).
 template <typename T>
 struct Phase1Span {
   const T* weight;  // the weight, or the fp32 master copy under multi-precision
-  const void* grad;  // grad_type elements (float64 gradients for double)
+  const void* grad;  // grad_type elements: float32 or float16 for float, float64 for double
   T* mean;
   T* var;
   T* var_max;  // AMSGrad's running max of var (updated here), or nullptr
@@ -35,8 +35,7 @@ template <typename T>
 struct Phase2Span {
   const T* weight;   // the weight, or the fp32 master copy under multi-precision
   T* weight_out;     // where the updated weight goes (may be `weight` itself)
-  void* weight_lowp;  // the fp16/bf16 model weight under multi-precision (float only), else nullptr
-  DType lowp_type;
+  half_t* model_weight;  // the float16 model weight beside a float32 master copy, or nullptr
   const T* mean;
   const T* var;      // the running max of var under AMSGrad
   T* average;        // the weight EMA to update after the step, or nullptr

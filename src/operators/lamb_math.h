@@ -1,16 +1,19 @@
 // The LAMB update, one element at a time (You et al., arXiv:1904.00962, Algorithm 2).
 //
-// This header is the only place the LAMB arithmetic is written. The CPU kernels (every ISA
-// level, SIMD body and scalar tail alike) and the CUDA kernels call these functions; nothing
-// else computes a moment, a raw update or a trust ratio.
+// This header is the only place the LAMB arithmetic is written, and the only place where the
+// step's coefficients are rounded from the optimizer's double hyper-parameters. The CPU kernels
+// (every ISA level, SIMD body and scalar tail alike) and the CUDA kernels call these functions;
+// nothing else computes a moment, a raw update, a trust ratio or a coefficient.
 //
 // Stages, named after the paper:
 //   phase 1  g = clip(grad_scale * grad)              -> scaled_grad
 //            m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2   -> update_moments
 //            (AMSGrad: v' = max(v', v), used in place of v) -> amsgrad_var
 //            u = (m / c1) / (sqrt(v / c2) + eps) + wd w   -> raw_update
+//            the three composed for one element           -> phase1_element
 //   norms    r1 = ||w|| (clamped to [lower, upper]), r2 = ||u||
-//   phase 2  w <- w - lr * trust_ratio(r1, r2) * u      -> apply_update
+//   phase 2  w <- w - lr * trust_ratio(r1, r2) * u      -> apply_update, step_size
+//            u recomputed and applied to one element      -> phase2_element
 //            avg <- mu avg + (1 - mu) w  (weight EMA)     -> moving_average
 //
 // grad_scale is rescale_grad times whatever the step's gradient statistics ask for (loss
@@ -35,9 +38,23 @@
 namespace mxlamb {
 
 // The arithmetic type T of the stages below is the "math type" of the weights: float for
-// float32 weights and for float16/bfloat16 weights with their float32 master copy, double for
-// float64 weights. The functions are written once for both; what is computed in double for
-// every T (bias corrections, norms, trust ratio, gradient multipliers) takes double.
+// float32 weights and for float16 (and, in the CUDA kernels, bfloat16) weights with their
+// float32 master copy, double for float64 weights. The functions are written once for both;
+// what is computed in double for every T (bias corrections, norms, trust ratio, step size,
+// gradient multipliers) takes double.
+
+// The hyper-parameters of a step as the optimizer gives them, in double. The coefficients
+// below are made from them and rounded to T once, here, for the CPU and the GPU alike.
+struct LambParams {
+  double beta1 = 0.9;
+  double beta2 = 0.999;
+  double epsilon = 1e-6;
+  double clip_gradient = -1.0;  // < 0: no element-wise clipping
+  double lower_bound = -1.0;    // <= 0: ||w|| not clamped from below
+  double upper_bound = -1.0;    // <= 0: ||w|| not clamped from above
+  bool bias_correction = true;
+  bool epsilon_hat = false;     // Keras' epsilon, see step_epsilon
+};
 
 // Hyper-parameters shared by every tensor of one step.
 template <typename T>
@@ -48,6 +65,8 @@ struct StepCoeffs {
   T one_minus_beta1;
   T one_minus_beta2;
   T clip_gradient;  // < 0: no clipping
+  double lower_bound;  // of ||w|| in the trust ratio, in double as the norms; <= 0: none
+  double upper_bound;
 };
 
 // Per-tensor values: they differ inside one group (lr_mult, wd_mult, per-index step counts,
@@ -59,7 +78,7 @@ struct TensorCoeffs {
   T epsilon;     // see step_epsilon
   T grad_scale;  // see gradient_scale
   T wd;
-  T lr;
+  double lr;     // kept in double: step_size forms lr * trust_ratio in double, rounds once
 };
 
 // Bias correction 1 / (1 - beta^t) in double (1 when off).
@@ -72,6 +91,29 @@ MXLAMB_HD double inverse_bias(double beta, double t, bool bias_correction) {
 // m_hat / (sqrt(v) + eps) * sqrt(1 - beta2^t) = m_hat / (sqrt(v_hat) + eps * sqrt(inv_bias2)).
 MXLAMB_HD double step_epsilon(double epsilon, double inv_bias2, bool epsilon_hat) {
   return epsilon_hat ? epsilon * std::sqrt(inv_bias2) : epsilon;
+}
+
+template <typename T>
+MXLAMB_HD StepCoeffs<T> step_coeffs(const LambParams& p) {
+  return StepCoeffs<T>{static_cast<T>(p.beta1), static_cast<T>(p.beta2),
+                       static_cast<T>(1.0 - p.beta1), static_cast<T>(1.0 - p.beta2),
+                       static_cast<T>(p.clip_gradient), p.lower_bound, p.upper_bound};
+}
+
+// One tensor's coefficients at its step count (the t of beta^t, >= 1), with its lr, wd and
+// gradient multiplier (gradient_scale).
+template <typename T>
+MXLAMB_HD TensorCoeffs<T> tensor_coeffs(const LambParams& p, double step_count, double lr,
+                                        double wd, double grad_scale) {
+  const double inv_bias2 = inverse_bias(p.beta2, step_count, p.bias_correction);
+  TensorCoeffs<T> c;
+  c.inv_bias1 = static_cast<T>(inverse_bias(p.beta1, step_count, p.bias_correction));
+  c.inv_bias2 = static_cast<T>(inv_bias2);
+  c.epsilon = static_cast<T>(step_epsilon(p.epsilon, inv_bias2, p.epsilon_hat));
+  c.grad_scale = static_cast<T>(grad_scale);
+  c.wd = static_cast<T>(wd);
+  c.lr = lr;
+  return c;
 }
 
 // min(1, max_norm / norm), and 1 when no clipping is asked (max_norm <= 0) or the norm is 0
@@ -122,6 +164,31 @@ MXLAMB_HD T raw_update(T weight, T mean, T var, const TensorCoeffs<T>& t) {
   return mean_hat / (std::sqrt(var_hat) + t.epsilon) + t.wd * weight;
 }
 
+// Phase 1 of one element: the moments updated in place, u returned. The moments are read
+// into locals first, so the compiler need not assume that mean and var alias.
+template <typename T>
+MXLAMB_HD T phase1_element(T weight, T grad, T* mean, T* var, const StepCoeffs<T>& s,
+                           const TensorCoeffs<T>& t) {
+  T m = *mean, v = *var;
+  update_moments(scaled_grad(grad, s, t), &m, &v, s);
+  *mean = m;
+  *var = v;
+  return raw_update(weight, m, v, t);
+}
+
+// The same under AMSGrad: the running max of v is kept and u is made from it.
+template <typename T>
+MXLAMB_HD T phase1_element(T weight, T grad, T* mean, T* var, T* var_max,
+                           const StepCoeffs<T>& s, const TensorCoeffs<T>& t) {
+  T m = *mean, v = *var;
+  update_moments(scaled_grad(grad, s, t), &m, &v, s);
+  const T v_max = amsgrad_var(*var_max, v);
+  *mean = m;
+  *var = v;
+  *var_max = v_max;
+  return raw_update(weight, m, v_max, t);
+}
+
 // The trust ratio ||w|| / ||u|| from the two sums of squares (accumulated in double).
 // Bounds clamp ||w|| only; a bound <= 0 means "not given".
 // Zero-norm rule: where ||w|| or ||u|| is 0 the ratio is 1, so a zero-initialised weight still
@@ -137,17 +204,25 @@ MXLAMB_HD double trust_ratio(double weight_sumsq, double update_sumsq, double lo
 }
 
 // lr * trust_ratio, once per tensor; lr alone where layer adaptation is off (AdamW, or a
-// tensor excluded from adaptation). Computed in double, rounded once to T (step_size<T>).
+// tensor excluded from adaptation). Computed in double, rounded once to T.
 template <typename T>
-MXLAMB_HD T step_size(double lr, double weight_sumsq, double update_sumsq, double lower_bound,
-                      double upper_bound, bool layer_adaptation) {
-  if (!layer_adaptation) return static_cast<T>(lr);
-  return static_cast<T>(lr * trust_ratio(weight_sumsq, update_sumsq, lower_bound, upper_bound));
+MXLAMB_HD T step_size(const StepCoeffs<T>& s, const TensorCoeffs<T>& t, double weight_sumsq,
+                      double update_sumsq, bool layer_adaptation) {
+  if (!layer_adaptation) return static_cast<T>(t.lr);
+  return static_cast<T>(t.lr *
+                        trust_ratio(weight_sumsq, update_sumsq, s.lower_bound, s.upper_bound));
 }
 
 template <typename T>
 MXLAMB_HD T apply_update(T weight, T update, T step) {
   return weight - step * update;
+}
+
+// Phase 2 of one element: the updated weight, from u recomputed out of the updated moments
+// (var: the running max under AMSGrad).
+template <typename T>
+MXLAMB_HD T phase2_element(T weight, T mean, T var, const TensorCoeffs<T>& t, T step) {
+  return apply_update(weight, raw_update(weight, mean, var, t), step);
 }
 
 // Exponential moving average of the weights, after the update: avg = mu avg + (1 - mu) w.
@@ -156,6 +231,11 @@ struct EmaCoeffs {
   T momentum;
   T one_minus_momentum;  // from double
 };
+
+template <typename T>
+MXLAMB_HD EmaCoeffs<T> ema_coeffs(double momentum) {
+  return EmaCoeffs<T>{static_cast<T>(momentum), static_cast<T>(1.0 - momentum)};
+}
 
 template <typename T>
 MXLAMB_HD T moving_average(T average, T weight, const EmaCoeffs<T>& e) {

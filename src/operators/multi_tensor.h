@@ -7,6 +7,7 @@
 #ifndef MXLAMB_MULTI_TENSOR_H_
 #define MXLAMB_MULTI_TENSOR_H_
 
+#include <cstddef>
 #include <cstdint>
 #include <vector>
 

@@ -1,9 +1,11 @@
 // Storage types and their conversion to the "math type" (CPU side).
 //
-// The update of float32, float16 and bfloat16 weights is computed in float (half-precision
-// types are storage only, with a float32 master copy); float64 weights are computed in
-// double. Rounding float -> half/bfloat16 is round-to-nearest-even, identical on every ISA
-// level, so results do not depend on which code path ran.
+// The update of float32 and float16 weights is computed in float (float16 is storage only,
+// with a float32 master copy); float64 weights are computed in double. Rounding float -> half
+// is round-to-nearest-even, identical on every ISA level, so results do not depend on which
+// code path ran. There is no bfloat16 here: MXNet's extension API (1.9.1 and 2.0.0b1 alike)
+// cannot hand a bfloat16 array to a library operator, so mxlamb widens bfloat16 gradients with
+// MXNet's cast and updates the float32 master copy.
 #ifndef MXLAMB_PRECISION_H_
 #define MXLAMB_PRECISION_H_
 
@@ -17,21 +19,15 @@
 
 namespace mxlamb {
 
-// mshadow's type flags (MXNet's lib_api.h MXDType stops at kInt64; bfloat16 is mshadow's 12).
+// The storage types the kernels read and write, numbered as MXNet's dtype flags (lib_api.h).
 enum class DType : int {
   kFloat32 = 0,
   kFloat64 = 1,
   kFloat16 = 2,
-  kBfloat16 = 12,
 };
 
 // IEEE binary16, stored as its bits.
 struct half_t {
-  uint16_t bits;
-};
-
-// bfloat16: the upper 16 bits of a float.
-struct bf16_t {
   uint16_t bits;
 };
 
@@ -71,13 +67,6 @@ MXLAMB_INLINE float to_float(half_t x) {
   return bits_float(out | sign);
 }
 
-MXLAMB_INLINE float to_float(bf16_t x) {
-  const uint32_t u = static_cast<uint32_t>(x.bits) << 16;
-  float f;
-  std::memcpy(&f, &u, sizeof(f));
-  return f;
-}
-
 template <typename T>
 MXLAMB_INLINE T from_float(float x);
 
@@ -103,20 +92,6 @@ MXLAMB_INLINE half_t from_float<half_t>(float x) {
   half_t h;
   h.bits = static_cast<uint16_t>(out | sign_bit);
   return h;
-}
-
-template <>
-MXLAMB_INLINE bf16_t from_float<bf16_t>(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  bf16_t out;
-  if ((u & 0x7f800000u) == 0x7f800000u && (u & 0x007fffffu) != 0u) {
-    out.bits = static_cast<uint16_t>((u >> 16) | 0x0040u);  // NaN stays a (quiet) NaN
-  } else {
-    const uint32_t rounding = 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
-    out.bits = static_cast<uint16_t>((u + rounding) >> 16);
-  }
-  return out;
 }
 
 }  // namespace mxlamb

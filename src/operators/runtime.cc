@@ -1,6 +1,6 @@
-// Run-time choices of the CPU library: the instruction-set level and the thread count.
-// Also the small C interface the tests use (through ctypes) to force a level or a count.
-#include <omp.h>
+// Run-time choices of the CPU library: the instruction-set level and the thread count, and
+// the small C interface through which mxlamb/_library.py and the tests read them, force a
+// level or a count, and read the MXNet version the library was built for.
 #include <sched.h>
 
 #include <cstdlib>
@@ -13,40 +13,64 @@
 namespace mxlamb {
 namespace {
 
-bool cpu_has(const char* isa) {
+// The levels lamb_kernels.cc is compiled for (setup.py's ISA_FLAGS), by the names MXLAMB_ISA
+// and mxlamb_set_isa take, best first.
+enum class Isa { kAvx512, kAvx2, kBaseline };
+struct IsaName {
+  Isa isa;
+  const char* name;
+};
+constexpr IsaName kLevels[] = {{Isa::kAvx512, "avx512"}, {Isa::kAvx2, "avx2"},
+                               {Isa::kBaseline, "baseline"}};
+
+bool cpu_has(Isa isa) {
   __builtin_cpu_init();
-  if (std::strcmp(isa, "avx512") == 0) {
-    return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
-           __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+  switch (isa) {
+    case Isa::kAvx512:
+      return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq") &&
+             __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+    case Isa::kAvx2:
+      return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
+             __builtin_cpu_supports("fma");
+    case Isa::kBaseline:
+      return true;
   }
-  if (std::strcmp(isa, "avx2") == 0) {
-    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c") &&
-           __builtin_cpu_supports("fma");
-  }
-  return std::strcmp(isa, "baseline") == 0;
+  return false;
 }
 
 // A level's table is built the first time the CPU is known to have it: kernels_avx2() and
 // kernels_avx512() are compiled with -mavx2/-mavx512f, so even their few instructions that fill
 // the table may be VEX or EVEX code, an illegal instruction on a CPU without AVX.
-const KernelTable* table_for(const char* isa) {
+const KernelTable* table_for(Isa isa) {
   if (!cpu_has(isa)) return nullptr;
-  if (std::strcmp(isa, "avx512") == 0) {
-    static const KernelTable avx512 = kernels_avx512();
-    return &avx512;
-  }
-  if (std::strcmp(isa, "avx2") == 0) {
-    static const KernelTable avx2 = kernels_avx2();
-    return &avx2;
+  switch (isa) {
+    case Isa::kAvx512: {
+      static const KernelTable avx512 = kernels_avx512();
+      return &avx512;
+    }
+    case Isa::kAvx2: {
+      static const KernelTable avx2 = kernels_avx2();
+      return &avx2;
+    }
+    case Isa::kBaseline:
+      break;
   }
   static const KernelTable baseline = kernels_baseline();
   return &baseline;
 }
 
+// The table of the level a name names, if the CPU has it; else nullptr.
+const KernelTable* table_named(const char* name) {
+  for (const IsaName& level : kLevels) {
+    if (std::strcmp(name, level.name) == 0) return table_for(level.isa);
+  }
+  return nullptr;
+}
+
 const KernelTable* best_table() {
-  for (const char* isa : {"avx512", "avx2", "baseline"}) {
-    if (const KernelTable* t = table_for(isa)) return t;
+  for (const IsaName& level : kLevels) {
+    if (const KernelTable* t = table_for(level.isa)) return t;
   }
   return nullptr;  // unreachable: baseline is always there
 }
@@ -58,7 +82,7 @@ std::string isa_error;
 const KernelTable* initial_table() {
   const char* forced = std::getenv("MXLAMB_ISA");
   if (forced == nullptr || *forced == '\0') return best_table();
-  if (const KernelTable* t = table_for(forced)) return t;
+  if (const KernelTable* t = table_named(forced)) return t;
   isa_error = std::string("MXLAMB_ISA=") + forced +
               " is not available on this CPU (choose from: baseline, avx2, avx512, "
               "as the CPU supports)";
@@ -124,7 +148,7 @@ __attribute__((visibility("default"))) const char* mxlamb_isa_error() {
 
 // 1 if the CPU supports the level (then it becomes the active one), else 0.
 __attribute__((visibility("default"))) int mxlamb_set_isa(const char* isa) {
-  const mxlamb::KernelTable* t = mxlamb::table_for(isa);
+  const mxlamb::KernelTable* t = mxlamb::table_named(isa);
   if (t == nullptr) return 0;
   mxlamb::active = t;
   return 1;
@@ -137,18 +161,3 @@ __attribute__((visibility("default"))) void mxlamb_set_num_threads(int n) {
 }
 
 }  // extern "C"
-
-// A STREAM-like read-modify-write probe for the benchmark: a[i] = a[i] + s * b[i] over n floats
-// (12 bytes per element) with the same chunks and threads as the LAMB kernels. Returns seconds.
-extern "C" __attribute__((visibility("default"))) double mxlamb_rmw_seconds(float* a,
-                                                                            const float* b,
-                                                                            int64_t n, float s) {
-  const mxlamb::ChunkPlan plan({n});
-  const double start = omp_get_wtime();
-  mxlamb::for_each_chunk(plan, [&](int64_t, const mxlamb::Chunk& c) {
-    float* __restrict__ x = a + c.begin;
-    const float* __restrict__ y = b + c.begin;
-    for (int64_t i = 0; i < c.end - c.begin; ++i) x[i] = x[i] + s * y[i];
-  });
-  return omp_get_wtime() - start;
-}

@@ -1,0 +1,185 @@
+// The LAMB operators' contract: the arrays each takes, in order, and what their attributes
+// mean. One table per operator (op_table.h says how a table reads); the generic lib_api.h
+// callbacks, the CPU forwards (lamb_op.cc) and the GPU forwards (lamb_op_gpu.cc) all read
+// these tables.
+//
+//   mxlamb_phase1(per tensor: w, g, m, v, [vmax]; then [grad_sumsq, control], [counts])
+//       -> sumsq (N, 2) float64: [sum(w_t^2), sum(u_t^2)]; m, v (and vmax) updated in place.
+//   mxlamb_phase2(per tensor: w, m, v, [ema]; then sumsq, [control], [counts]; out=weights)
+//       -> the weights updated with lr * trust_ratio * u (and the EMA after them).
+//   mxlamb_step(per tensor: w, g, [m, v], [w16]; then [moments]) -> sumsq (N, 2) float64
+//       phase 1 and phase 2 in one call (the plain step: none of the phase operators'
+//       optional arrays), back to back per batch of tensors that fits in cache; w, m, v and
+//       w16 updated in place. With attribute moments_offset, every tensor's m and v are packed
+//       in one array, `moments` (ShapeRule::kPackedMoments): one array for the whole group
+//       instead of two per tensor, and each array costs about a microsecond per call.
+//   mxlamb_grad_stats(per gradient: g; then step_state)
+//       -> grad_sumsq (P,) float64 and control (2,) float64 = [gradient multiplier, apply];
+//          step_state (3,) float64 = [loss scale, clean steps, skipped steps] updated.
+//   mxlamb_trust_ratio(sumsq) -> (N,) float64, the ratios phase 2 applied (read on request).
+//
+// w is the float32 or float64 weight, or under multi_precision the float32 master copy (then
+// g is the float16 or float32 gradient, phase 2 updates the master in place and writes the
+// rounded float16 model weight to out, and mxlamb_step updates w16). Per-tensor values (lrs,
+// wds, step_counts, layer_adaptation, stat_rows, count_slots) are comma-separated lists.
+//
+// The optional arrays, each switched on by an attribute:
+//   amsgrad=1           vmax per tensor (phase 1 updates it; phase 2 gets it as its v)
+//   use_ema=1           the weight average per tensor (phase 2)
+//   has_stats=1         grad_sumsq and control from mxlamb_grad_stats: the gradient multiplier
+//                       (loss unscaling, global clipping) and whether the step applies; a
+//                       skipped step leaves every array untouched
+//   device_counts=1     counts: per-parameter applied-step counts (float64), rows count_slots;
+//                       phase 1 increments them for an applied step, so t skips skipped steps
+//   multi_precision=1   w16 per tensor (mxlamb_step)
+//   moments_offset=K    the packed moments instead of m and v per tensor (mxlamb_step)
+#ifndef MXLAMB_LAMB_OP_H_
+#define MXLAMB_LAMB_OP_H_
+
+#include <vector>
+
+#include "lamb_math.h"
+#include "op_table.h"
+
+namespace mxlamb {
+
+// An array of one tensor's group, with its weight's shape.
+constexpr Input tensor_input(Slot slot, const char* name, DTypeRule dtype,
+                             When present = kAlways, When written = kNever) {
+  return Input{slot, name, dtype, ShapeRule::kLikeWeight, present, written, nullptr, false, 0};
+}
+
+constexpr const char* kFromGradStats = "the output of mxlamb_grad_stats";
+constexpr const char* kFromPhase1 = "the output of mxlamb_phase1";
+
+// The arrays after the tensors' groups that more than one operator takes.
+//                       slot, name, dtype, shape, present, written, origin, plural, length
+constexpr Input kControlInput{Slot::kControl, "control", DTypeRule::kFloat64, ShapeRule::kFixed,
+                              if_flag("has_stats"), kNever, kFromGradStats, false, 2};
+constexpr Input counts_input(When written) {
+  return Input{Slot::kCounts, "counts", DTypeRule::kFloat64, ShapeRule::kVector,
+               if_flag("device_counts"), written, nullptr, true, 0};
+}
+constexpr Input kSumsqInput{Slot::kSumsq, "sumsq", DTypeRule::kFloat64,
+                            ShapeRule::kTwoPerTensor, kAlways, kNever, kFromPhase1, false, 0};
+
+// ---------------------------------------------------------------------------- mxlamb_phase1
+
+inline constexpr Input kPhase1Tensor[] = {
+    //           slot                name      dtype           present             written
+    tensor_input(Slot::kWeight,      "weight", DTypeRule::kMath),
+    tensor_input(Slot::kGrad,        "grad",   DTypeRule::kGrad),
+    tensor_input(Slot::kMean,        "mean",   DTypeRule::kMath, kAlways,            kAlways),
+    tensor_input(Slot::kVar,         "var",    DTypeRule::kMath, kAlways,            kAlways),
+    tensor_input(Slot::kVarMax,      "vmax",   DTypeRule::kMath, if_flag("amsgrad"), kAlways),
+};
+inline constexpr Input kPhase1After[] = {
+    {Slot::kGradSumsq, "grad_sumsq", DTypeRule::kFloat64, ShapeRule::kVector,
+     if_flag("has_stats"), kNever, kFromGradStats, false, 0},
+    kControlInput,
+    counts_input(kAlways),  // phase 1 counts an applied step
+};
+inline constexpr Output kSumsqOutput[] = {
+    {"sumsq", DTypeRule::kFloat64, ShapeRule::kTwoPerTensor, false, 0},
+};
+inline constexpr OpTable kPhase1Op{"mxlamb_phase1", true, kPhase1Tensor, kPhase1After,
+                                   kSumsqOutput, {}, nullptr};
+
+// ---------------------------------------------------------------------------- mxlamb_phase2
+
+inline constexpr Input kPhase2Tensor[] = {
+    // Under multi_precision the float32 master copy is updated in place (and the float16
+    // model weight written through out=); without it the weight is written through out= only.
+    tensor_input(Slot::kWeight,  "weight",  DTypeRule::kMath, kAlways, if_flag("multi_precision")),
+    tensor_input(Slot::kMean,    "mean",    DTypeRule::kMath),
+    tensor_input(Slot::kVar,     "var",     DTypeRule::kMath),
+    tensor_input(Slot::kAverage, "average", DTypeRule::kMath, if_flag("use_ema"), kAlways),
+};
+inline constexpr Input kPhase2After[] = {kSumsqInput, kControlInput, counts_input(kNever)};
+inline constexpr Output kPhase2Outputs[] = {
+    {"weight", DTypeRule::kUpdatedWeight, ShapeRule::kLikeWeight, true, 0},
+};
+inline constexpr OpTable kPhase2Op{"mxlamb_phase2", true, kPhase2Tensor, kPhase2After,
+                                   kPhase2Outputs, {}, nullptr};
+
+// ------------------------------------------------------------------------------ mxlamb_step
+
+inline constexpr Input kStepTensor[] = {
+    tensor_input(Slot::kWeight, "weight", DTypeRule::kMath, kAlways, kAlways),
+    tensor_input(Slot::kGrad,   "grad",   DTypeRule::kGrad),
+    tensor_input(Slot::kMean,   "mean",   DTypeRule::kMath, unless_given("moments_offset"), kAlways),
+    tensor_input(Slot::kVar,    "var",    DTypeRule::kMath, unless_given("moments_offset"), kAlways),
+    tensor_input(Slot::kModelWeight, "model weight", DTypeRule::kHalf,
+                 if_flag("multi_precision"), kAlways),
+};
+inline constexpr Input kStepAfter[] = {
+    {Slot::kMoments, "packed moments", DTypeRule::kMath, ShapeRule::kPackedMoments,
+     if_given("moments_offset"), kAlways, nullptr, true, 0},
+};
+inline constexpr const char* kStepRefused[] = {"amsgrad", "use_ema", "has_stats",
+                                               "device_counts"};
+inline constexpr OpTable kStepOp{"mxlamb_step", true, kStepTensor, kStepAfter, kSumsqOutput,
+                                 kStepRefused, "use mxlamb_phase1 and mxlamb_phase2"};
+
+// ------------------------------------------------------------------------ mxlamb_grad_stats
+
+inline constexpr Input kGradStatsTensor[] = {
+    {Slot::kGrad, "grad", DTypeRule::kAnyGrad, ShapeRule::kAny, kAlways, kNever, nullptr, false,
+     0},
+};
+inline constexpr Input kGradStatsAfter[] = {
+    {Slot::kStepState, "step_state", DTypeRule::kFloat64, ShapeRule::kFixed,
+     kAlways, kAlways, nullptr, false, 3},
+};
+inline constexpr Output kGradStatsOutputs[] = {
+    {"grad_sumsq", DTypeRule::kFloat64, ShapeRule::kPerTensor, false, 0},
+    {"control", DTypeRule::kFloat64, ShapeRule::kFixed, false, 2},
+};
+inline constexpr OpTable kGradStatsOp{"mxlamb_grad_stats", true, kGradStatsTensor,
+                                      kGradStatsAfter, kGradStatsOutputs, {}, nullptr};
+
+// What mxlamb_grad_stats' control output and step_state hold, by index.
+enum ControlEntry { kControlMultiplier = 0, kControlApply = 1 };
+enum StepStateEntry { kLossScale = 0, kCleanSteps = 1, kSkippedSteps = 2 };
+
+// ----------------------------------------------------------------------- mxlamb_trust_ratio
+
+inline constexpr Input kTrustRatioAfter[] = {kSumsqInput};
+inline constexpr Output kTrustRatioOutputs[] = {
+    {"ratios", DTypeRule::kFloat64, ShapeRule::kPerTensor, false, 0},
+};
+inline constexpr OpTable kTrustRatioOp{"mxlamb_trust_ratio", true, {}, kTrustRatioAfter,
+                                       kTrustRatioOutputs, {}, nullptr};
+
+// ------------------------------------------------------------- what the LAMB forwards share
+
+// The attributes of mxlamb_phase1, mxlamb_phase2 and mxlamb_step, read once per forward.
+struct StepAttrs {
+  InputLayout inputs;
+  LambParams params;
+  bool multi_precision = false;
+  double rescale_grad = 1.0;
+  double clipnorm = -1.0;            // per-tensor gradient clipping (needs has_stats); <= 0: off
+  double ema_momentum = 0.99;
+  int64_t moments_offset = 0;        // where the packed moments begin
+  std::vector<double> lrs, wds;
+  std::vector<double> step_counts;   // the host's counts, where the device keeps none
+  std::vector<double> stat_rows;     // each tensor's row of grad_sumsq
+  std::vector<double> count_slots;   // each tensor's row of counts
+  std::vector<bool> layer_adaptation;
+};
+
+// False (reported, naming the operator and the attribute) where an attribute is wrong.
+bool parse_step(const OpTable& op, const Attrs& attrs, StepAttrs* s);
+
+#ifdef MXLAMB_WITH_CUDA
+using mxnet::ext::OpResource;
+MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                 std::vector<MXTensor>* out, const OpResource& res);
+MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                 std::vector<MXTensor>* out, const OpResource& res);
+#endif
+
+}  // namespace mxlamb
+
+#endif  // MXLAMB_LAMB_OP_H_
