@@ -87,7 +87,7 @@ def update_group(path, attrs, weights, grads, slots, stats=None, counts=None):
 def _fused_step(attrs, weights, grads, slots):
 
     packed = ParameterStates.packed_moments(slots)
-    with_model = attrs["multi_precision"]
+    with_model = "multi_precision" in attrs
     inputs = []
     for w, g, s in zip(weights, grads, slots):
         inputs += [s.master, g] if packed else [s.master, g, s.mean, s.var]

@@ -227,22 +227,25 @@ class Options:
         ``lrs`` and ``wds``, the gradient scale, MXNet's clip_gradient (None, or <= 0, for no
         clipping), the model weight's dtype name under multi-precision (else None) and the
         per-tensor layer adaptation (None when every tensor adapts)."""
+        # An option that is off is an attribute left out (the operators' default is off).
         attrs = {
             "num_tensors": len(lrs),
-            "multi_precision": model_dtype is not None,
             "beta1": self.beta1,
             "beta2": self.beta2,
             "epsilon": self.epsilon,
             "bias_correction": self.bias_correction,
             "rescale_grad": grad_scale,
-            # None or 0 (MXNet's "not given") is -1; a negative clip_gradient does not clip.
-            "clip_gradient": clip_gradient or -1.0,
-            # MXNet passes a bound only when it is truthy: 0 is no bound.
-            "lower_bound": self.lower_bound or -1.0,
-            "upper_bound": self.upper_bound or -1.0,
             "lrs": joined(lrs),
             "wds": joined(wds),
         }
+        # None, 0 (MXNet's "not given") and a negative clip_gradient do not clip; MXNet passes
+        # a bound only when it is truthy: 0 is no bound.
+        if clip_gradient is not None and clip_gradient > 0:
+            attrs["clip_gradient"] = clip_gradient
+        if self.lower_bound:
+            attrs["lower_bound"] = self.lower_bound
+        if self.upper_bound:
+            attrs["upper_bound"] = self.upper_bound
         if layer_adaptation is not None:
             attrs["layer_adaptation"] = ",".join("1" if a else "0" for a in layer_adaptation)
         if self.epsilon_hat:
@@ -253,14 +256,17 @@ class Options:
             attrs["use_ema"] = True
             attrs["ema_momentum"] = self.ema_momentum
         if model_dtype is not None:
+            attrs["multi_precision"] = True
             attrs["weight_dtype"] = _MODEL_DTYPE_CODES[model_dtype]
         return attrs
 
     def grad_stats_attributes(self, num_tensors, grad_scale):
         """Attributes of mxlamb_grad_stats (the whole step's gradient statistics)."""
-        attrs = {"num_tensors": num_tensors, "rescale_grad": grad_scale,
-                 "global_clipnorm": self.global_clipnorm or -1.0,
-                 "skip_nonfinite": self.may_skip}
+        attrs = {"num_tensors": num_tensors, "rescale_grad": grad_scale}
+        if self.global_clipnorm is not None:
+            attrs["global_clipnorm"] = self.global_clipnorm
+        if self.may_skip:
+            attrs["skip_nonfinite"] = True
         if self.loss_scaler is not None:
             attrs["growth_interval"] = self.loss_scaler.growth_interval
         return attrs
@@ -283,9 +289,6 @@ class Options:
     @staticmethod
     def trust_ratio_attributes(step_attrs):
         """Attributes of mxlamb_trust_ratio for a group stepped with ``step_attrs``."""
-        attrs = {"num_tensors": step_attrs["num_tensors"],
-                 "lower_bound": step_attrs["lower_bound"],
-                 "upper_bound": step_attrs["upper_bound"]}
-        if "layer_adaptation" in step_attrs:
-            attrs["layer_adaptation"] = step_attrs["layer_adaptation"]
-        return attrs
+        return {key: step_attrs[key] for key in
+                ("num_tensors", "lower_bound", "upper_bound", "layer_adaptation")
+                if key in step_attrs}
