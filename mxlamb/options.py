@@ -31,8 +31,6 @@ TRAINING_OPTIONS = ("global_clipnorm", "clipnorm", "use_ema", "ema_momentum",
 # sends the whole step in one call for numpy.inf itself (it tests `is not numpy.inf`); 1.x's
 # Updater slices the step by aggregate_num, which must then be an integer.
 WHOLE_STEP = numpy.inf if mxnet_version_number() >= 20000 else sys.maxsize
-# The operators' model_dtype codes (lamb_op.cc: a multi-precision model weight's type).
-_MODEL_DTYPE_CODES = {"float16": 2}
 
 
 def number(name, value, low=None, high=None, low_open=False, high_open=False, owner="LAMB"):
@@ -257,7 +255,7 @@ class Options:
             attrs["ema_momentum"] = self.ema_momentum
         if model_dtype is not None:
             attrs["multi_precision"] = True
-            attrs["weight_dtype"] = _MODEL_DTYPE_CODES[model_dtype]
+            attrs["model_dtype"] = model_dtype
         return attrs
 
     def grad_stats_attributes(self, num_tensors, grad_scale):

@@ -143,7 +143,7 @@ def test_fused_step_is_bit_identical_to_the_two_phases(isa, multi_precision):
             lowp = [w.astype(np.float16) for w in weights]
             weights = [w.astype(np.float16).astype(np.float32) for w in weights]  # masters
             grads = [g.astype(np.float16) for g in grads]
-            options.update(multi_precision=True, weight_dtype=2)
+            options.update(multi_precision=True, model_dtype="float16")
         if run == "phases":
             attrs = dict(ATTRS, num_tensors=n, lrs=",".join(map(repr, lrs)),
                          wds=",".join(map(repr, wds)), step_counts=",".join(map(str, counts)),
@@ -206,7 +206,7 @@ def test_float16_results_are_bit_identical_on_every_isa_level(operators):
             lowp = [w.astype(np.float16) for w in masters]
             n = len(masters)
             attrs = dict(ATTRS, num_tensors=n, lrs="1e-12", wds="0.01", step_counts="1",
-                         multi_precision=True, weight_dtype=2, clip_gradient=-1.0)
+                         multi_precision=True, model_dtype="float16", clip_gradient=-1.0)
             rows = [masters, grads, means, variances]
             if operators == "fused":
                 table = mx.nd.mxlamb_step(*[x for r in zip(*rows, lowp) for x in r], **attrs)
@@ -240,7 +240,7 @@ def test_packed_moments_are_bit_identical_to_per_tensor_moments(isa, multi_preci
     dtype = np.float64 if multi_precision == "float64" else np.float32
     multi_precision = multi_precision is True
     if multi_precision:
-        attrs.update(multi_precision=True, weight_dtype=2)
+        attrs.update(multi_precision=True, model_dtype="float16")
     results = []
     for packed in (False, True):
         weights, grads, means, variances = random_group(sizes, seed=9, dtype=dtype)
@@ -347,7 +347,19 @@ def test_operator_refuses_mixed_math_types_with_a_named_tensor():
                                                  "float32 .the master copy"):
         fused(weights, grads, means, variances, [0.1] * 2, [0.0] * 2, [1] * 2,
               lowp=[w.astype(np.float16) for w in weights], multi_precision=True,
-              weight_dtype=2).wait_to_read()
+              model_dtype="float16").wait_to_read()
+
+
+def test_the_model_weight_type_travels_by_name():
+    """Phase 2 writes the model weight under multi_precision: model_dtype names its type."""
+    w, w16 = mx.nd.ones((4,)), mx.nd.ones((4,), dtype=np.float16)
+    sumsq = mx.nd.ones((1, 2), dtype=np.float64)
+    for model_dtype in (None, "bfloat16", "2"):
+        named = {} if model_dtype is None else {"model_dtype": model_dtype}
+        with pytest.raises(mx.base.MXNetError, match="model_dtype must be float16"):
+            mx.nd.mxlamb_phase2(w, w.copy(), w.copy(), sumsq, out=[w16], num_tensors=1,
+                                lrs="0.1", wds="0", step_counts="1", multi_precision=True,
+                                **named).wait_to_read()
 
 
 def test_operator_refuses_a_wrong_length_list():

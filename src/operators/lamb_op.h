@@ -31,8 +31,10 @@
 //                       skipped step leaves every array untouched
 //   device_counts=1     counts: per-parameter applied-step counts (float64), rows count_slots;
 //                       phase 1 increments them for an applied step, so t skips skipped steps
-//   multi_precision=1   w16 per tensor (mxlamb_step)
+//   multi_precision=1   w16 per tensor (mxlamb_step); model_dtype names its type (float16)
 //   moments_offset=K    the packed moments instead of m and v per tensor (mxlamb_step)
+// An option that is off is an attribute left out: clip_gradient, lower_bound, upper_bound,
+// clipnorm and global_clipnorm are then not applied (a value <= 0 reads the same).
 #ifndef MXLAMB_LAMB_OP_H_
 #define MXLAMB_LAMB_OP_H_
 

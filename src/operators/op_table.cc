@@ -80,6 +80,11 @@ double AttrReader::number(const char* key, double fallback) {
   return fallback;
 }
 
+std::string AttrReader::text(const char* key, const char* fallback) const {
+  const std::string* text = find(key);
+  return text == nullptr ? std::string(fallback) : *text;
+}
+
 bool AttrReader::flag(const char* key, bool fallback) {
   const std::string* text = find(key);
   if (text == nullptr) return fallback;
@@ -344,8 +349,9 @@ MXReturnValue infer_type(const OpTable& op, const Attrs& attrs, std::vector<int>
     int flag = mxnet::ext::kFloat64;
     if (output.dtype == DTypeRule::kUpdatedWeight) {
       flag = multi_precision ? mxnet::ext::kFloat16 : math;
-      if (multi_precision && reader.number("weight_dtype", -1) != mxnet::ext::kFloat16) {
-        reader.fail("with multi_precision, attribute weight_dtype must be 2 (float16)");
+      if (multi_precision && reader.text("model_dtype") != "float16") {
+        reader.fail("with multi_precision, attribute model_dtype must be float16 (the model "
+                    "weight's type), got '" + reader.text("model_dtype") + "'");
       }
     }
     for (int copy = 0; copy < (output.per_tensor ? l.num_tensors() : 1); ++copy) {

@@ -49,6 +49,8 @@ class AttrReader {
   double number(const char* key, double fallback);
   // A bool: True, true or 1; False, false or 0. `fallback` when absent.
   bool flag(const char* key, bool fallback = false);
+  // The attribute's text, e.g. a dtype's name; `fallback` when absent.
+  std::string text(const char* key, const char* fallback = "") const;
   // A whole number in [minimum, maximum] (required).
   static constexpr int64_t kNoMaximum = int64_t{1} << 53;  // doubles are whole numbers to here
   int64_t integer(const char* key, int64_t minimum, int64_t maximum = kNoMaximum);
@@ -114,7 +116,7 @@ enum class DTypeRule {
   kAnyGrad,
   kFloat64,
   // Outputs only. The updated weights: float16 under multi_precision (MXNet infers output
-  // types before it looks at out=, so attribute weight_dtype says it), else the math type.
+  // types before it looks at out=, so attribute model_dtype names it), else the math type.
   kUpdatedWeight,
 };
 
