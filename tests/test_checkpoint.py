@@ -1,5 +1,7 @@
 """mxlamb.save_states / load_states: no pickle, exact round trip, refusal of files that do not
 fit the Trainer."""
+import os
+
 import mxnet as mx
 import numpy as np
 import pytest
@@ -309,3 +311,33 @@ def test_convert_lamb_refuses_what_the_other_class_cannot_continue():
     with pytest.raises(ValueError, match="not float32 .*multi_precision=True"):
         mxlamb.convert_lamb(trainer, to="mxlamb")
     assert isinstance(trainer._optimizer, BUILTIN_LAMB)
+
+
+@mxnet1_only
+def test_a_trainer_state_pickled_by_mxlamb_0_2_resumes_bit_identically():
+    """tests/data/mxlamb-0.2-trainer.*: Trainer.save_states and save_parameters of mxlamb
+    0.2 (main before the per-device counts and the Python restructure) after 3 steps with
+    skip_nonfinite, EMA and accumulation, and the weights that 0.2 reached 3 steps later.
+    Today's mxlamb unpickles it (one count per parameter becomes every device's) and reaches
+    the same bits."""
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    mx.random.seed(0)
+    net = gluon.nn.HybridSequential(prefix="pk_")
+    with net.name_scope():
+        net.add(gluon.nn.Dense(8, in_units=4, activation="tanh"), gluon.nn.Dense(2, in_units=8))
+    net.initialize(mx.init.Xavier())
+    net.load_parameters(os.path.join(data, "mxlamb-0.2-trainer.params"))
+    options = dict(learning_rate=0.01, skip_nonfinite=True, use_ema=True,
+                   gradient_accumulation_steps=2, wd=0.01)
+    trainer = gluon.Trainer(net.collect_params(), "lamb", options, kvstore=None)
+    trainer.load_states(os.path.join(data, "mxlamb-0.2-trainer.states"))
+    assert isinstance(trainer._optimizer, mxlamb.LAMB)
+    rng = np.random.RandomState(0)
+    batches = [(mx.nd.array(rng.randn(6, 4)), mx.nd.array(rng.randn(6, 2))) for _ in range(6)]
+    for x, y in batches[3:]:
+        with autograd.record():
+            loss = ((net(x) - y) ** 2).sum()
+        loss.backward()
+        trainer.step(6)
+    got = np.concatenate([p.data().asnumpy().ravel() for p in net.collect_params().values()])
+    np.testing.assert_array_equal(got, np.load(os.path.join(data, "mxlamb-0.2-trainer-after.npy")))
