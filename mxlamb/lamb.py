@@ -164,7 +164,6 @@ class LAMB(Optimizer):
         self.use_fused_step = use_fused_step
         self.counters = StepCounters(self.begin_num_update)
         self.collector = StepCollector()
-        self._use_device_counts(0)
         self._callback_error = None   # what a kvstore callback refused (raise_after_callback)
         self._on_server = False       # unpickled in a kvstore server (see update)
         self._full_sizes = {}         # index -> (name, size), for a kvstore server

@@ -40,30 +40,20 @@ inline double sum_lanes(const double* acc) {
 // GCC vector types so that it is vector code on every ISA level and in every instantiation
 // (a plain loop was left scalar in the float16 one); the arithmetic per lane is the same
 // (widen, multiply, add: -ffp-contract=off keeps the two roundings).
-typedef float FloatOctet __attribute__((vector_size(32)));
 typedef double DoubleOctet __attribute__((vector_size(64)));
 static_assert(kSumLanes % 8 == 0, "accumulate_squares works in octets of lanes");
 
-MXLAMB_INLINE void accumulate_squares(const float* x, double* acc) {
+// Float32 values are widened to float64 first; float64 values convert to themselves.
+template <typename T>
+MXLAMB_INLINE void accumulate_squares(const T* x, double* acc) {
+  typedef T Octet __attribute__((vector_size(8 * sizeof(T))));
   for (int octet = 0; octet < kSumLanes; octet += 8) {
-    FloatOctet narrow;
-    DoubleOctet sum;
-    std::memcpy(&narrow, x + octet, sizeof(narrow));
-    std::memcpy(&sum, acc + octet, sizeof(sum));
-    const DoubleOctet wide = __builtin_convertvector(narrow, DoubleOctet);
-    sum += wide * wide;
-    std::memcpy(acc + octet, &sum, sizeof(sum));
-  }
-}
-
-// The same for float64 values (nothing to widen).
-MXLAMB_INLINE void accumulate_squares(const double* x, double* acc) {
-  for (int octet = 0; octet < kSumLanes; octet += 8) {
-    DoubleOctet value;
+    Octet value;
     DoubleOctet sum;
     std::memcpy(&value, x + octet, sizeof(value));
     std::memcpy(&sum, acc + octet, sizeof(sum));
-    sum += value * value;
+    const DoubleOctet wide = __builtin_convertvector(value, DoubleOctet);
+    sum += wide * wide;
     std::memcpy(acc + octet, &sum, sizeof(sum));
   }
 }
