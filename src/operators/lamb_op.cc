@@ -245,23 +245,24 @@ MXReturnValue step_forward(const Attrs& attrs, std::vector<MXTensor>* in,
 
 // ----------------------------------------------------------------------------- grad stats
 
-// One step's gradient statistics, before any phase 1 of the step:
-//   base     = rescale_grad / loss scale (the dynamic one from step_state, if on)
-//   control  = [base * clip_factor(base * ||g||, global_clipnorm), apply]
-// A step whose gradients are not all finite is skipped (apply = 0) when skip_nonfinite or
-// dynamic loss scaling is on, and counted in step_state. Dynamic loss scaling halves the
-// scale (not below 1) on such a step and doubles it after growth_interval clean steps.
+// One step's gradient statistics, before any phase 1 of the step: every gradient's sum of
+// squares, then control and step_state by lamb_math.h's grad_stats_control (which says what
+// they hold; the CUDA kernel calls the same function).
+bool parse_grad_stats(const Attrs& attrs, InputLayout* l, GradStatsParams* p) {
+  AttrReader r(kGradStatsOp.name, attrs);
+  if (!l->resolve(kGradStatsOp, r)) return false;
+  p->rescale_grad = r.number("rescale_grad", p->rescale_grad);
+  p->global_clipnorm = r.number("global_clipnorm", p->global_clipnorm);
+  p->growth_interval = r.number("growth_interval", p->growth_interval);
+  p->skip_nonfinite = r.flag("skip_nonfinite");
+  return r.ok();
+}
+
 MXReturnValue grad_stats_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource&) {
-  AttrReader r(kGradStatsOp.name, attrs);
   InputLayout l;
-  if (!l.resolve(kGradStatsOp, r)) return MX_FAIL;
-  const double rescale = r.number("rescale_grad", 1.0);
-  const double global_clipnorm = r.number("global_clipnorm", -1.0);
-  const double growth_interval = r.number("growth_interval", 0.0);
-  const bool dynamic = growth_interval > 0;
-  const bool skip_nonfinite = r.flag("skip_nonfinite") || dynamic;
-  if (!r.ok()) return MX_FAIL;
+  GradStatsParams p;
+  if (!parse_grad_stats(attrs, &l, &p)) return MX_FAIL;
   const int n = l.num_tensors();
   std::vector<GradSpan> grads(n);
   for (int t = 0; t < n; ++t) {
@@ -272,23 +273,8 @@ MXReturnValue grad_stats_forward(const Attrs& attrs, std::vector<MXTensor>* in,
   grad_sumsq_cpu(grads, grad_sumsq);
   double total = 0.0;
   for (int t = 0; t < n; ++t) total += grad_sumsq[t];
-  const bool finite = std::isfinite(total);
-
-  double* state = l.array(*in, Slot::kStepState)->data<double>();
-  const double base = dynamic ? rescale / state[kLossScale] : rescale;
-  double* control = (*out)[1].data<double>();
-  control[kControlMultiplier] = base * clip_factor(base * std::sqrt(total), global_clipnorm);
-  control[kControlApply] = finite || !skip_nonfinite ? 1.0 : 0.0;
-  if (control[kControlApply] == 0.0) state[kSkippedSteps] += 1.0;
-  if (dynamic) {
-    if (!finite) {
-      state[kLossScale] = std::fmax(state[kLossScale] / 2.0, 1.0);
-      state[kCleanSteps] = 0.0;
-    } else if ((state[kCleanSteps] += 1.0) >= growth_interval) {
-      state[kLossScale] *= 2.0;
-      state[kCleanSteps] = 0.0;
-    }
-  }
+  grad_stats_control(p, total, (*out)[1].data<double>(),
+                     l.array(*in, Slot::kStepState)->data<double>());
   return MX_SUCCESS;
 }
 

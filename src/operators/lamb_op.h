@@ -140,9 +140,8 @@ inline constexpr Output kGradStatsOutputs[] = {
 inline constexpr OpTable kGradStatsOp{"mxlamb_grad_stats", true, kGradStatsTensor,
                                       kGradStatsAfter, kGradStatsOutputs, {}, nullptr};
 
-// What mxlamb_grad_stats' control output and step_state hold, by index.
-enum ControlEntry { kControlMultiplier = 0, kControlApply = 1 };
-enum StepStateEntry { kLossScale = 0, kCleanSteps = 1, kSkippedSteps = 2 };
+// What mxlamb_grad_stats' control output and step_state hold, by index: ControlEntry and
+// StepStateEntry of lamb_math.h.
 
 // ----------------------------------------------------------------------- mxlamb_trust_ratio
 
