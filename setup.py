@@ -87,18 +87,10 @@ GPU_SOURCES = ["lamb_op_gpu.cc"]
 COMPAT_FLAGS = ["-include", os.path.join(OPERATOR_DIR, "portability.h"),
                 "-D_GLIBCXX_USE_CXX11_ABI=0", "-fno-sized-deallocation"]
 
-# sm_90 code plus PTX for newer GPUs (the driver compiles it at load).
-NVCC_ARCH = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
-
-
-def compile_cuda_library(output, nvcc="nvcc", extra_flags=()):
-    """The CUDA kernels with their plain C interface (lamb_cuda.h), usable without MXNet."""
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    command = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-shared", "-I", OPERATOR_DIR,
-               os.path.join(OPERATOR_DIR, "lamb_cuda.cu"), "-o", output] + NVCC_ARCH
-    print(" ".join(command + list(extra_flags)))
-    subprocess.check_call(command + list(extra_flags))
-    return output
+# The CUDA kernels' nvcc build (MXLAMB_CUDA=1) lives in cuda_build.py, which the GPU tests and
+# benchmark import where this file cannot be (Python 3.12, no MXNet).
+sys.path.insert(0, HERE)
+from cuda_build import NVCC_ARCH, compile_cuda_library  # noqa: E402,F401
 
 
 # Run in the target interpreter: where its mxnet package is, without importing it (importing

@@ -30,7 +30,7 @@ from reference import ReferenceAdamW, ReferenceLAMB, ReferenceStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from setup import compile_cuda_library  # noqa: E402
+from cuda_build import NVCC_FLAGS, OPERATOR_DIR, compile_cuda_library  # noqa: E402
 
 NVCC = shutil.which("nvcc")
 needs_nvcc = pytest.mark.skipif(NVCC is None and not os.environ.get("CI"),
@@ -44,6 +44,9 @@ ENTRY_POINTS = ("mxlamb_cuda_phase1", "mxlamb_cuda_phase2", "mxlamb_cuda_step",
 
 @pytest.fixture(scope="module")
 def cuda_lib(tmp_path_factory):
+    """The kernels, built here (or MXLAMB_CUDA_LIB, one built by benchmarks/gpu_session.sh)."""
+    if os.environ.get("MXLAMB_CUDA_LIB"):
+        return load(os.environ["MXLAMB_CUDA_LIB"])
     if NVCC is None and not os.environ.get("CI"):
         pytest.skip("nvcc not found (CI requires it)")
     return load(compile_cuda_library(str(tmp_path_factory.mktemp("cuda") / "libmxlamb_cuda.so")))
@@ -61,10 +64,10 @@ def test_cuda_kernels_compile_without_warnings(tmp_path):
     """nvcc and ptxas say nothing (no warning, no register spill) for any kernel."""
     out = tmp_path / "lib.so"
     result = subprocess.run(
-        [NVCC, "-O3", "-std=c++17", "-Xcompiler", "-fPIC,-Wall", "-shared", "-Xptxas", "-v",
-         "-I", os.path.join(ROOT, "src", "operators"),
-         os.path.join(ROOT, "src", "operators", "lamb_cuda.cu"), "-o", str(out),
-         "-gencode", "arch=compute_90,code=sm_90"], capture_output=True, text=True)
+        [NVCC] + NVCC_FLAGS + ["-Xcompiler", "-Wall", "-Xptxas", "-v", "-I", OPERATOR_DIR,
+                               os.path.join(OPERATOR_DIR, "lamb_cuda.cu"), "-o", str(out),
+                               "-gencode", "arch=compute_90,code=sm_90"],
+        capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr.lower(), result.stderr
     spills = [line for line in result.stderr.splitlines() if "spill" in line
@@ -174,9 +177,28 @@ def test_interface_refuses_bad_arguments(cuda_lib):
     assert cuda_lib.mxlamb_cuda_step(ctypes.byref(empty), None, None, 0, None) == 0
 
 
+def test_gpu_tests_run_on_the_numpy_model():
+    """The GPU tests below (their harness, reference set-up and checks) run, on a subset of
+    options, against tests/cuda_model.py where there is no GPU: a broken test is found here
+    rather than in the rare session that has a GPU."""
+    env = dict(os.environ, MXLAMB_CUDA_MODEL="1")
+    subprocess.check_call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                           os.path.abspath(__file__), "-k",
+                           "(plain or everything or adamw or dynamic) and float or per_tensor "
+                           "or trust_ratio or skipped or graph or bit_identical"],
+                          env=env, cwd=ROOT)
+
+
 # ------------------------------------------------------------------------ on a CUDA GPU
 
-DEVICE = find_device() if os.environ.get("MXLAMB_NO_GPU") != "1" else None
+# MXLAMB_CUDA_MODEL=1 runs the GPU tests on tests/cuda_model.py's NumPy model of the interface
+# instead: a check of the tests themselves where there is no GPU.
+MODEL = os.environ.get("MXLAMB_CUDA_MODEL") == "1"
+if MODEL:
+    from cuda_model import ModelLibrary, NumpyDevice
+    DEVICE = NumpyDevice()
+else:
+    DEVICE = find_device()
 needs_gpu = pytest.mark.skipif(DEVICE is None, reason="no CUDA GPU (with PyTorch or CuPy) here")
 
 
@@ -467,10 +489,10 @@ GPU_DTYPES = ["float32", "float16", "bfloat16", "float64"]
 
 
 @pytest.fixture(scope="module")
-def gpu_lib(cuda_lib):
+def gpu_lib(request):
     if DEVICE is None:
         pytest.skip("no CUDA GPU (with PyTorch or CuPy) here")
-    return cuda_lib
+    return ModelLibrary(DEVICE) if MODEL else request.getfixturevalue("cuda_lib")
 
 
 @needs_gpu
@@ -564,6 +586,9 @@ def test_cuda_graph_replays_a_whole_step(gpu_lib, one_call):
     eager.grads = [eager.array(g) for g in stored]
     graphed.grads = [graphed.array(g) for g in stored]
     graphed.workspace()
+    warm = Trainer(gpu_lib, DEVICE, "float16", cfg)  # kernels loaded before the capture
+    warm.grads = [warm.array(g) for g in stored]
+    warm.launch()
     DEVICE.synchronize()
     replay = DEVICE.capture(graphed.launch)
     for _ in range(4):
