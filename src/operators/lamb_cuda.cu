@@ -1,8 +1,8 @@
 // Multi-tensor LAMB kernels for CUDA (interface: lamb_cuda.h).
 //
 // The engine, which knows nothing of LAMB: every tensor of a group is cut into chunks of
-// kChunk elements; a grid sized to the device (a few blocks per SM) loops over all chunks of
-// all tensors, so one launch per phase serves any number of tensors and a large embedding is
+// kChunk elements; a grid sized to the device (as many blocks as stay resident on its SMs)
+// loops over all chunks of all tensors, so one launch per phase serves any number of tensors and a large embedding is
 // spread over many blocks. A block finds its chunk's tensor by binary search in the tensors'
 // first-chunk table. Within a chunk, thread i takes elements 4i..4i+3 of every 4 * kBlock: with
 // 16-byte vector loads and stores where all of the tensor's arrays are aligned (Apex's ILP
@@ -26,8 +26,11 @@
 
 #include <math_constants.h>
 
+#include <algorithm>
 #include <atomic>
 #include <type_traits>
+#include <utility>
+#include <vector>
 
 #include "lamb_cuda.h"
 #include "lamb_math.h"
@@ -38,12 +41,13 @@ namespace {
 
 constexpr int kBlock = 256;
 constexpr int kVec = 4;  // elements per thread and step: 16 bytes of float32
-constexpr int64_t kChunk = int64_t{1} << 16;
-constexpr int kBlocksPerSM = 4;
+// 16,384 elements: small enough that the last round of chunks leaves few SMs idle (BERT-base
+// is 13 rounds of a full H100 grid), large enough that a chunk's reduction costs nothing.
+constexpr int64_t kChunk = int64_t{1} << 14;
 
 // ------------------------------------------------------------------------------ the tables
 
-enum EntryFlags : int { kAligned = 1, kAdaptation = 2 };
+enum EntryFlags : int { kAligned = 1, kAdaptation = 2, kLastOfSlot = 4 };
 
 // One tensor, as the kernels see it.
 struct TensorEntry {
@@ -61,6 +65,7 @@ struct TensorEntry {
   int64_t count_slot, stat_row;
   int grad_dtype;
   int flags;
+  int slot_rank;  // how many tensors before this one share its count slot (normally 0)
 };
 
 // Records per upload launch: the batch must fit the 4 KiB kernel-argument space that every
@@ -77,9 +82,9 @@ size_t align_up(size_t x) { return (x + 255) & ~size_t{255}; }
 
 __host__ __device__ int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
 
-// Workspace: [TensorEntry N][first_chunk N][step counts N][TensorCoeffs N][partials 2/chunk].
+// Workspace: [TensorEntry N][first_chunk N][TensorCoeffs N][partials 2/chunk].
 struct Layout {
-  size_t entries, first_chunk, counts, coeffs, partials, total;
+  size_t entries, first_chunk, coeffs, partials, total;
   int64_t num_chunks;
 };
 
@@ -89,8 +94,7 @@ Layout layout_of(int n, const int64_t* sizes) {
   for (int t = 0; t < n && sizes != nullptr; ++t) l.num_chunks += chunks_of(sizes[t]);
   l.entries = 0;
   l.first_chunk = align_up(sizeof(TensorEntry) * n);
-  l.counts = l.first_chunk + align_up(sizeof(int64_t) * n);
-  l.coeffs = l.counts + align_up(sizeof(double) * n);
+  l.coeffs = l.first_chunk + align_up(sizeof(int64_t) * n);
   l.partials = l.coeffs + align_up(sizeof(TensorCoeffs<double>) * n);
   l.total = l.partials + align_up(sizeof(double) * 2 * l.num_chunks);
   return l;
@@ -128,20 +132,38 @@ bool vector_aligned(const void* p, int elem_bytes) {
 
 // ------------------------------------------------------------------------- the grid
 
-// SM count per device, queried once; blocks per SM fixed (the loops are memory-bound).
-int grid_for(int64_t num_chunks) {
-  static std::atomic<int> sm_count[64];
+// The grid of a chunk loop: as many blocks as can be resident at once (the kernel's occupancy,
+// queried once per kernel, times the device's SM count, queried once per device), or fewer
+// where there are fewer chunks. The results never depend on it.
+int sm_count() {
+  static std::atomic<int> cached[64];
   int device = 0;
-  cudaGetDevice(&device);
-  int sms = device < 64 ? sm_count[device].load(std::memory_order_relaxed) : 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 1;
+  int sms = cached[device].load(std::memory_order_relaxed);
   if (sms == 0) {
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
         sms <= 0) {
-      sms = 1;
+      return 1;
     }
-    if (device < 64) sm_count[device].store(sms, std::memory_order_relaxed);
+    cached[device].store(sms, std::memory_order_relaxed);
   }
-  const int64_t most = int64_t{sms} * kBlocksPerSM;
+  return sms;
+}
+
+// One cache per kernel type (each chunk kernel has a signature of its own).
+template <typename Kernel>
+int grid_for(Kernel* kernel, int64_t num_chunks) {
+  static std::atomic<int> resident{0};
+  int per_sm = resident.load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0) !=
+            cudaSuccess ||
+        per_sm <= 0) {
+      per_sm = 1;
+    }
+    resident.store(per_sm, std::memory_order_relaxed);
+  }
+  const int64_t most = int64_t{per_sm} * sm_count();
   return static_cast<int>(num_chunks < most ? num_chunks : most);
 }
 
@@ -261,30 +283,30 @@ struct CoeffsArgs {
   bool count_step;  // phase 1 (and the one-call step): an applied step adds 1 to counts
 };
 
-// One block: thread 0 advances the device counts in tensor order (as the CPU does, so tensors
-// sharing a slot count as there), then every tensor's coefficients by lamb_math.h.
+// One block, a thread per tensor: the step count (the host's, or the device count plus one for
+// an applied phase 1) and lamb_math.h's coefficients. Tensors sharing a count slot are counted
+// in tensor order, as the CPU does: the k-th of them gets count + k + 1 and the last writes the
+// slot, after every thread has read it.
 template <typename T>
-__global__ void coeffs_kernel(const TensorEntry* table, int n, CoeffsArgs a, double* step_counts,
+__global__ void coeffs_kernel(const TensorEntry* table, int n, CoeffsArgs a,
                               TensorCoeffs<T>* coeffs) {
   if (a.count_step && skipped(a.control)) return;  // phase 1 of a skipped step: nothing at all
-  if (threadIdx.x == 0) {
-    for (int t = 0; t < n; ++t) {
-      double count = table[t].step_count;
-      if (a.counts != nullptr) {
-        count = a.counts[table[t].count_slot] + (a.count_step ? 1.0 : 0.0);
-        if (a.count_step) a.counts[table[t].count_slot] = count;
-      }
-      step_counts[t] = count;
-    }
-  }
-  __syncthreads();
+  const bool advance = a.count_step && a.counts != nullptr;
   const double multiplier = a.control != nullptr ? a.control[kControlMultiplier] : a.rescale_grad;
   for (int t = threadIdx.x; t < n; t += blockDim.x) {
-    const double scale = a.grad_sumsq != nullptr
-                             ? gradient_scale(multiplier, a.grad_sumsq[table[t].stat_row],
-                                              a.clipnorm)
-                             : multiplier;
-    coeffs[t] = tensor_coeffs<T>(a.params, step_counts[t], table[t].lr, table[t].wd, scale);
+    const TensorEntry& e = table[t];
+    double count = e.step_count;
+    if (a.counts != nullptr) count = a.counts[e.count_slot] + (advance ? e.slot_rank + 1.0 : 0.0);
+    const double scale =
+        a.grad_sumsq != nullptr ? gradient_scale(multiplier, a.grad_sumsq[e.stat_row], a.clipnorm)
+                                : multiplier;
+    coeffs[t] = tensor_coeffs<T>(a.params, count, e.lr, e.wd, scale);
+  }
+  if (!advance) return;
+  __syncthreads();
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    const TensorEntry& e = table[t];
+    if (e.flags & kLastOfSlot) a.counts[e.count_slot] += e.slot_rank + 1.0;
   }
 }
 
@@ -502,10 +524,31 @@ ChunkArgs chunk_args(const Layout& l, char* ws, int n, const double* control) {
                    control, reinterpret_cast<double*>(ws + l.partials)};
 }
 
-// The group's tables in the workspace; false where the arguments are wrong.
+// Each tensor's rank among the tensors sharing its count slot, and whether it is their last
+// (slots are normally distinct: all ranks 0, all last).
+void slot_ranks(const MxlambCudaGroup& g, std::vector<int>* rank, std::vector<bool>* last) {
+  const int n = g.num_tensors;
+  rank->assign(n, 0);
+  last->assign(n, true);
+  if (g.counts == nullptr) return;
+  std::vector<std::pair<int64_t, int>> by_slot(n);
+  for (int t = 0; t < n; ++t) by_slot[t] = {g.count_slots[t], t};
+  std::sort(by_slot.begin(), by_slot.end());
+  for (int i = 1; i < n; ++i) {
+    if (by_slot[i].first == by_slot[i - 1].first) {
+      (*rank)[by_slot[i].second] = (*rank)[by_slot[i - 1].second] + 1;
+      (*last)[by_slot[i - 1].second] = false;
+    }
+  }
+}
+
+// The group's tables in the workspace.
 cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
                          cudaStream_t stream) {
   const int math_bytes = g.math_dtype == MXLAMB_FLOAT64 ? 8 : 4;
+  std::vector<int> rank;
+  std::vector<bool> last;
+  slot_ranks(g, &rank, &last);
   int64_t first_chunk = 0;
   auto entry = [&](int t, TensorEntry* e) {
     auto at = [t](void* const* arrays) { return arrays != nullptr ? arrays[t] : nullptr; };
@@ -534,7 +577,8 @@ cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
         vector_aligned(e->vmax, math_bytes) && vector_aligned(e->average, math_bytes) &&
         vector_aligned(e->lowp, 2);
     const bool adapt = g.layer_adaptation == nullptr || g.layer_adaptation[t] != 0;
-    e->flags = (aligned ? kAligned : 0) | (adapt ? kAdaptation : 0);
+    e->flags = (aligned ? kAligned : 0) | (adapt ? kAdaptation : 0) | (last[t] ? kLastOfSlot : 0);
+    e->slot_rank = rank[t];
   };
   return upload(g.num_tensors, entry, l, ws, stream);
 }
@@ -583,17 +627,17 @@ cudaError_t run_group(const MxlambCudaGroup& g, int stages, double* sumsq, const
   auto* coeffs = reinterpret_cast<TensorCoeffs<T>*>(ws + l.coeffs);
   const CoeffsArgs ca{g.params, g.rescale_grad, g.clipnorm, g.control, g.grad_sumsq, g.counts,
                       (stages & kPhase1) != 0};
-  coeffs_kernel<T><<<1, 256, 0, stream>>>(table, n, ca, reinterpret_cast<double*>(ws + l.counts),
-                                          coeffs);
+  coeffs_kernel<T><<<1, 256, 0, stream>>>(table, n, ca, coeffs);
   if (cudaError_t err = cudaGetLastError()) return err;
   const ChunkArgs a = chunk_args(l, ws, n, g.control);
   const StepCoeffs<T> step = step_coeffs<T>(g.params);
-  const int grid = grid_for(l.num_chunks);
   if (stages & kPhase1) {
+    const int grid = grid_for(phase1_kernel<T>, l.num_chunks);
     if (grid > 0) phase1_kernel<T><<<grid, kBlock, 0, stream>>>(a, step, coeffs);
     norms_kernel<<<(n + 127) / 128, 128, 0, stream>>>(table, n, g.control, a.partials, sumsq);
     if (cudaError_t err = cudaGetLastError()) return err;
   }
+  const int grid = grid_for(phase2_kernel<T>, l.num_chunks);
   if ((stages & kPhase2) && grid > 0) {
     phase2_kernel<T><<<grid, kBlock, 0, stream>>>(a, step, coeffs, sumsq,
                                                    ema_coeffs<T>(g.ema_momentum), g.lowp_dtype);
@@ -698,7 +742,7 @@ extern "C" int mxlamb_cuda_grad_stats(const MxlambCudaGradStats* st, void* works
     return err;
   }
   const ChunkArgs a = chunk_args(l, ws, n, nullptr);
-  const int grid = grid_for(l.num_chunks);
+  const int grid = grid_for(grad_sumsq_kernel, l.num_chunks);
   if (grid > 0) grad_sumsq_kernel<<<grid, kBlock, 0, stream>>>(a);
   grad_stats_kernel<<<1, 256, 0, stream>>>(a.table, n, a.partials, st->params, st->grad_sumsq,
                                            st->control, st->step_state);
