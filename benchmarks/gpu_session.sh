@@ -4,7 +4,7 @@
 #
 #     OUT=/tmp/out bash benchmarks/gpu_session.sh
 #
-# 1. builds the CUDA kernels (cuda_build.py: nvcc, sm_90 + PTX) into build/gpu/;
+# 1. builds the CUDA kernels (native_build.py: nvcc, sm_90 + PTX) into build/gpu/;
 # 2. runs tests/test_cuda.py on that build (the GPU tests against the float64 reference, the
 #    CUDA-graph replay, bit-identical runs);
 # 3. runs benchmarks/bench_gpu.py (BERT-base and BERT-large, fp32 and fp16, against PyTorch);
@@ -31,7 +31,7 @@ left() { echo $(( BUDGET - SECONDS > 10 ? BUDGET - SECONDS : 10 )); }
   git log --oneline -1 2>/dev/null
 } > "$OUT/env.txt" 2>&1
 
-timeout 120 python3 -c "import sys; sys.path.insert(0, '.'); import cuda_build; cuda_build.compile_cuda_library('$LIB', extra_flags=['-Xptxas', '-v'])" > "$OUT/build.log" 2>&1
+timeout 120 python3 -c "import sys; sys.path.insert(0, '.'); import native_build; native_build.compile_cuda_library('$LIB', extra_flags=['-Xptxas', '-v'])" > "$OUT/build.log" 2>&1
 summary build $?
 
 MXLAMB_CUDA_LIB=$LIB timeout 240 python3 -m pytest -q -p no:cacheprovider -rs --durations=10 tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1

@@ -80,7 +80,7 @@ def load(path=None):
     if path is None:
         import tempfile
         sys.path.insert(0, ROOT)
-        from cuda_build import compile_cuda_library
+        from native_build import compile_cuda_library
         path = compile_cuda_library(os.path.join(tempfile.mkdtemp(), "libmxlamb_cuda.so"))
     lib = ctypes.CDLL(path)
     group = ctypes.POINTER(Group)
