@@ -34,7 +34,7 @@ left() { echo $(( BUDGET - SECONDS > 10 ? BUDGET - SECONDS : 10 )); }
 timeout 120 python3 -c "import sys; sys.path.insert(0, '.'); import native_build; native_build.compile_cuda_library('$LIB', extra_flags=['-Xptxas', '-v'])" > "$OUT/build.log" 2>&1
 summary build $?
 
-MXLAMB_CUDA_LIB=$LIB timeout 240 python3 -m pytest -q -p no:cacheprovider -rs --durations=10 tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
+MXLAMB_CUDA_LIB=$LIB timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --durations=10 tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
 summary tests $?
 
 timeout "$(left)" python3 benchmarks/bench_gpu.py --lib "$LIB" --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1

@@ -74,20 +74,29 @@ def test_cuda_kernels_compile_without_warnings(tmp_path):
         capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "warning" not in result.stderr.lower(), result.stderr
-    spills = [line for line in result.stderr.splitlines() if "spill" in line
-              and not line.strip().startswith("0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")]
+    clean = "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads"
+    spills = [line for line in result.stderr.splitlines()
+              if "spill" in line and line.strip() != clean]
     assert not spills, "\n".join(spills)
 
 
-def mxnet_include(python):
-    """The include directory of the mxnet that `python` would import (without importing it)."""
-    code = ("import importlib.util, os; s = importlib.util.find_spec('mxnet'); "
-            "print(os.path.join(list(s.submodule_search_locations)[0], 'include') if s else '')")
+def mxnet_headers(python):
+    """(include directory, version number as setup.py makes it: 1.9.1 -> 10901) of the mxnet
+    that `python` would import, read without importing it; None where it has none."""
+    code = ("import importlib.util, os, re; s = importlib.util.find_spec('mxnet'); "
+            "d = list(s.submodule_search_locations)[0] if s else ''; "
+            "v = re.search(r'__version__ = .(\\d+)\\.(\\d+)\\.(\\d+)', "
+            "open(os.path.join(d, 'libinfo.py')).read()).groups() if d else (); "
+            "print(os.path.join(d, 'include') if d else '', *v)")
     try:
-        return subprocess.run([python, "-c", code], capture_output=True, text=True,
-                              check=True).stdout.strip()
+        out = subprocess.run([python, "-c", code], capture_output=True, text=True,
+                             check=True).stdout.split()
     except (OSError, subprocess.CalledProcessError):
-        return ""
+        return None
+    if len(out) != 4:
+        return None
+    major, minor, patch = (int(x) for x in out[1:])
+    return out[0], major * 10000 + minor * 100 + patch
 
 
 MXNET2_PYTHON = os.path.join(ROOT, ".venv-mxnet2", "bin", "python")
@@ -95,21 +104,19 @@ MXNET2_PYTHON = os.path.join(ROOT, ".venv-mxnet2", "bin", "python")
 
 @needs_nvcc
 @pytest.mark.parametrize("source", ["lamb_op.cc", "lamb_op_gpu.cc"])
-@pytest.mark.parametrize("mxnet", ["1.9.1", "2.0.0b1"])
-def test_mxnet_gpu_binding_compiles(source, mxnet):
+@pytest.mark.parametrize("python", ["this interpreter", ".venv-mxnet2"])
+def test_mxnet_gpu_binding_compiles(source, python):
     """The operators' GPU forwards (lamb_op_gpu.cc) and their registration (lamb_op.cc) as an
-    MXLAMB_CUDA=1 build compiles them, against each MXNet's lib_api.h."""
-    if mxnet == "1.9.1":
-        pytest.importorskip("mxnet")
-        include, version = mxnet_include(sys.executable), 10901
-    else:
-        include, version = mxnet_include(MXNET2_PYTHON) if os.path.exists(MXNET2_PYTHON) else "", 20000
-    if not include:
-        pytest.skip("no MXNet %s here" % mxnet)
+    MXLAMB_CUDA=1 build compiles them, against the lib_api.h of this interpreter's MXNet and
+    of MXNet 2.0.0b1's environment where there is one (MXNet is never imported here)."""
+    python = sys.executable if python == "this interpreter" else MXNET2_PYTHON
+    found = mxnet_headers(python) if os.path.exists(python) else None
+    if found is None:
+        pytest.skip("no MXNet for %s" % python)
+    include, version = found
     subprocess.check_call(["g++", "-std=c++17", "-Wall", "-fsyntax-only", "-DMXLAMB_WITH_CUDA",
                            "-DMXLAMB_MXNET_VERSION=%d" % version, "-I", include,
-                           "-I", os.path.join(ROOT, "src", "operators"),
-                           os.path.join(ROOT, "src", "operators", source)])
+                           "-I", OPERATOR_DIR, os.path.join(OPERATOR_DIR, source)])
 
 
 def test_ctypes_structs_match_the_header(tmp_path):
@@ -663,9 +670,9 @@ def test_cuda_graph_replays_a_whole_step(gpu_lib, one_call):
 @pytest.mark.parametrize("config", CPU_CONFIGS)
 def test_cuda_equals_the_cpu_kernels(gpu_lib, cpu_kernels, dtype, config):
     """The GPU and the CPU kernels on the same inputs, several steps: the moments (and vmax),
-    which do not depend on the norms, bit for bit; the sums of squares to 1e-13 (summation
-    order); the weights and the EMA to float32 rounding (rtol 1e-6: the trust ratio comes from
-    those sums), float64 to 1e-13."""
+    which do not depend on the norms, bit for bit; the weights, the EMA and the last step's
+    sums of squares to float32 rounding (rtol 1e-6: each step's trust ratio comes from sums
+    added in another order), float64 to 1e-13 (sums 1e-12)."""
     gpu = Trainer(gpu_lib, DEVICE, dtype, CONFIGS[config])
     cpu = cpu_trainer(cpu_kernels, dtype, config)
     for step in range(1, STEPS + 1):
