@@ -530,7 +530,7 @@ void slot_ranks(const MxlambCudaGroup& g, std::vector<int>* rank, std::vector<bo
   const int n = g.num_tensors;
   rank->assign(n, 0);
   last->assign(n, true);
-  if (g.counts == nullptr) return;
+  if (g.counts == nullptr || g.count_slots == nullptr) return;
   std::vector<std::pair<int64_t, int>> by_slot(n);
   for (int t = 0; t < n; ++t) by_slot[t] = {g.count_slots[t], t};
   std::sort(by_slot.begin(), by_slot.end());
@@ -553,8 +553,8 @@ cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
   auto entry = [&](int t, TensorEntry* e) {
     auto at = [t](void* const* arrays) { return arrays != nullptr ? arrays[t] : nullptr; };
     *e = TensorEntry{};
-    e->weight = g.weights[t];
-    e->weight_out = g.weights_out != nullptr ? g.weights_out[t] : g.weights[t];
+    e->weight = at(g.weights);
+    e->weight_out = g.weights_out != nullptr ? g.weights_out[t] : e->weight;
     e->grad = g.grads != nullptr ? g.grads[t] : nullptr;
     e->mean = at(g.means);
     e->var = at(g.vars);
@@ -597,11 +597,14 @@ bool valid(const MxlambCudaGroup* g, void* ws, size_t bytes, bool phase1, Layout
     return false;
   }
   if (g->clipnorm > 0 && g->grad_sumsq == nullptr) return false;  // as the CPU refuses it
-  if (g->num_tensors > 0 && g->sizes != nullptr &&
-      (g->weights == nullptr || g->means == nullptr || g->vars == nullptr ||
-       g->lrs == nullptr || g->wds == nullptr ||
+  if (g->num_tensors > 0 &&
+      (g->lrs == nullptr || g->wds == nullptr ||
        (g->counts != nullptr ? g->count_slots == nullptr : g->step_counts == nullptr) ||
        (g->grad_sumsq != nullptr && g->stat_rows == nullptr))) {
+    return false;
+  }
+  if (g->num_tensors > 0 && g->sizes != nullptr &&
+      (g->weights == nullptr || g->means == nullptr || g->vars == nullptr)) {
     return false;
   }
   if (phase1 && g->num_tensors > 0 && g->sizes != nullptr &&
