@@ -29,7 +29,8 @@ ISA_FLAGS = {
 }
 
 # sm_90 code plus PTX for newer GPUs (the driver compiles it at load).
-NVCC_ARCH = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
+NVCC_ARCH = ["-gencode", "arch=compute_90,code=sm_90",
+             "-gencode", "arch=compute_90,code=compute_90"]
 
 # No fused multiply-add contraction, as the CPU build (-ffp-contract=off): with IEEE division and
 # square root (nvcc's defaults) every element-wise stage then rounds as the CPU's does, and only

@@ -247,7 +247,7 @@ def test_gpu_tests_run_on_the_numpy_model():
     subprocess.check_call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            os.path.abspath(__file__), "-k",
                            "((plain or everything or adamw or dynamic) and float or per_tensor "
-                           "or trust_ratio or skipped or graph or bit_identical) "
+                           "or trust_ratio or skipped or graph or bit_identical or grid) "
                            "and not without_mxnet"],
                           env=env, cwd=ROOT)
 
@@ -387,7 +387,8 @@ class Trainer:
     def make_reference(self):
         cfg = self.cfg
         if cfg.get("adamw"):
-            inner = ReferenceAdamW(epsilon=1e-7, amsgrad=True, rescale_grad=cfg.get("rescale_grad", 1.0))
+            inner = ReferenceAdamW(epsilon=1e-7, amsgrad=True,
+                                   rescale_grad=cfg.get("rescale_grad", 1.0))
         else:
             lower, upper = cfg.get("bounds", (None, None))
             inner = ReferenceLAMBPlus(amsgrad=cfg.get("amsgrad", False),
@@ -629,6 +630,27 @@ def test_cuda_runs_are_bit_identical(gpu_lib, config):
         runs.append(trainer.state())
     for run in runs[1:]:
         assert run.keys() == runs[0].keys()
+        for name in run:
+            np.testing.assert_array_equal(run[name].view(np.uint8), runs[0][name].view(np.uint8),
+                                          err_msg=name)
+
+
+@needs_gpu
+def test_cuda_results_do_not_depend_on_the_grid(gpu_lib, monkeypatch):
+    """1 block, 7 blocks and the device-sized grid give the same bits (every chunk's sum is
+    the same tree, every tensor's sum adds its chunks in order)."""
+    runs = []
+    for blocks in ("1", "7", None):
+        if blocks is None:
+            monkeypatch.delenv("MXLAMB_CUDA_MAX_BLOCKS", raising=False)
+        else:
+            monkeypatch.setenv("MXLAMB_CUDA_MAX_BLOCKS", blocks)
+        trainer = Trainer(gpu_lib, DEVICE, "float16", CONFIGS["everything"])
+        for step in range(1, 4):  # step 2 is skipped (non-finite), step 3 applies
+            trainer.step(step)
+        DEVICE.synchronize()
+        runs.append(trainer.state())
+    for run in runs[1:]:
         for name in run:
             np.testing.assert_array_equal(run[name].view(np.uint8), runs[0][name].view(np.uint8),
                                           err_msg=name)

@@ -2,11 +2,12 @@
 //
 // The engine, which knows nothing of LAMB: every tensor of a group is cut into chunks of
 // kChunk elements; a grid sized to the device (as many blocks as stay resident on its SMs)
-// loops over all chunks of all tensors, so one launch per phase serves any number of tensors and a large embedding is
-// spread over many blocks. A block finds its chunk's tensor by binary search in the tensors'
-// first-chunk table. Within a chunk, thread i takes elements 4i..4i+3 of every 4 * kBlock: with
-// 16-byte vector loads and stores where all of the tensor's arrays are aligned (Apex's ILP
-// idea), with scalar ones otherwise and in the tail, in the same order either way.
+// loops over all chunks of all tensors, so one launch per phase serves any number of tensors
+// and a large embedding is spread over many blocks. A block finds its chunk's tensor by binary
+// search in the tensors' first-chunk table. Within a chunk, thread i takes elements 4i..4i+3 of
+// every 4 * kBlock: with 16-byte vector loads and stores where all of the tensor's arrays are
+// aligned (Apex's ILP idea), with scalar ones otherwise and in the tail, in the same order
+// either way.
 //
 // Tables: the host packs each tensor's pointers and host values into TensorEntry records and
 // sends them as kernel arguments of a small upload kernel (in batches that fit the 4 KiB
@@ -28,6 +29,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -163,7 +165,13 @@ int grid_for(Kernel* kernel, int64_t num_chunks) {
     }
     resident.store(per_sm, std::memory_order_relaxed);
   }
-  const int64_t most = int64_t{per_sm} * sm_count();
+  int64_t most = int64_t{per_sm} * sm_count();
+  // MXLAMB_CUDA_MAX_BLOCKS caps the grid: the tests run with 1 and 7 blocks to show that the
+  // results do not depend on it.
+  if (const char* cap = std::getenv("MXLAMB_CUDA_MAX_BLOCKS")) {
+    const long blocks = std::strtol(cap, nullptr, 10);
+    if (blocks > 0 && blocks < most) most = blocks;
+  }
   return static_cast<int>(num_chunks < most ? num_chunks : most);
 }
 
@@ -365,7 +373,9 @@ __global__ void __launch_bounds__(kBlock)
     double w2 = 0.0, u2 = 0.0;
     switch (e.grad_dtype) {
       case MXLAMB_FLOAT16: phase1_chunk<T, __half>(e, begin, end, step, tc, &w2, &u2); break;
-      case MXLAMB_BFLOAT16: phase1_chunk<T, __nv_bfloat16>(e, begin, end, step, tc, &w2, &u2); break;
+      case MXLAMB_BFLOAT16:
+        phase1_chunk<T, __nv_bfloat16>(e, begin, end, step, tc, &w2, &u2);
+        break;
       case MXLAMB_FLOAT64: phase1_chunk<T, double>(e, begin, end, step, tc, &w2, &u2); break;
       default: phase1_chunk<T, float>(e, begin, end, step, tc, &w2, &u2); break;
     }
