@@ -54,22 +54,13 @@ from setuptools.command.build_ext import build_ext  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPERATOR_DIR = os.path.join("src", "operators")
+
+# The compilers' flags (COMMON_FLAGS, ISA_FLAGS) and the CUDA kernels' nvcc build (MXLAMB_CUDA=1)
+# live in native_build.py, which the GPU tests and benchmark import where this file cannot be
+# imported (the GPU machine: Python 3.12, no MXNet).
+sys.path.insert(0, HERE)
+from native_build import COMMON_FLAGS, ISA_FLAGS, NVCC_ARCH, compile_cuda_library  # noqa: E402,F401
 DEFAULT_BUILD_MXNET = "mxnet==1.9.1"
-
-# Flags that hold on every level. -ffp-contract=off keeps the compiler from fusing a*b+c into
-# an FMA on some levels but not others, which would make results depend on the CPU.
-# -fno-math-errno lets sqrt vectorise; it changes no value. -march=x86-64 makes the baseline
-# the baseline whatever the compiler's default or CXXFLAGS say (RHEL 9's gcc defaults to
-# x86-64-v2; -march=native would put AVX-512 into the baseline kernels).
-COMMON_FLAGS = ["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-march=x86-64", "-mtune=generic",
-                "-ffp-contract=off", "-fno-math-errno", "-Wall", "-Wno-unused-function"]
-
-ISA_FLAGS = {
-    "baseline": [],
-    "avx2": ["-mavx2", "-mf16c"],
-    "avx512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mf16c",
-               "-mprefer-vector-width=512"],
-}
 
 # Compiled once (not per ISA level). lamb_op_gpu.cc, the operators' GPU forwards, only into a
 # build with the CUDA kernels (MXLAMB_CUDA=1).
@@ -87,18 +78,6 @@ GPU_SOURCES = ["lamb_op_gpu.cc"]
 COMPAT_FLAGS = ["-include", os.path.join(OPERATOR_DIR, "portability.h"),
                 "-D_GLIBCXX_USE_CXX11_ABI=0", "-fno-sized-deallocation"]
 
-# sm_90 code plus PTX for newer GPUs (the driver compiles it at load).
-NVCC_ARCH = ["-gencode", "arch=compute_90,code=sm_90", "-gencode", "arch=compute_90,code=compute_90"]
-
-
-def compile_cuda_library(output, nvcc="nvcc", extra_flags=()):
-    """The CUDA kernels with their plain C interface (lamb_cuda.h), usable without MXNet."""
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    command = [nvcc, "-O3", "-std=c++17", "-Xcompiler", "-fPIC", "-shared", "-I", OPERATOR_DIR,
-               os.path.join(OPERATOR_DIR, "lamb_cuda.cu"), "-o", output] + NVCC_ARCH
-    print(" ".join(command + list(extra_flags)))
-    subprocess.check_call(command + list(extra_flags))
-    return output
 
 
 # Run in the target interpreter: where its mxnet package is, without importing it (importing

@@ -1,12 +1,22 @@
-"""The CUDA LAMB kernels on BERT parameter sets vs PyTorch, as % of copy bandwidth.
+"""The CUDA LAMB kernels on BERT parameter sets, against PyTorch in the same run, per byte.
 
-    python benchmarks/bench_gpu.py [--models bert-base,bert-large] [--steps 20] [--json F]
+    python3 benchmarks/bench_gpu.py [--models bert-base,bert-large] [--precisions fp32,fp16]
+                                    [--steps 30] [--lib libmxlamb_cuda.so] [--json F]
 
-Needs a CUDA GPU, PyTorch and nvcc (no MXNet). Builds src/operators/lamb_cuda.cu, then times
-one LAMB step (phase 1 + norms + phase 2) with CUDA events, a PyTorch LAMB made of
-torch._foreach_* operations, and torch.optim.AdamW(fused=True), on the same parameters. The
-kernel's bytes per parameter (40 for fp32: read w, g, m, v, write m, v; read w, m, v, write w)
-divided by its time, over the device's measured copy bandwidth, is the "% of copy" column.
+Needs a CUDA GPU, PyTorch and nvcc (no MXNet): builds src/operators/lamb_cuda.cu unless --lib
+names a build. For each model and precision it times one optimizer step (CUDA events, the
+median of --steps after 3 warm-ups) of:
+
+- mxlamb's one-call step (mxlamb_cuda_step: phase 1, norms, phase 2), and the two phases as
+  two calls (what mxlamb_phase1 + mxlamb_phase2 run);
+- a PyTorch LAMB made of torch._foreach_* operations (the same update, unfused);
+- torch.optim.AdamW(fused=True) on float32: one pass over p, g, m, v, the bandwidth anchor.
+
+"GB/s" is the bytes the algorithm must move per parameter (below) times the parameter count,
+over the time; "% copy" divides that by the device's device-to-device copy bandwidth measured
+in the same run (bytes read + written over the time of a 1 GiB copy). LAMB reads every
+parameter's state twice (phase 2 needs ||u||, known only after phase 1 has seen the whole
+tensor), so it moves 40 B/param where AdamW moves 28: per byte, the two can both reach ~90%.
 """
 import argparse
 import ctypes
@@ -14,22 +24,27 @@ import json
 import os
 import statistics
 import sys
-import tempfile
 
 import torch
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cuda_interface import FLOAT16, FLOAT32, Group, LambParams, c_array, load  # noqa: E402
 from param_sets import PARAM_SETS  # noqa: E402
-from setup import compile_cuda_library  # noqa: E402
-from test_cuda import Group, TensorCoeffs, step_coeffs, tensor_coeffs  # noqa: E402
 
-BYTES_PER_PARAM = 40
+# Bytes per parameter that one step must move.
+#   fp32: phase 1 reads w, g, m, v and writes m, v (24); phase 2 reads w, m, v, writes w (16).
+#   fp16 (float32 master, float16 gradient and model weight): phase 1 reads w, g16, m, v and
+#   writes m, v (22); phase 2 reads w, m, v and writes w and w16 (18).
+LAMB_BYTES = {"fp32": 40, "fp16": 40}
+ADAMW_BYTES = 28  # fp32: reads p, g, m, v; writes p, m, v
+LR, WD, BETA1, BETA2, EPS = 1e-3, 0.01, 0.9, 0.999, 1e-6
 
 
 def cuda_time(fn, steps, warmup=3):
+    """Median seconds of fn() on the GPU, by CUDA events around each call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
@@ -47,95 +62,137 @@ def cuda_time(fn, steps, warmup=3):
 def copy_bandwidth(nbytes=1 << 30):
     a = torch.empty(nbytes // 4, device="cuda")
     b = torch.empty_like(a)
-    return 2 * nbytes / cuda_time(lambda: b.copy_(a), 20)
+    seconds = cuda_time(lambda: b.copy_(a), 20)
+    del a, b
+    return 2 * nbytes / seconds
 
 
-def mxlamb_step(lib, params, grads, means, variances, lr=1e-3, wd=0.01):
+def mxlamb_step(lib, params, grads, means, variances, model_weights, one_call):
+    """A step function over the C interface; host step counts, advanced by each call."""
     n = len(params)
-    ptrs = lambda ts: (ctypes.c_void_p * n)(*[t.data_ptr() for t in ts])  # noqa: E731
-    count = [0]
-    sumsq = torch.zeros((n, 2), dtype=torch.float64, device="cuda")
-    coeffs = (TensorCoeffs * n)(*[tensor_coeffs(1, lr, wd)] * n)
-    group = Group(num_tensors=n, weights=ptrs(params), grads=ptrs(grads), means=ptrs(means),
-                  vars=ptrs(variances), weights_lowp=None,
-                  sizes=(ctypes.c_int64 * n)(*[p.numel() for p in params]), grad_dtype=0,
-                  lowp_dtype=0, step=step_coeffs(), coeffs=coeffs)
+    ptrs = lambda ts: c_array(ctypes.c_void_p, [t.data_ptr() for t in ts])  # noqa: E731
+    counts = c_array(ctypes.c_double, [1.0] * n)
+    keep = dict(sizes=c_array(ctypes.c_int64, [p.numel() for p in params]),
+                lrs=c_array(ctypes.c_double, [LR] * n), wds=c_array(ctypes.c_double, [WD] * n),
+                dtypes=c_array(ctypes.c_int, [FLOAT16 if grads[0].dtype == torch.float16
+                                              else FLOAT32] * n))
+    group = Group(num_tensors=n, math_dtype=FLOAT32, lowp_dtype=FLOAT16,
+                  weights=ptrs(params), grads=ptrs(grads), grad_dtypes=keep["dtypes"],
+                  means=ptrs(means), vars=ptrs(variances),
+                  weights_lowp=ptrs(model_weights) if model_weights else None,
+                  sizes=keep["sizes"], lrs=keep["lrs"], wds=keep["wds"], step_counts=counts,
+                  params=LambParams(BETA1, BETA2, EPS), rescale_grad=1.0, clipnorm=-1.0,
+                  ema_momentum=0.99)
     nbytes = lib.mxlamb_cuda_workspace_bytes(ctypes.byref(group))
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
-    stream = torch.cuda.current_stream().cuda_stream
+    sumsq = torch.zeros((n, 2), dtype=torch.float64, device="cuda")
 
     def step():
-        count[0] += 1
-        coeffs[:] = [tensor_coeffs(count[0], lr, wd)] * n
-        assert lib.mxlamb_cuda_phase1(ctypes.byref(group), sumsq.data_ptr(), workspace.data_ptr(),
-                                      nbytes, stream) == 0
-        assert lib.mxlamb_cuda_phase2(ctypes.byref(group), sumsq.data_ptr(), workspace.data_ptr(),
-                                      nbytes, stream) == 0
+        stream = torch.cuda.current_stream().cuda_stream
+        for t in range(n):  # the previous step's count + 1 (before the clock's first kernel)
+            counts[t] = step.count
+        step.count += 1
+        args = (ctypes.byref(group), sumsq.data_ptr(), workspace.data_ptr(), nbytes, stream)
+        if one_call:
+            assert lib.mxlamb_cuda_step(*args) == 0
+        else:
+            assert lib.mxlamb_cuda_phase1(*args) == 0
+            assert lib.mxlamb_cuda_phase2(*args) == 0
+    step.count = 1
+    step.keep = (keep, counts, workspace)
     return step
 
 
-def foreach_lamb_step(params, grads, means, variances, lr=1e-3, wd=0.01, beta1=0.9,
-                      beta2=0.999, eps=1e-6):
+def foreach_lamb_step(params, grads, means, variances, model_weights):
+    """LAMB on torch._foreach_* operations (float16 gradients widened, model weights copied)."""
     count = [0]
 
     def step():
         count[0] += 1
-        c1, c2 = 1 - beta1 ** count[0], 1 - beta2 ** count[0]
-        torch._foreach_mul_(means, beta1)
-        torch._foreach_add_(means, grads, alpha=1 - beta1)
-        torch._foreach_mul_(variances, beta2)
-        torch._foreach_addcmul_(variances, grads, grads, value=1 - beta2)
+        c1, c2 = 1 - BETA1 ** count[0], 1 - BETA2 ** count[0]
+        g = grads if grads[0].dtype == torch.float32 else [x.float() for x in grads]
+        torch._foreach_mul_(means, BETA1)
+        torch._foreach_add_(means, g, alpha=1 - BETA1)
+        torch._foreach_mul_(variances, BETA2)
+        torch._foreach_addcmul_(variances, g, g, value=1 - BETA2)
         denom = torch._foreach_sqrt(torch._foreach_div(variances, c2))
-        torch._foreach_add_(denom, eps)
+        torch._foreach_add_(denom, EPS)
         update = torch._foreach_div(torch._foreach_div(means, c1), denom)
-        torch._foreach_add_(update, params, alpha=wd)
+        torch._foreach_add_(update, params, alpha=WD)
         r1 = torch.stack(torch._foreach_norm(params))
         r2 = torch.stack(torch._foreach_norm(update))
         ratio = torch.where((r1 > 0) & (r2 > 0), r1 / r2, torch.ones_like(r1))
-        torch._foreach_mul_(update, list((-lr * ratio).unbind()))
+        torch._foreach_mul_(update, list((-LR * ratio).unbind()))
         torch._foreach_add_(params, update)
+        if model_weights:
+            torch._foreach_copy_(model_weights, params)
     return step
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="bert-base,bert-large")
-    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--precisions", default="fp32,fp16")
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--lib", help="a built libmxlamb_cuda.so (default: build one)")
     parser.add_argument("--json")
     args = parser.parse_args()
-    lib = ctypes.CDLL(compile_cuda_library(os.path.join(tempfile.mkdtemp(), "libmxlamb_cuda.so")))
-    lib.mxlamb_cuda_workspace_bytes.restype = ctypes.c_size_t
-    for fn in (lib.mxlamb_cuda_phase1, lib.mxlamb_cuda_phase2):
-        fn.argtypes = [ctypes.POINTER(Group), ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t,
-                       ctypes.c_void_p]
+    lib = load(args.lib)
     bandwidth = copy_bandwidth()
     device = torch.cuda.get_device_name()
-    print("device: %s, copy bandwidth %.0f GB/s" % (device, bandwidth / 1e9))
+    print("device: %s, copy bandwidth %.0f GB/s (read + write)" % (device, bandwidth / 1e9))
+    print("%-10s %-5s %-26s %10s %8s %7s %9s" % ("model", "prec", "case", "ms/step", "GB/s",
+                                                 "% copy", "B/param"))
     results = []
+
+    def report(model, precision, case, fn, numel, bytes_per_param):
+        seconds = cuda_time(fn, args.steps)
+        rate = bytes_per_param * numel / seconds
+        results.append({"model": model, "precision": precision, "case": case,
+                        "seconds": seconds, "params": numel, "bytes_per_param": bytes_per_param,
+                        "bytes_per_second": rate, "fraction_of_copy_bandwidth": rate / bandwidth})
+        print("%-10s %-5s %-26s %10.3f %8.0f %6.1f%% %9d" % (model, precision, case,
+                                                             seconds * 1e3, rate / 1e9,
+                                                             100 * rate / bandwidth,
+                                                             bytes_per_param), flush=True)
+
     for model in args.models.split(","):
         shapes = PARAM_SETS[model]()
-        make = lambda: [torch.randn(s, device="cuda") for s in shapes]  # noqa: E731
-        params, grads = make(), make()
-        numel = sum(p.numel() for p in params)
-        zeros = lambda: [torch.zeros_like(p) for p in params]  # noqa: E731
-        cases = [("mxlamb CUDA LAMB", mxlamb_step(lib, params, grads, zeros(), zeros())),
-                 ("torch _foreach LAMB", foreach_lamb_step(params, grads, zeros(), zeros()))]
-        adam_params = [torch.nn.Parameter(p.clone()) for p in params]
-        for p, g in zip(adam_params, grads):
-            p.grad = g
-        adamw = torch.optim.AdamW(adam_params, lr=1e-3, fused=True)
-        cases.append(("torch AdamW(fused=True)", adamw.step))
-        for name, fn in cases:
-            seconds = cuda_time(fn, args.steps)
-            share = BYTES_PER_PARAM * numel / seconds / bandwidth
-            results.append({"model": model, "case": name, "seconds": seconds,
-                            "params": numel, "fraction_of_copy_bandwidth": share})
-            print("%-11s %-26s %9.3f ms  %5.1f%% of copy bandwidth at %d B/param"
-                  % (model, name, seconds * 1e3, 100 * share, BYTES_PER_PARAM))
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        for precision in args.precisions.split(","):
+            gen = torch.Generator(device="cuda").manual_seed(0)
+            params = [torch.randn(s, device="cuda", generator=gen) * 0.05 for s in shapes]
+            grad_dtype = torch.float16 if precision == "fp16" else torch.float32
+            grads = [(torch.randn(s, device="cuda", generator=gen) * 1e-3).to(grad_dtype)
+                     for s in shapes]
+            model_weights = [p.half() for p in params] if precision == "fp16" else None
+            for case, one_call in (("mxlamb step (one call)", True),
+                                   ("mxlamb phase1 + phase2", False)):
+                state = ([torch.zeros_like(p) for p in params],
+                         [torch.zeros_like(p) for p in params])
+                report(model, precision, case,
+                       mxlamb_step(lib, params, grads, state[0], state[1], model_weights,
+                                   one_call), numel, LAMB_BYTES[precision])
+                del state
+            state = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
+            report(model, precision, "torch _foreach LAMB",
+                   foreach_lamb_step(params, grads, state[0], state[1], model_weights), numel,
+                   LAMB_BYTES[precision])
+            del state
+            if precision == "fp32":
+                adam_params = [torch.nn.Parameter(p.clone()) for p in params]
+                for p, g in zip(adam_params, grads):
+                    p.grad = g
+                adamw = torch.optim.AdamW(adam_params, lr=LR, weight_decay=WD, fused=True)
+                report(model, precision, "torch AdamW(fused=True)", adamw.step, numel,
+                       ADAMW_BYTES)
+                del adamw, adam_params
+            del params, grads, model_weights
+            torch.cuda.empty_cache()
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"device": device, "copy_bandwidth": bandwidth, "results": results}, f,
-                      indent=2)
+            json.dump({"device": device, "copy_bandwidth": bandwidth, "torch": torch.__version__,
+                       "results": results}, f, indent=2)
 
 
 if __name__ == "__main__":

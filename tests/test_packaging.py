@@ -106,7 +106,8 @@ def test_the_sdist_carries_its_build_and_tests_and_the_wheel_its_metadata(dist):
     sdist, wheel = dist
     with tarfile.open(sdist) as tar:
         names = {n.split("/", 1)[1] for n in tar.getnames() if "/" in n}
-    needed = {"setup.py", "setup.cfg", "pyproject.toml", "build_backend.py", "MANIFEST.in",
+    needed = {"setup.py", "setup.cfg", "pyproject.toml", "build_backend.py", "native_build.py",
+              "MANIFEST.in",
               "LICENSE", "CHANGELOG.md", "README.md", "Makefile", "pytest.ini",
               "requirements.txt", "requirements-mxnet2.txt", "tests/conftest.py",
               "tests/reference.py", "tests/dist_job.py", "tests/smoke_step.py",

@@ -1,19 +1,37 @@
 // Multi-tensor LAMB kernels for CUDA (interface: lamb_cuda.h).
 //
-// The engine follows Apex's multi-tensor apply: every tensor of the group is cut into chunks of
-// kChunk elements and one thread block takes one chunk, so a large embedding is spread over
-// many blocks. Unlike Apex, the tensor and chunk tables are not packed into the kernel's
-// argument space: they are written to the caller's device workspace (through a pinned staging
-// ring, so the copy never waits for the stream), and indices are 64-bit.
+// The engine, which knows nothing of LAMB: every tensor of a group is cut into chunks of
+// kChunk elements; a grid sized to the device (as many blocks as stay resident on its SMs)
+// loops over all chunks of all tensors, so one launch per phase serves any number of tensors
+// and a large embedding is spread over many blocks. A block finds its chunk's tensor by binary
+// search in the tensors' first-chunk table. Within a chunk, thread i takes elements 4i..4i+3 of
+// every 4 * kBlock: with 16-byte vector loads and stores where all of the tensor's arrays are
+// aligned (Apex's ILP idea), with scalar ones otherwise and in the tail, in the same order
+// either way.
 //
-// The arithmetic is lamb_math.h's, the same per-element functions as the CPU kernels, on
-// coefficients the caller made with lamb_math.h as the CPU does. Reductions are deterministic: each block reduces its chunk in a fixed tree, and the per-tensor norm adds the
-// chunk partials in chunk order. No float atomics.
+// Tables: the host packs each tensor's pointers and host values into TensorEntry records and
+// sends them as kernel arguments of a small upload kernel (in batches that fit the 4 KiB
+// argument space), which writes them to the caller's workspace. Nothing is copied from host
+// memory and nothing waits for the device, so a whole step can be captured in a CUDA graph.
+//
+// The arithmetic is lamb_math.h's, the same functions as the CPU kernels', and the coefficients
+// are made by lamb_math.h's tensor_coeffs and gradient_scale, on the device (coeffs_kernel),
+// because device step counts and gradient statistics are device state.
+//
+// Reductions are deterministic and independent of the grid size: a chunk's partial sum is a
+// fixed tree over its threads (each summing its elements in order, in double), and a tensor's
+// sum adds its chunk partials in chunk order. No float atomics.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <mutex>
+#include <math_constants.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdlib>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "lamb_cuda.h"
@@ -24,284 +42,722 @@ namespace cuda {
 namespace {
 
 constexpr int kBlock = 256;
-constexpr int64_t kChunk = int64_t{1} << 16;
+constexpr int kVec = 4;  // elements per thread and step: 16 bytes of float32
+// 16,384 elements: small enough that the last round of chunks leaves few SMs idle (BERT-base
+// is 13 rounds of a full H100 grid), large enough that a chunk's reduction costs nothing.
+constexpr int64_t kChunk = int64_t{1} << 14;
 
+// ------------------------------------------------------------------------------ the tables
+
+enum EntryFlags : int { kAligned = 1, kAdaptation = 2, kLastOfSlot = 4 };
+
+// One tensor, as the kernels see it.
 struct TensorEntry {
-  float* weight;
+  void* weight;
+  void* weight_out;
   const void* grad;
-  float* mean;
-  float* var;
-  void* weight_lowp;
+  void* mean;
+  void* var;
+  void* vmax;
+  void* average;
+  void* lowp;
   int64_t n;
-  TensorCoeffs<float> coeffs;
+  int64_t first_chunk;
+  double lr, wd, step_count;
+  int64_t count_slot, stat_row;
+  int grad_dtype;
+  int flags;
+  int slot_rank;  // how many tensors before this one share its count slot (normally 0)
 };
 
-struct ChunkEntry {
-  int64_t tensor;
-  int64_t begin;
+// Records per upload launch: the batch must fit the 4 KiB kernel-argument space that every
+// CUDA driver accepts.
+constexpr int kUploadBatch = (4096 - 64) / sizeof(TensorEntry);
+struct UploadBatch {
+  TensorEntry entries[kUploadBatch];
+  int first;
+  int count;
 };
-
-// Workspace layout: [tensors][chunks][first_chunk (N + 1)][partials (2 per chunk)].
-struct Layout {
-  size_t tensors, chunks, first_chunk, partials, total;
-  int64_t num_chunks;
-};
+static_assert(sizeof(UploadBatch) <= 4000, "kernel arguments over 4 KiB");
 
 size_t align_up(size_t x) { return (x + 255) & ~size_t{255}; }
 
-Layout layout_of(const MxlambCudaGroup& g) {
+__host__ __device__ int64_t chunks_of(int64_t n) { return (n + kChunk - 1) / kChunk; }
+
+// Workspace: [TensorEntry N][first_chunk N][TensorCoeffs N][partials 2/chunk].
+struct Layout {
+  size_t entries, first_chunk, coeffs, partials, total;
+  int64_t num_chunks;
+};
+
+Layout layout_of(int n, const int64_t* sizes) {
   Layout l{};
   l.num_chunks = 0;
-  for (int t = 0; t < g.num_tensors; ++t) l.num_chunks += (g.sizes[t] + kChunk - 1) / kChunk;
-  l.tensors = 0;
-  l.chunks = align_up(sizeof(TensorEntry) * g.num_tensors);
-  l.first_chunk = l.chunks + align_up(sizeof(ChunkEntry) * l.num_chunks);
-  l.partials = l.first_chunk + align_up(sizeof(int64_t) * (g.num_tensors + 1));
+  for (int t = 0; t < n && sizes != nullptr; ++t) l.num_chunks += chunks_of(sizes[t]);
+  l.entries = 0;
+  l.first_chunk = align_up(sizeof(TensorEntry) * n);
+  l.coeffs = l.first_chunk + align_up(sizeof(int64_t) * n);
+  l.partials = l.coeffs + align_up(sizeof(TensorCoeffs<double>) * n);
   l.total = l.partials + align_up(sizeof(double) * 2 * l.num_chunks);
   return l;
 }
 
-// Storage types: loads widen to float, stores round to nearest even.
-__device__ __forceinline__ float load(const float* p, int64_t i) { return p[i]; }
-__device__ __forceinline__ float load(const __half* p, int64_t i) { return __half2float(p[i]); }
-__device__ __forceinline__ float load(const __nv_bfloat16* p, int64_t i) {
-  return __bfloat162float(p[i]);
-}
-__device__ __forceinline__ void store(float* p, int64_t i, float x) { p[i] = x; }
-__device__ __forceinline__ void store(__half* p, int64_t i, float x) { p[i] = __float2half_rn(x); }
-__device__ __forceinline__ void store(__nv_bfloat16* p, int64_t i, float x) {
-  p[i] = __float2bfloat16_rn(x);
+__global__ void upload_kernel(UploadBatch batch, TensorEntry* table, int64_t* first_chunk) {
+  for (int i = threadIdx.x; i < batch.count; i += blockDim.x) {
+    table[batch.first + i] = batch.entries[i];
+    first_chunk[batch.first + i] = batch.entries[i].first_chunk;
+  }
 }
 
-// Sum over the block in a fixed tree order (deterministic).
-__device__ double block_sum(double value, double* shared) {
-  shared[threadIdx.x] = value;
-  __syncthreads();
-  for (int width = kBlock / 2; width > 0; width >>= 1) {
-    if (threadIdx.x < width) shared[threadIdx.x] += shared[threadIdx.x + width];
-    __syncthreads();
+// Sends the n records that entry(t, &record) fills to the workspace's table.
+template <typename EntryFn>
+cudaError_t upload(int n, EntryFn&& entry, const Layout& l, char* ws, cudaStream_t stream) {
+  UploadBatch batch;
+  for (int first = 0; first < n; first += kUploadBatch) {
+    batch.first = first;
+    batch.count = n - first < kUploadBatch ? n - first : kUploadBatch;
+    for (int i = 0; i < batch.count; ++i) entry(first + i, &batch.entries[i]);
+    upload_kernel<<<1, 128, 0, stream>>>(batch, reinterpret_cast<TensorEntry*>(ws + l.entries),
+                                         reinterpret_cast<int64_t*>(ws + l.first_chunk));
+    if (cudaError_t err = cudaGetLastError()) return err;
   }
-  const double sum = shared[0];
-  __syncthreads();
-  return sum;
+  return cudaSuccess;
 }
 
-template <typename GradT>
-__global__ void __launch_bounds__(kBlock)
-    phase1_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, StepCoeffs<float> step,
-                  double* partials) {
-  __shared__ double shared[kBlock];
-  const ChunkEntry c = chunks[blockIdx.x];
-  const TensorEntry t = tensors[c.tensor];
-  const GradT* grad = static_cast<const GradT*>(t.grad);
-  const int64_t end = c.begin + kChunk < t.n ? c.begin + kChunk : t.n;
-  double weight_sumsq = 0.0, update_sumsq = 0.0;
-  for (int64_t i = c.begin + threadIdx.x; i < end; i += kBlock) {
-    const float w = t.weight[i];
-    const float u = phase1_element(w, load(grad, i), &t.mean[i], &t.var[i], step, t.coeffs);
-    weight_sumsq += static_cast<double>(w) * w;
-    update_sumsq += static_cast<double>(u) * u;
+int dtype_bytes(int dtype) {
+  return dtype == MXLAMB_FLOAT64 ? 8 : dtype == MXLAMB_FLOAT32 ? 4 : 2;
+}
+
+bool vector_aligned(const void* p, int elem_bytes) {
+  return p == nullptr || reinterpret_cast<uintptr_t>(p) % (kVec * elem_bytes) == 0;
+}
+
+// ------------------------------------------------------------------------- the grid
+
+// The grid of a chunk loop: as many blocks as can be resident at once (the kernel's occupancy,
+// queried once per kernel, times the device's SM count, queried once per device), or fewer
+// where there are fewer chunks. The results never depend on it.
+int sm_count() {
+  static std::atomic<int> cached[64];
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) return 1;
+  int sms = cached[device].load(std::memory_order_relaxed);
+  if (sms == 0) {
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device) != cudaSuccess ||
+        sms <= 0) {
+      return 1;
+    }
+    cached[device].store(sms, std::memory_order_relaxed);
   }
-  weight_sumsq = block_sum(weight_sumsq, shared);
-  update_sumsq = block_sum(update_sumsq, shared);
+  return sms;
+}
+
+// One cache per kernel type (each chunk kernel has a signature of its own).
+template <typename Kernel>
+int grid_for(Kernel* kernel, int64_t num_chunks) {
+  static std::atomic<int> resident{0};
+  int per_sm = resident.load(std::memory_order_relaxed);
+  if (per_sm == 0) {
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kBlock, 0) !=
+            cudaSuccess ||
+        per_sm <= 0) {
+      per_sm = 1;
+    }
+    resident.store(per_sm, std::memory_order_relaxed);
+  }
+  int64_t most = int64_t{per_sm} * sm_count();
+  // MXLAMB_CUDA_MAX_BLOCKS caps the grid: the tests run with 1 and 7 blocks to show that the
+  // results do not depend on it.
+  if (const char* cap = std::getenv("MXLAMB_CUDA_MAX_BLOCKS")) {
+    const long blocks = std::strtol(cap, nullptr, 10);
+    if (blocks > 0 && blocks < most) most = blocks;
+  }
+  return static_cast<int>(num_chunks < most ? num_chunks : most);
+}
+
+// The tensor that chunk c belongs to: the last t with first_chunk[t] <= c (empty tensors
+// share their successor's first chunk and are passed over).
+__device__ int tensor_of(const int64_t* first_chunk, int n, int64_t c) {
+  int lo = 0, hi = n - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (first_chunk[mid] <= c) lo = mid; else hi = mid - 1;
+  }
+  return lo;
+}
+
+// ------------------------------------------------------------------- loads and stores
+
+__device__ __forceinline__ float widen(float x) { return x; }
+__device__ __forceinline__ double widen(double x) { return x; }
+__device__ __forceinline__ float widen(__half x) { return __half2float(x); }
+__device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <typename E> __device__ __forceinline__ E narrow(float x);
+template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+template <typename E>
+struct alignas(kVec * sizeof(E)) Pack {
+  E v[kVec];
+};
+
+// Elements i..i+count-1 (count <= kVec) of p into x: one vector load when `vector`.
+template <typename T, typename E>
+__device__ __forceinline__ void load(const E* p, int64_t i, int count, bool vector, T (&x)[kVec]) {
+  if (vector) {
+    const Pack<E> pack = *reinterpret_cast<const Pack<E>*>(p + i);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) x[k] = static_cast<T>(widen(pack.v[k]));
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) x[k] = k < count ? static_cast<T>(widen(p[i + k])) : T(0);
+  }
+}
+
+template <typename E, typename T>
+__device__ __forceinline__ void store(E* p, int64_t i, int count, bool vector, const T (&x)[kVec]) {
+  if (vector) {
+    Pack<E> pack;
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) pack.v[k] = x[k];
+    *reinterpret_cast<Pack<E>*>(p + i) = pack;
+  } else {
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) if (k < count) p[i + k] = x[k];
+  }
+}
+
+template <typename E>
+__device__ __forceinline__ void store_rounded(E* p, int64_t i, int count, bool vector,
+                                              const float (&x)[kVec]) {
+  E y[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) y[k] = narrow<E>(x[k]);
+  store(p, i, count, vector, y);
+}
+
+// The elements of chunk [begin, end) of thread threadIdx.x, kVec at a time: fn(i, count, vector).
+template <typename Fn>
+__device__ __forceinline__ void for_each_pack(int64_t begin, int64_t end, bool aligned, Fn&& fn) {
+  for (int64_t i = begin + kVec * threadIdx.x; i < end; i += kVec * kBlock) {
+    const int count = end - i < kVec ? static_cast<int>(end - i) : kVec;
+    fn(i, count, aligned && count == kVec);
+  }
+}
+
+// Two sums over the block in a fixed tree (warp shuffles, then the warps' sums in order).
+__device__ void block_sum2(double* a, double* b) {
+  __shared__ double shared[2][kBlock / 32];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    *a += __shfl_down_sync(0xffffffffu, *a, offset);
+    *b += __shfl_down_sync(0xffffffffu, *b, offset);
+  }
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  if (lane == 0) {
+    shared[0][warp] = *a;
+    shared[1][warp] = *b;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
-    partials[2 * blockIdx.x] = weight_sumsq;
-    partials[2 * blockIdx.x + 1] = update_sumsq;
+    double x = 0.0, y = 0.0;
+    for (int w = 0; w < kBlock / 32; ++w) {
+      x += shared[0][w];
+      y += shared[1][w];
+    }
+    *a = x;
+    *b = y;
+  }
+  __syncthreads();  // shared is reused by the block's next chunk
+}
+
+__device__ __forceinline__ bool skipped(const double* control) {
+  return control != nullptr && control[kControlApply] == 0.0;
+}
+
+// ------------------------------------------------------------------ per-tensor coefficients
+
+// What phase 1 and phase 2 need besides the group's hyper-parameters.
+struct CoeffsArgs {
+  LambParams params;
+  double rescale_grad;
+  double clipnorm;
+  const double* control;
+  const double* grad_sumsq;
+  double* counts;
+  bool count_step;  // phase 1 (and the one-call step): an applied step adds 1 to counts
+};
+
+// One block, a thread per tensor: the step count (the host's, or the device count plus one for
+// an applied phase 1) and lamb_math.h's coefficients. Tensors sharing a count slot are counted
+// in tensor order, as the CPU does: the k-th of them gets count + k + 1 and the last writes the
+// slot, after every thread has read it.
+template <typename T>
+__global__ void coeffs_kernel(const TensorEntry* table, int n, CoeffsArgs a,
+                              TensorCoeffs<T>* coeffs) {
+  if (a.count_step && skipped(a.control)) return;  // phase 1 of a skipped step: nothing at all
+  const bool advance = a.count_step && a.counts != nullptr;
+  const double multiplier = a.control != nullptr ? a.control[kControlMultiplier] : a.rescale_grad;
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    const TensorEntry& e = table[t];
+    double count = e.step_count;
+    if (a.counts != nullptr) count = a.counts[e.count_slot] + (advance ? e.slot_rank + 1.0 : 0.0);
+    const double scale =
+        a.grad_sumsq != nullptr ? gradient_scale(multiplier, a.grad_sumsq[e.stat_row], a.clipnorm)
+                                : multiplier;
+    coeffs[t] = tensor_coeffs<T>(a.params, count, e.lr, e.wd, scale);
+  }
+  if (!advance) return;
+  __syncthreads();
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    const TensorEntry& e = table[t];
+    if (e.flags & kLastOfSlot) a.counts[e.count_slot] += e.slot_rank + 1.0;
   }
 }
 
-// Per-tensor norms: the chunk partials of each tensor added in chunk order.
-__global__ void norms_kernel(const int64_t* first_chunk, const double* partials, double* sumsq,
-                             int num_tensors) {
+// ---------------------------------------------------------------------------------- phase 1
+
+struct ChunkArgs {
+  const TensorEntry* table;
+  const int64_t* first_chunk;
+  int num_tensors;
+  int64_t num_chunks;
+  const double* control;
+  double* partials;
+};
+
+template <typename T, typename G>
+__device__ __forceinline__ void phase1_chunk(const TensorEntry& e, int64_t begin, int64_t end,
+                                             const StepCoeffs<T>& s, const TensorCoeffs<T>& c,
+                                             double* weight_sumsq, double* update_sumsq) {
+  const T* weight = static_cast<const T*>(e.weight);
+  const G* grad = static_cast<const G*>(e.grad);
+  T* mean = static_cast<T*>(e.mean);
+  T* var = static_cast<T*>(e.var);
+  T* vmax = static_cast<T*>(e.vmax);
+  for_each_pack(begin, end, e.flags & kAligned, [&](int64_t i, int count, bool vector) {
+    T w[kVec], g[kVec], m[kVec], v[kVec], vm[kVec], u[kVec];
+    load(weight, i, count, vector, w);
+    load(grad, i, count, vector, g);
+    load(mean, i, count, vector, m);
+    load(var, i, count, vector, v);
+    if (vmax != nullptr) load(vmax, i, count, vector, vm);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      u[k] = vmax != nullptr ? phase1_element(w[k], g[k], &m[k], &v[k], &vm[k], s, c)
+                             : phase1_element(w[k], g[k], &m[k], &v[k], s, c);
+      if (k < count) {
+        *weight_sumsq += static_cast<double>(w[k]) * w[k];
+        *update_sumsq += static_cast<double>(u[k]) * u[k];
+      }
+    }
+    store(mean, i, count, vector, m);
+    store(var, i, count, vector, v);
+    if (vmax != nullptr) store(vmax, i, count, vector, vm);
+  });
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBlock)
+    phase1_kernel(ChunkArgs a, StepCoeffs<T> step, const TensorCoeffs<T>* coeffs) {
+  if (skipped(a.control)) return;
+  for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
+    const int t = tensor_of(a.first_chunk, a.num_tensors, c);
+    const TensorEntry e = a.table[t];  // a copy: the stores below cannot alias it
+    const TensorCoeffs<T> tc = coeffs[t];
+    const int64_t begin = (c - e.first_chunk) * kChunk;
+    const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
+    double w2 = 0.0, u2 = 0.0;
+    switch (e.grad_dtype) {
+      case MXLAMB_FLOAT16: phase1_chunk<T, __half>(e, begin, end, step, tc, &w2, &u2); break;
+      case MXLAMB_BFLOAT16:
+        phase1_chunk<T, __nv_bfloat16>(e, begin, end, step, tc, &w2, &u2);
+        break;
+      case MXLAMB_FLOAT64: phase1_chunk<T, double>(e, begin, end, step, tc, &w2, &u2); break;
+      default: phase1_chunk<T, float>(e, begin, end, step, tc, &w2, &u2); break;
+    }
+    block_sum2(&w2, &u2);
+    if (threadIdx.x == 0) {
+      a.partials[2 * c] = w2;
+      a.partials[2 * c + 1] = u2;
+    }
+  }
+}
+
+// Per-tensor norms: the chunk partials of each tensor added in chunk order (NaN: skipped).
+__global__ void norms_kernel(const TensorEntry* table, int n, const double* control,
+                             const double* partials, double* sumsq) {
   const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= num_tensors) return;
+  if (t >= n) return;
   double w = 0.0, u = 0.0;
-  for (int64_t c = first_chunk[t]; c < first_chunk[t + 1]; ++c) {
-    w += partials[2 * c];
-    u += partials[2 * c + 1];
+  if (skipped(control)) {
+    w = u = CUDART_NAN;
+  } else {
+    const int64_t first = table[t].first_chunk, last = first + chunks_of(table[t].n);
+    for (int64_t c = first; c < last; ++c) {
+      w += partials[2 * c];
+      u += partials[2 * c + 1];
+    }
   }
   sumsq[2 * t] = w;
   sumsq[2 * t + 1] = u;
 }
 
-template <typename LowT>
+// ---------------------------------------------------------------------------------- phase 2
+
+template <typename T, typename L>
+__device__ __forceinline__ void phase2_chunk(const TensorEntry& e, int64_t begin, int64_t end,
+                                             const TensorCoeffs<T>& c, T step,
+                                             const EmaCoeffs<T>& ema) {
+  const T* weight = static_cast<const T*>(e.weight);
+  T* weight_out = static_cast<T*>(e.weight_out);
+  const T* mean = static_cast<const T*>(e.mean);
+  // Under AMSGrad u is made from the running max, as in phase 1.
+  const T* var = static_cast<const T*>(e.vmax != nullptr ? e.vmax : e.var);
+  T* average = static_cast<T*>(e.average);
+  L* lowp = static_cast<L*>(e.lowp);
+  for_each_pack(begin, end, e.flags & kAligned, [&](int64_t i, int count, bool vector) {
+    T w[kVec], m[kVec], v[kVec], avg[kVec];
+    load(weight, i, count, vector, w);
+    load(mean, i, count, vector, m);
+    load(var, i, count, vector, v);
+    if (average != nullptr) load(average, i, count, vector, avg);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) {
+      w[k] = phase2_element(w[k], m[k], v[k], c, step);
+      if (average != nullptr) avg[k] = moving_average(avg[k], w[k], ema);
+    }
+    store(weight_out, i, count, vector, w);
+    if (average != nullptr) store(average, i, count, vector, avg);
+    if constexpr (!std::is_same<L, void>::value) {
+      float f[kVec];
+#pragma unroll
+      for (int k = 0; k < kVec; ++k) f[k] = static_cast<float>(w[k]);
+      if (lowp != nullptr) store_rounded(lowp, i, count, vector, f);
+    }
+  });
+}
+
+template <typename T>
 __global__ void __launch_bounds__(kBlock)
-    phase2_kernel(const TensorEntry* tensors, const ChunkEntry* chunks, StepCoeffs<float> step,
-                  const double* sumsq) {
-  const ChunkEntry c = chunks[blockIdx.x];
-  const TensorEntry t = tensors[c.tensor];
-  const float step_size =
-      mxlamb::step_size(step, t.coeffs, sumsq[2 * c.tensor], sumsq[2 * c.tensor + 1], true);
-  LowT* lowp = static_cast<LowT*>(t.weight_lowp);
-  const int64_t end = c.begin + kChunk < t.n ? c.begin + kChunk : t.n;
-  for (int64_t i = c.begin + threadIdx.x; i < end; i += kBlock) {
-    const float updated = phase2_element(t.weight[i], t.mean[i], t.var[i], t.coeffs, step_size);
-    t.weight[i] = updated;
-    if (lowp != nullptr) store(lowp, i, updated);
+    phase2_kernel(ChunkArgs a, StepCoeffs<T> step, const TensorCoeffs<T>* coeffs,
+                  const double* sumsq, EmaCoeffs<T> ema, int lowp_dtype) {
+  if (skipped(a.control)) return;
+  for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
+    const int t = tensor_of(a.first_chunk, a.num_tensors, c);
+    const TensorEntry e = a.table[t];  // a copy: the stores below cannot alias it
+    const TensorCoeffs<T> tc = coeffs[t];
+    const T size = step_size(step, tc, sumsq[2 * t], sumsq[2 * t + 1], e.flags & kAdaptation);
+    const int64_t begin = (c - e.first_chunk) * kChunk;
+    const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
+    if (e.lowp == nullptr) {
+      phase2_chunk<T, void>(e, begin, end, tc, size, ema);
+    } else if (lowp_dtype == MXLAMB_BFLOAT16) {
+      phase2_chunk<T, __nv_bfloat16>(e, begin, end, tc, size, ema);
+    } else {
+      phase2_chunk<T, __half>(e, begin, end, tc, size, ema);
+    }
   }
 }
 
-// Pinned staging buffers for the table copies. A copy from pageable memory would make
-// cudaMemcpyAsync wait for the stream; from pinned memory it does not. A slot is reused only
-// after the copy that last read it has completed (its event), normally long before.
-class StagingRing {
- public:
-  static constexpr int kSlots = 32;
+__global__ void trust_ratio_kernel(const TensorEntry* table, int n, double lower, double upper,
+                                   const double* sumsq, double* ratios) {
+  const int t = blockIdx.x * blockDim.x + threadIdx.x;
+  if (t >= n) return;
+  const double w = sumsq[2 * t], u = sumsq[2 * t + 1];
+  ratios[t] = w != w                              ? w  // a skipped step's NaN
+              : (table[t].flags & kAdaptation) != 0 ? trust_ratio(w, u, lower, upper)
+                                                    : 1.0;
+}
 
-  // Returns a pinned buffer of at least `bytes`, or nullptr (err set).
-  char* acquire(size_t bytes, int* slot_out, cudaError_t* err) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    const int slot = next_++ % kSlots;
-    Slot& s = slots_[slot];
-    *err = cudaSuccess;
-    if (s.event != nullptr) *err = cudaEventSynchronize(s.event);
-    if (*err == cudaSuccess && s.capacity < bytes) {
-      if (s.data != nullptr) cudaFreeHost(s.data);
-      s.data = nullptr;
-      s.capacity = 0;
-      *err = cudaHostAlloc(reinterpret_cast<void**>(&s.data), bytes, cudaHostAllocDefault);
-      if (*err == cudaSuccess) s.capacity = bytes;
+// ------------------------------------------------------------------------- grad statistics
+
+template <typename G>
+__device__ __forceinline__ double grad_chunk_sumsq(const TensorEntry& e, int64_t begin,
+                                                   int64_t end) {
+  const G* grad = static_cast<const G*>(e.grad);
+  double sum = 0.0;
+  for_each_pack(begin, end, e.flags & kAligned, [&](int64_t i, int count, bool vector) {
+    double g[kVec];
+    load(grad, i, count, vector, g);
+#pragma unroll
+    for (int k = 0; k < kVec; ++k) sum += g[k] * g[k];  // the padding is 0
+  });
+  return sum;
+}
+
+__global__ void __launch_bounds__(kBlock) grad_sumsq_kernel(ChunkArgs a) {
+  for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
+    const int t = tensor_of(a.first_chunk, a.num_tensors, c);
+    const TensorEntry e = a.table[t];  // a copy: the stores below cannot alias it
+    const int64_t begin = (c - e.first_chunk) * kChunk;
+    const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
+    double sum = 0.0, unused = 0.0;
+    switch (e.grad_dtype) {
+      case MXLAMB_FLOAT16: sum = grad_chunk_sumsq<__half>(e, begin, end); break;
+      case MXLAMB_BFLOAT16: sum = grad_chunk_sumsq<__nv_bfloat16>(e, begin, end); break;
+      case MXLAMB_FLOAT64: sum = grad_chunk_sumsq<double>(e, begin, end); break;
+      default: sum = grad_chunk_sumsq<float>(e, begin, end); break;
     }
-    if (*err == cudaSuccess && s.event == nullptr) {
-      *err = cudaEventCreateWithFlags(&s.event, cudaEventDisableTiming);
+    block_sum2(&sum, &unused);
+    if (threadIdx.x == 0) a.partials[2 * c] = sum;
+  }
+}
+
+// One block: each gradient's sum from its chunks in order, the total in tensor order (as the
+// CPU adds them), then control and step_state by the CPU's own function.
+__global__ void grad_stats_kernel(const TensorEntry* table, int n, const double* partials,
+                                  GradStatsParams p, double* grad_sumsq, double* control,
+                                  double* step_state) {
+  for (int t = threadIdx.x; t < n; t += blockDim.x) {
+    double sum = 0.0;
+    const int64_t first = table[t].first_chunk, last = first + chunks_of(table[t].n);
+    for (int64_t c = first; c < last; ++c) sum += partials[2 * c];
+    grad_sumsq[t] = sum;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0.0;
+    for (int t = 0; t < n; ++t) total += grad_sumsq[t];
+    grad_stats_control(p, total, control, step_state);
+  }
+}
+
+// ------------------------------------------------------------------------- the host side
+
+ChunkArgs chunk_args(const Layout& l, char* ws, int n, const double* control) {
+  return ChunkArgs{reinterpret_cast<const TensorEntry*>(ws + l.entries),
+                   reinterpret_cast<const int64_t*>(ws + l.first_chunk), n, l.num_chunks,
+                   control, reinterpret_cast<double*>(ws + l.partials)};
+}
+
+// Each tensor's rank among the tensors sharing its count slot, and whether it is their last
+// (slots are normally distinct: all ranks 0, all last).
+void slot_ranks(const MxlambCudaGroup& g, std::vector<int>* rank, std::vector<bool>* last) {
+  const int n = g.num_tensors;
+  rank->assign(n, 0);
+  last->assign(n, true);
+  if (g.counts == nullptr || g.count_slots == nullptr) return;
+  std::vector<std::pair<int64_t, int>> by_slot(n);
+  for (int t = 0; t < n; ++t) by_slot[t] = {g.count_slots[t], t};
+  std::sort(by_slot.begin(), by_slot.end());
+  for (int i = 1; i < n; ++i) {
+    if (by_slot[i].first == by_slot[i - 1].first) {
+      (*rank)[by_slot[i].second] = (*rank)[by_slot[i - 1].second] + 1;
+      (*last)[by_slot[i - 1].second] = false;
     }
-    *slot_out = slot;
-    return *err == cudaSuccess ? s.data : nullptr;
   }
+}
 
-  cudaError_t release(int slot, cudaStream_t stream) {
-    std::lock_guard<std::mutex> lock(mutex_);
-    return cudaEventRecord(slots_[slot].event, stream);
-  }
-
-  ~StagingRing() {
-    for (Slot& s : slots_) {
-      if (s.event != nullptr) cudaEventDestroy(s.event);
-      if (s.data != nullptr) cudaFreeHost(s.data);
-    }
-  }
-
- private:
-  struct Slot {
-    char* data = nullptr;
-    size_t capacity = 0;
-    cudaEvent_t event = nullptr;
+// The group's tables in the workspace.
+cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
+                         cudaStream_t stream) {
+  const int math_bytes = g.math_dtype == MXLAMB_FLOAT64 ? 8 : 4;
+  std::vector<int> rank;
+  std::vector<bool> last;
+  slot_ranks(g, &rank, &last);
+  int64_t first_chunk = 0;
+  auto entry = [&](int t, TensorEntry* e) {
+    auto at = [t](void* const* arrays) { return arrays != nullptr ? arrays[t] : nullptr; };
+    *e = TensorEntry{};
+    e->weight = at(g.weights);
+    e->weight_out = g.weights_out != nullptr ? g.weights_out[t] : e->weight;
+    e->grad = g.grads != nullptr ? g.grads[t] : nullptr;
+    e->mean = at(g.means);
+    e->var = at(g.vars);
+    e->vmax = at(g.vmaxes);
+    e->average = at(g.averages);
+    e->lowp = at(g.weights_lowp);
+    e->n = g.sizes != nullptr ? g.sizes[t] : 0;
+    e->first_chunk = first_chunk;
+    first_chunk += chunks_of(e->n);
+    e->lr = g.lrs != nullptr ? g.lrs[t] : 0.0;
+    e->wd = g.wds != nullptr ? g.wds[t] : 0.0;
+    e->step_count = g.step_counts != nullptr ? g.step_counts[t] : 1.0;
+    e->count_slot = g.count_slots != nullptr ? g.count_slots[t] : 0;
+    e->stat_row = g.stat_rows != nullptr ? g.stat_rows[t] : 0;
+    e->grad_dtype = g.grad_dtypes != nullptr ? g.grad_dtypes[t] : MXLAMB_FLOAT32;
+    const bool aligned =
+        vector_aligned(e->weight, math_bytes) && vector_aligned(e->weight_out, math_bytes) &&
+        vector_aligned(e->grad, dtype_bytes(e->grad_dtype)) &&
+        vector_aligned(e->mean, math_bytes) && vector_aligned(e->var, math_bytes) &&
+        vector_aligned(e->vmax, math_bytes) && vector_aligned(e->average, math_bytes) &&
+        vector_aligned(e->lowp, 2);
+    const bool adapt = g.layer_adaptation == nullptr || g.layer_adaptation[t] != 0;
+    e->flags = (aligned ? kAligned : 0) | (adapt ? kAdaptation : 0) | (last[t] ? kLastOfSlot : 0);
+    e->slot_rank = rank[t];
   };
-  std::mutex mutex_;
-  Slot slots_[kSlots];
-  unsigned next_ = 0;
-};
-
-StagingRing staging;
-
-// Writes the tensor, chunk and first-chunk tables into the workspace (asynchronously).
-cudaError_t write_tables(const MxlambCudaGroup& g, const Layout& l, char* workspace,
-                         cudaStream_t stream) {
-  int slot;
-  cudaError_t err;
-  char* host = staging.acquire(l.partials, &slot, &err);
-  if (host == nullptr) return err;
-  auto* tensors = reinterpret_cast<TensorEntry*>(host + l.tensors);
-  auto* chunks = reinterpret_cast<ChunkEntry*>(host + l.chunks);
-  auto* first_chunk = reinterpret_cast<int64_t*>(host + l.first_chunk);
-  int64_t c = 0;
-  for (int t = 0; t < g.num_tensors; ++t) {
-    tensors[t] = TensorEntry{g.weights[t], g.grads[t], g.means[t], g.vars[t],
-                             g.weights_lowp != nullptr ? g.weights_lowp[t] : nullptr,
-                             g.sizes[t], g.coeffs[t]};
-    first_chunk[t] = c;
-    for (int64_t begin = 0; begin < g.sizes[t]; begin += kChunk) chunks[c++] = ChunkEntry{t, begin};
-  }
-  first_chunk[g.num_tensors] = c;
-  err = cudaMemcpyAsync(workspace, host, l.partials, cudaMemcpyHostToDevice, stream);
-  const cudaError_t recorded = staging.release(slot, stream);
-  return err != cudaSuccess ? err : recorded;
+  return upload(g.num_tensors, entry, l, ws, stream);
 }
 
-template <template <typename> class Launch, typename... Args>
-cudaError_t dispatch(MxlambDType dtype, Args... args) {
-  switch (dtype) {
-    case MXLAMB_FLOAT16: return Launch<__half>::run(args...);
-    case MXLAMB_BFLOAT16: return Launch<__nv_bfloat16>::run(args...);
-    case MXLAMB_FLOAT32: return Launch<float>::run(args...);
-    default: return cudaErrorInvalidValue;
-  }
+bool valid_dtype(int d) {
+  return d == MXLAMB_FLOAT32 || d == MXLAMB_FLOAT64 || d == MXLAMB_FLOAT16 ||
+         d == MXLAMB_BFLOAT16;
 }
 
-template <typename GradT>
-struct LaunchPhase1 {
-  static cudaError_t run(const Layout& l, char* ws, StepCoeffs<float> step, cudaStream_t stream) {
-    phase1_kernel<GradT><<<static_cast<unsigned>(l.num_chunks), kBlock, 0, stream>>>(
-        reinterpret_cast<const TensorEntry*>(ws + l.tensors),
-        reinterpret_cast<const ChunkEntry*>(ws + l.chunks), step,
-        reinterpret_cast<double*>(ws + l.partials));
-    return cudaGetLastError();
+// The checks every group entry point makes (what the kernels would otherwise trust).
+bool valid(const MxlambCudaGroup* g, void* ws, size_t bytes, bool phase1, Layout* l) {
+  if (g == nullptr || g->num_tensors < 0) return false;
+  if (g->math_dtype != MXLAMB_FLOAT32 && g->math_dtype != MXLAMB_FLOAT64) return false;
+  if (g->weights_lowp != nullptr && g->lowp_dtype != MXLAMB_FLOAT16 &&
+      g->lowp_dtype != MXLAMB_BFLOAT16) {
+    return false;
   }
-};
+  if (g->clipnorm > 0 && g->grad_sumsq == nullptr) return false;  // as the CPU refuses it
+  if (g->num_tensors > 0 &&
+      (g->lrs == nullptr || g->wds == nullptr ||
+       (g->counts != nullptr ? g->count_slots == nullptr : g->step_counts == nullptr) ||
+       (g->grad_sumsq != nullptr && g->stat_rows == nullptr))) {
+    return false;
+  }
+  if (g->num_tensors > 0 && g->sizes != nullptr &&
+      (g->weights == nullptr || g->means == nullptr || g->vars == nullptr)) {
+    return false;
+  }
+  if (phase1 && g->num_tensors > 0 && g->sizes != nullptr &&
+      (g->grads == nullptr || g->grad_dtypes == nullptr)) {
+    return false;
+  }
+  for (int t = 0; phase1 && g->grad_dtypes != nullptr && t < g->num_tensors; ++t) {
+    if (!valid_dtype(g->grad_dtypes[t])) return false;
+  }
+  *l = layout_of(g->num_tensors, g->sizes);
+  return bytes >= l->total && (ws != nullptr || l->total == 0);
+}
 
-template <typename LowT>
-struct LaunchPhase2 {
-  static cudaError_t run(const Layout& l, char* ws, StepCoeffs<float> step, const double* sumsq,
-                         cudaStream_t stream) {
-    phase2_kernel<LowT><<<static_cast<unsigned>(l.num_chunks), kBlock, 0, stream>>>(
-        reinterpret_cast<const TensorEntry*>(ws + l.tensors),
-        reinterpret_cast<const ChunkEntry*>(ws + l.chunks), step, sumsq);
-    return cudaGetLastError();
-  }
-};
+enum Stage : int { kPhase1 = 1, kPhase2 = 2 };
 
-// Checks the arguments and writes the tables; *ready is false when there is nothing to do.
-cudaError_t prepare(const MxlambCudaGroup* g, void* workspace, size_t bytes, cudaStream_t stream,
-                    Layout* l, bool* ready) {
-  *ready = false;
-  if (g == nullptr || g->num_tensors < 0 || workspace == nullptr ||
-      (g->num_tensors > 0 && g->coeffs == nullptr)) {
-    return cudaErrorInvalidValue;
+template <typename T>
+cudaError_t run_group(const MxlambCudaGroup& g, int stages, double* sumsq, const Layout& l,
+                      char* ws, cudaStream_t stream) {
+  const int n = g.num_tensors;
+  if (n == 0) return cudaSuccess;
+  if (cudaError_t err = upload_group(g, l, ws, stream)) return err;
+  const auto* table = reinterpret_cast<const TensorEntry*>(ws + l.entries);
+  auto* coeffs = reinterpret_cast<TensorCoeffs<T>*>(ws + l.coeffs);
+  const CoeffsArgs ca{g.params, g.rescale_grad, g.clipnorm, g.control, g.grad_sumsq, g.counts,
+                      (stages & kPhase1) != 0};
+  coeffs_kernel<T><<<1, 256, 0, stream>>>(table, n, ca, coeffs);
+  if (cudaError_t err = cudaGetLastError()) return err;
+  const ChunkArgs a = chunk_args(l, ws, n, g.control);
+  const StepCoeffs<T> step = step_coeffs<T>(g.params);
+  if (stages & kPhase1) {
+    const int grid = grid_for(phase1_kernel<T>, l.num_chunks);
+    if (grid > 0) phase1_kernel<T><<<grid, kBlock, 0, stream>>>(a, step, coeffs);
+    norms_kernel<<<(n + 127) / 128, 128, 0, stream>>>(table, n, g.control, a.partials, sumsq);
+    if (cudaError_t err = cudaGetLastError()) return err;
   }
-  *l = layout_of(*g);
-  if (bytes < l->total) return cudaErrorInvalidValue;
-  if (l->num_chunks == 0) return cudaSuccess;
-  *ready = true;
-  return write_tables(*g, *l, static_cast<char*>(workspace), stream);
+  const int grid = grid_for(phase2_kernel<T>, l.num_chunks);
+  if ((stages & kPhase2) && grid > 0) {
+    phase2_kernel<T><<<grid, kBlock, 0, stream>>>(a, step, coeffs, sumsq,
+                                                   ema_coeffs<T>(g.ema_momentum), g.lowp_dtype);
+    if (cudaError_t err = cudaGetLastError()) return err;
+  }
+  return cudaSuccess;
+}
+
+int run(const MxlambCudaGroup* g, int stages, double* sumsq, void* ws, size_t bytes,
+        void* stream) {
+  Layout l;
+  if (!valid(g, ws, bytes, (stages & kPhase1) != 0, &l)) return cudaErrorInvalidValue;
+  auto s = static_cast<cudaStream_t>(stream);
+  char* w = static_cast<char*>(ws);
+  return g->math_dtype == MXLAMB_FLOAT64 ? run_group<double>(*g, stages, sumsq, l, w, s)
+                                         : run_group<float>(*g, stages, sumsq, l, w, s);
 }
 
 }  // namespace
 }  // namespace cuda
 }  // namespace mxlamb
 
-using mxlamb::cuda::Layout;
+using namespace mxlamb::cuda;  // NOLINT: the entry points below are its interface
 
 extern "C" size_t mxlamb_cuda_workspace_bytes(const MxlambCudaGroup* group) {
-  return group == nullptr ? 0 : mxlamb::cuda::layout_of(*group).total;
+  return group == nullptr ? 0 : layout_of(group->num_tensors, group->sizes).total;
 }
 
 extern "C" int mxlamb_cuda_phase1(const MxlambCudaGroup* group, double* sumsq, void* workspace,
-                                  size_t workspace_bytes, void* stream_ptr) {
-  using namespace mxlamb::cuda;
-  auto stream = static_cast<cudaStream_t>(stream_ptr);
-  char* ws = static_cast<char*>(workspace);
-  Layout l;
-  bool ready;
-  if (cudaError_t err = prepare(group, workspace, workspace_bytes, stream, &l, &ready)) return err;
-  if (!ready) return cudaSuccess;
-  if (cudaError_t err = dispatch<LaunchPhase1>(group->grad_dtype, l, ws, group->step, stream)) {
-    return err;
-  }
-  norms_kernel<<<(group->num_tensors + 127) / 128, 128, 0, stream>>>(
-      reinterpret_cast<const int64_t*>(ws + l.first_chunk),
-      reinterpret_cast<const double*>(ws + l.partials), sumsq, group->num_tensors);
-  return cudaGetLastError();
+                                  size_t workspace_bytes, void* stream) {
+  return run(group, kPhase1, sumsq, workspace, workspace_bytes, stream);
 }
 
 extern "C" int mxlamb_cuda_phase2(const MxlambCudaGroup* group, const double* sumsq,
-                                  void* workspace, size_t workspace_bytes, void* stream_ptr) {
-  using namespace mxlamb::cuda;
+                                  void* workspace, size_t workspace_bytes, void* stream) {
+  return run(group, kPhase2, const_cast<double*>(sumsq), workspace, workspace_bytes, stream);
+}
+
+extern "C" int mxlamb_cuda_step(const MxlambCudaGroup* group, double* sumsq, void* workspace,
+                                size_t workspace_bytes, void* stream) {
+  return run(group, kPhase1 | kPhase2, sumsq, workspace, workspace_bytes, stream);
+}
+
+extern "C" int mxlamb_cuda_trust_ratio(const MxlambCudaGroup* group, const double* sumsq,
+                                       double* ratios, void* workspace, size_t workspace_bytes,
+                                       void* stream_ptr) {
+  if (group == nullptr || group->num_tensors < 0) return cudaErrorInvalidValue;
+  const int n = group->num_tensors;
+  if (n == 0) return cudaSuccess;
+  // Only the adaptation flags are read: the table is made without sizes or pointers.
+  const Layout l = layout_of(n, nullptr);
+  if (workspace == nullptr || workspace_bytes < l.total || sumsq == nullptr ||
+      ratios == nullptr) {
+    return cudaErrorInvalidValue;
+  }
   auto stream = static_cast<cudaStream_t>(stream_ptr);
   char* ws = static_cast<char*>(workspace);
-  Layout l;
-  bool ready;
-  if (cudaError_t err = prepare(group, workspace, workspace_bytes, stream, &l, &ready)) return err;
-  if (!ready) return cudaSuccess;
-  const MxlambDType lowp = group->weights_lowp != nullptr ? group->lowp_dtype : MXLAMB_FLOAT32;
-  return dispatch<LaunchPhase2>(lowp, l, ws, group->step, sumsq, stream);
+  if (cudaError_t err = upload(n, [&](int t, TensorEntry* e) {
+        *e = TensorEntry{};
+        const bool adapt = group->layer_adaptation == nullptr || group->layer_adaptation[t] != 0;
+        e->flags = adapt ? kAdaptation : 0;
+      }, l, ws, stream)) {
+    return err;
+  }
+  trust_ratio_kernel<<<(n + 127) / 128, 128, 0, stream>>>(
+      reinterpret_cast<const TensorEntry*>(ws + l.entries), n, group->params.lower_bound,
+      group->params.upper_bound, sumsq, ratios);
+  return cudaGetLastError();
+}
+
+extern "C" size_t mxlamb_cuda_grad_stats_workspace_bytes(const MxlambCudaGradStats* stats) {
+  return stats == nullptr ? 0 : layout_of(stats->num_tensors, stats->sizes).total;
+}
+
+extern "C" int mxlamb_cuda_grad_stats(const MxlambCudaGradStats* st, void* workspace,
+                                      size_t workspace_bytes, void* stream_ptr) {
+  if (st == nullptr || st->num_tensors < 0 || st->control == nullptr || st->step_state == nullptr ||
+      (st->num_tensors > 0 && (st->grads == nullptr || st->grad_dtypes == nullptr ||
+                               st->sizes == nullptr || st->grad_sumsq == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const int n = st->num_tensors;
+  for (int t = 0; t < n; ++t) {
+    if (!valid_dtype(st->grad_dtypes[t])) return cudaErrorInvalidValue;
+  }
+  const Layout l = layout_of(n, st->sizes);
+  if (workspace_bytes < l.total || (workspace == nullptr && l.total > 0)) {
+    return cudaErrorInvalidValue;
+  }
+  auto stream = static_cast<cudaStream_t>(stream_ptr);
+  char* ws = static_cast<char*>(workspace);
+  int64_t first_chunk = 0;
+  if (cudaError_t err = upload(n, [&](int t, TensorEntry* e) {
+        *e = TensorEntry{};
+        e->grad = st->grads[t];
+        e->grad_dtype = st->grad_dtypes[t];
+        e->n = st->sizes[t];
+        e->first_chunk = first_chunk;
+        first_chunk += chunks_of(e->n);
+        e->flags = vector_aligned(e->grad, dtype_bytes(e->grad_dtype)) ? kAligned : 0;
+      }, l, ws, stream)) {
+    return err;
+  }
+  const ChunkArgs a = chunk_args(l, ws, n, nullptr);
+  const int grid = grid_for(grad_sumsq_kernel, l.num_chunks);
+  if (grid > 0) grad_sumsq_kernel<<<grid, kBlock, 0, stream>>>(a);
+  grad_stats_kernel<<<1, 256, 0, stream>>>(a.table, n, a.partials, st->params, st->grad_sumsq,
+                                           st->control, st->step_state);
+  return cudaGetLastError();
 }

@@ -1,14 +1,23 @@
 /* Multi-tensor LAMB on CUDA: an extern "C" interface on raw device pointers and a stream.
  *
- * Usable without MXNet (the tests drive it through ctypes on CuPy/PyTorch arrays, mirroring
- * these structs) and by the operators' GPU forwards in lamb_op_gpu.cc (MXLAMB_WITH_CUDA), which
- * pass res.get_cuda_stream() and a workspace from res.alloc_gpu(). The library allocates
- * nothing: the tensor and chunk tables and the per-chunk partial sums live in the caller's
- * device workspace, sized by mxlamb_cuda_workspace_bytes. Nothing synchronises with the host.
+ * Usable without MXNet (the tests and the benchmark drive it through ctypes on CuPy/PyTorch
+ * arrays, mirroring these structs) and by the operators' GPU forwards in lamb_op_gpu.cc
+ * (MXLAMB_WITH_CUDA), which pass res.get_cuda_stream() and a workspace from res.alloc_gpu().
  *
- * The group carries its coefficients ready made, by lamb_math.h's step_coeffs and
- * tensor_coeffs from the double hyper-parameters, exactly as the CPU operators make theirs:
- * the kernels round nothing themselves.
+ * A call enqueues kernels on `stream` and returns: the library allocates nothing (its tables
+ * and partial sums live in the caller's device workspace, sized by the *_workspace_bytes
+ * functions), copies nothing from the host (the tables travel as kernel arguments) and never
+ * waits for the device, so a whole step can be captured in a CUDA graph.
+ *
+ * Every option of the CPU operators is here, with the CPU's semantics (lamb_op.cc): AMSGrad,
+ * the weight EMA, the gradient statistics (per-tensor multipliers and the skip of a non-finite
+ * step, from mxlamb_cuda_grad_stats' control and grad_sumsq), device step counts, per-tensor
+ * lr, wd, step count and layer adaptation, Keras' epsilon, float64 weights. The host passes the
+ * double hyper-parameters and per-tensor host values; each tensor's coefficients are made on
+ * the device, by lamb_math.h's tensor_coeffs and gradient_scale, since they may depend on
+ * device state (counts, gradient statistics).
+ *
+ * Every function returns a cudaError_t value (0 = success).
  */
 #ifndef MXLAMB_LAMB_CUDA_H_
 #define MXLAMB_LAMB_CUDA_H_
@@ -21,35 +30,86 @@
 extern "C" {
 
 /* Storage types, numbered as MXNet's (mshadow's) dtype flags. */
-enum MxlambDType : int { MXLAMB_FLOAT32 = 0, MXLAMB_FLOAT16 = 2, MXLAMB_BFLOAT16 = 12 };
-
-/* One group of tensors. Pointer arrays are host arrays of device pointers. */
-struct MxlambCudaGroup {
-  int num_tensors;
-  float* const* weights;      /* fp32 weight, or the fp32 master copy under multi-precision */
-  const void* const* grads;   /* grad_dtype elements */
-  float* const* means;
-  float* const* vars;
-  void* const* weights_lowp;  /* NULL, or the fp16/bf16 model weights (lowp_dtype) */
-  const int64_t* sizes;
-  MxlambDType grad_dtype;
-  MxlambDType lowp_dtype;
-  mxlamb::StepCoeffs<float> step;
-  const mxlamb::TensorCoeffs<float>* coeffs; /* host array, one per tensor */
+enum MxlambDType : int {
+  MXLAMB_FLOAT32 = 0,
+  MXLAMB_FLOAT64 = 1,
+  MXLAMB_FLOAT16 = 2,
+  MXLAMB_BFLOAT16 = 12
 };
 
-/* Device workspace bytes that phase 1 and phase 2 need for this group. */
+/* One group of tensors for phase 1, phase 2, the one-call step and the trust-ratio read-out.
+ * Pointer arrays are host arrays (one entry per tensor) of device pointers; per-tensor values
+ * are host arrays; control, grad_sumsq and counts are device arrays. NULL switches an option
+ * off, as an absent attribute does for the operators. */
+struct MxlambCudaGroup {
+  int num_tensors;
+  MxlambDType math_dtype;       /* FLOAT32 or FLOAT64: weights, moments, vmax, average */
+  MxlambDType lowp_dtype;       /* FLOAT16 or BFLOAT16: weights_lowp's type */
+  void* const* weights;         /* w; the fp32 master copy under multi-precision */
+  void* const* weights_out;     /* phase 2: where the updated w goes; NULL: in place */
+  const void* const* grads;     /* phase 1 */
+  const int* grad_dtypes;       /* phase 1: each gradient's MxlambDType */
+  void* const* means;
+  void* const* vars;
+  void* const* vmaxes;          /* AMSGrad: phase 1 updates it, phase 2 uses it as v; NULL */
+  void* const* averages;        /* weight EMA, updated by phase 2 after the step; NULL */
+  void* const* weights_lowp;    /* phase 2: the rounded model weights; NULL */
+  const int64_t* sizes;         /* elements per tensor; NULL: all 0 (trust-ratio read-out) */
+  const double* lrs;
+  const double* wds;
+  const double* step_counts;    /* the host's t (>= 1) per tensor, where counts is NULL */
+  const int64_t* count_slots;   /* each tensor's row of counts */
+  const int64_t* stat_rows;     /* each tensor's row of grad_sumsq */
+  const unsigned char* layer_adaptation; /* 0: lr alone (AdamW, exclusions); NULL: all 1 */
+  mxlamb::LambParams params;
+  double rescale_grad;          /* the gradient multiplier where control is NULL */
+  double clipnorm;              /* per-tensor clipping (needs grad_sumsq); <= 0: off */
+  double ema_momentum;
+  const double* control;        /* (2,) [multiplier, apply] from mxlamb_cuda_grad_stats */
+  const double* grad_sumsq;     /* (P,) from mxlamb_cuda_grad_stats */
+  double* counts;               /* applied-step counts: phase 1 adds 1, phase 2 reads */
+};
+
+/* Device workspace bytes that any call on this group needs. */
 size_t mxlamb_cuda_workspace_bytes(const MxlambCudaGroup* group);
 
-/* Phase 1 and the per-tensor norms: m, v updated; sumsq (device, 2 doubles per tensor) gets
- * sum(w^2) and sum(u^2). Returns a cudaError_t value (0 = success). */
+/* Phase 1 and the per-tensor norms: m, v (and vmax, counts) updated; sumsq (device, 2 doubles
+ * per tensor) gets sum(w^2) and sum(u^2), or NaN for a step that control skips. */
 int mxlamb_cuda_phase1(const MxlambCudaGroup* group, double* sumsq, void* workspace,
                        size_t workspace_bytes, void* stream);
 
-/* Phase 2: w <- w - lr * trust_ratio * u (u recomputed from m, v); low-precision weights get
- * the rounded result. `workspace` must be the one phase 1 used, or one written the same way. */
+/* Phase 2: w <- w - lr * trust_ratio * u (u recomputed from m, v), then the low-precision
+ * weight and the EMA; nothing is written for a step that control skips. */
 int mxlamb_cuda_phase2(const MxlambCudaGroup* group, const double* sumsq, void* workspace,
                        size_t workspace_bytes, void* stream);
+
+/* Phase 1, norms and phase 2 in one call (one table upload): what mxlamb_step runs. */
+int mxlamb_cuda_step(const MxlambCudaGroup* group, double* sumsq, void* workspace,
+                     size_t workspace_bytes, void* stream);
+
+/* The ratios phase 2 multiplied lr by: 1 where layer adaptation is off, NaN for a skipped
+ * step (ratios: device, one double per tensor). Reads params.lower_bound/upper_bound and
+ * layer_adaptation only. */
+int mxlamb_cuda_trust_ratio(const MxlambCudaGroup* group, const double* sumsq, double* ratios,
+                            void* workspace, size_t workspace_bytes, void* stream);
+
+/* The gradient statistics of one step (mxlamb_grad_stats): grad_sumsq[t] = sum(g_t^2) in
+ * double, then control and step_state by lamb_math.h's grad_stats_control. */
+struct MxlambCudaGradStats {
+  int num_tensors;
+  const void* const* grads;     /* host array of device pointers */
+  const int* grad_dtypes;       /* FLOAT32, FLOAT64, FLOAT16 or BFLOAT16 per gradient */
+  const int64_t* sizes;
+  mxlamb::GradStatsParams params;
+  double* grad_sumsq;           /* device (num_tensors,) */
+  double* control;              /* device (2,) */
+  double* step_state;           /* device (3,) [loss scale, clean steps, skipped steps] */
+};
+
+size_t mxlamb_cuda_grad_stats_workspace_bytes(const MxlambCudaGradStats* stats);
+
+int mxlamb_cuda_grad_stats(const MxlambCudaGradStats* stats, void* workspace,
+                           size_t workspace_bytes, void* stream);
 
 }  /* extern "C" */
 

@@ -18,7 +18,7 @@
 //
 // grad_scale is rescale_grad times whatever the step's gradient statistics ask for (loss
 // unscaling, global and per-tensor norm clipping, 1/N for accumulated gradients): see
-// gradient_scale below.
+// gradient_scale and grad_stats_control below.
 //
 // Phase 2 does not read a stored u: it recomputes u from the (already updated) m and v with
 // the same raw_update, so the u it applies is bit-for-bit the u whose norm phase 1 took, and
@@ -130,6 +130,47 @@ MXLAMB_HD double clip_factor(double norm, double max_norm) {
 // Element-wise clip_gradient comes after, in scaled_grad.
 MXLAMB_HD double gradient_scale(double base_and_global, double grad_sumsq, double clipnorm) {
   return base_and_global * clip_factor(base_and_global * std::sqrt(grad_sumsq), clipnorm);
+}
+
+// The scalar part of a step's gradient statistics, written once for the CPU forward of
+// mxlamb_grad_stats and its CUDA kernel. From the sum of squares of all gradients (added in
+// tensor order), it writes control = [multiplier, apply] and updates the loss scaler's
+// step_state = [loss scale, clean steps, skipped steps]:
+//   base        = rescale_grad / loss scale (the dynamic one, if on)
+//   multiplier  = base * clip_factor(base * ||g||, global_clipnorm)
+//   apply       = 0 for a non-finite step when skip_nonfinite or dynamic scaling is on
+// Dynamic loss scaling (growth_interval > 0) halves the scale (not below 1) on a non-finite
+// step and doubles it after growth_interval clean steps.
+enum ControlEntry { kControlMultiplier = 0, kControlApply = 1 };
+enum StepStateEntry { kLossScale = 0, kCleanSteps = 1, kSkippedSteps = 2 };
+
+struct GradStatsParams {
+  double rescale_grad = 1.0;
+  double global_clipnorm = -1.0;  // <= 0: off
+  double growth_interval = 0.0;   // > 0: dynamic loss scaling
+  bool skip_nonfinite = false;
+};
+
+MXLAMB_HD void grad_stats_control(const GradStatsParams& p, double total_sumsq, double* control,
+                                  double* step_state) {
+  const bool dynamic = p.growth_interval > 0;
+  const bool skip_nonfinite = p.skip_nonfinite || dynamic;
+  const bool finite = total_sumsq - total_sumsq == 0.0;  // false for inf and NaN
+  const double base = dynamic ? p.rescale_grad / step_state[kLossScale] : p.rescale_grad;
+  control[kControlMultiplier] =
+      base * clip_factor(base * std::sqrt(total_sumsq), p.global_clipnorm);
+  control[kControlApply] = finite || !skip_nonfinite ? 1.0 : 0.0;
+  if (control[kControlApply] == 0.0) step_state[kSkippedSteps] += 1.0;
+  if (dynamic) {
+    if (!finite) {
+      const double halved = step_state[kLossScale] / 2.0;
+      step_state[kLossScale] = halved > 1.0 ? halved : 1.0;  // fmax(halved, 1.0), NaN too
+      step_state[kCleanSteps] = 0.0;
+    } else if ((step_state[kCleanSteps] += 1.0) >= p.growth_interval) {
+      step_state[kLossScale] *= 2.0;
+      step_state[kCleanSteps] = 0.0;
+    }
+  }
 }
 
 // Clip without fminf/fmaxf: those turn a NaN gradient into +-clip_gradient, i.e. a finite but

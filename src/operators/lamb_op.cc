@@ -47,6 +47,37 @@ bool parse_step(const OpTable& op, const Attrs& attrs, StepAttrs* s) {
   return r.ok();
 }
 
+// Each tensor's row of a table input (grad_sumsq, counts), range-checked; none where the call
+// has no such input.
+bool table_rows(const char* op, const char* key, const std::vector<double>& rows,
+                const MXTensor* table, std::vector<int64_t>* out) {
+  if (table == nullptr) return true;
+  out->resize(rows.size());
+  for (size_t t = 0; t < rows.size(); ++t) {
+    if (!table_row(op, key, rows[t], table->size(), &(*out)[t])) return false;
+  }
+  return true;
+}
+
+bool parse_grad_stats(const Attrs& attrs, InputLayout* l, GradStatsParams* p) {
+  AttrReader r(kGradStatsOp.name, attrs);
+  if (!l->resolve(kGradStatsOp, r)) return false;
+  p->rescale_grad = r.number("rescale_grad", p->rescale_grad);
+  p->global_clipnorm = r.number("global_clipnorm", p->global_clipnorm);
+  p->growth_interval = r.number("growth_interval", p->growth_interval);
+  p->skip_nonfinite = r.flag("skip_nonfinite");
+  return r.ok();
+}
+
+bool parse_trust_ratio(const Attrs& attrs, TrustRatioAttrs* a) {
+  AttrReader r(kTrustRatioOp.name, attrs);
+  if (!a->inputs.resolve(kTrustRatioOp, r)) return false;
+  a->lower = r.number("lower_bound", -1.0);
+  a->upper = r.number("upper_bound", -1.0);
+  a->layer_adaptation = r.flags("layer_adaptation", a->inputs.num_tensors());
+  return r.ok();
+}
+
 namespace {
 
 DType dtype_of(const MXTensor& t) { return static_cast<DType>(static_cast<int>(t.dtype)); }
@@ -67,18 +98,6 @@ StepControl step_control(const StepAttrs& s, std::vector<MXTensor>& in) {
     c.apply = control->data<double>()[kControlApply] != 0.0;
   }
   return c;
-}
-
-// Each tensor's row of a table input (grad_sumsq, counts), range-checked; none where the call
-// has no such input.
-bool table_rows(const char* op, const char* key, const std::vector<double>& rows,
-                const MXTensor* table, std::vector<int64_t>* out) {
-  if (table == nullptr) return true;
-  out->resize(rows.size());
-  for (size_t t = 0; t < rows.size(); ++t) {
-    if (!table_row(op, key, rows[t], table->size(), &(*out)[t])) return false;
-  }
-  return true;
 }
 
 // ---------------------------------------------------------------------------------- phase 1
@@ -245,23 +264,14 @@ MXReturnValue step_forward(const Attrs& attrs, std::vector<MXTensor>* in,
 
 // ----------------------------------------------------------------------------- grad stats
 
-// One step's gradient statistics, before any phase 1 of the step:
-//   base     = rescale_grad / loss scale (the dynamic one from step_state, if on)
-//   control  = [base * clip_factor(base * ||g||, global_clipnorm), apply]
-// A step whose gradients are not all finite is skipped (apply = 0) when skip_nonfinite or
-// dynamic loss scaling is on, and counted in step_state. Dynamic loss scaling halves the
-// scale (not below 1) on such a step and doubles it after growth_interval clean steps.
+// One step's gradient statistics, before any phase 1 of the step: every gradient's sum of
+// squares, then control and step_state by lamb_math.h's grad_stats_control (which says what
+// they hold; the CUDA kernel calls the same function).
 MXReturnValue grad_stats_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource&) {
-  AttrReader r(kGradStatsOp.name, attrs);
   InputLayout l;
-  if (!l.resolve(kGradStatsOp, r)) return MX_FAIL;
-  const double rescale = r.number("rescale_grad", 1.0);
-  const double global_clipnorm = r.number("global_clipnorm", -1.0);
-  const double growth_interval = r.number("growth_interval", 0.0);
-  const bool dynamic = growth_interval > 0;
-  const bool skip_nonfinite = r.flag("skip_nonfinite") || dynamic;
-  if (!r.ok()) return MX_FAIL;
+  GradStatsParams p;
+  if (!parse_grad_stats(attrs, &l, &p)) return MX_FAIL;
   const int n = l.num_tensors();
   std::vector<GradSpan> grads(n);
   for (int t = 0; t < n; ++t) {
@@ -272,23 +282,8 @@ MXReturnValue grad_stats_forward(const Attrs& attrs, std::vector<MXTensor>* in,
   grad_sumsq_cpu(grads, grad_sumsq);
   double total = 0.0;
   for (int t = 0; t < n; ++t) total += grad_sumsq[t];
-  const bool finite = std::isfinite(total);
-
-  double* state = l.array(*in, Slot::kStepState)->data<double>();
-  const double base = dynamic ? rescale / state[kLossScale] : rescale;
-  double* control = (*out)[1].data<double>();
-  control[kControlMultiplier] = base * clip_factor(base * std::sqrt(total), global_clipnorm);
-  control[kControlApply] = finite || !skip_nonfinite ? 1.0 : 0.0;
-  if (control[kControlApply] == 0.0) state[kSkippedSteps] += 1.0;
-  if (dynamic) {
-    if (!finite) {
-      state[kLossScale] = std::fmax(state[kLossScale] / 2.0, 1.0);
-      state[kCleanSteps] = 0.0;
-    } else if ((state[kCleanSteps] += 1.0) >= growth_interval) {
-      state[kLossScale] *= 2.0;
-      state[kCleanSteps] = 0.0;
-    }
-  }
+  grad_stats_control(p, total, (*out)[1].data<double>(),
+                     l.array(*in, Slot::kStepState)->data<double>());
   return MX_SUCCESS;
 }
 
@@ -297,21 +292,16 @@ MXReturnValue grad_stats_forward(const Attrs& attrs, std::vector<MXTensor>* in,
 // The ratio phase 2 multiplied lr by (1 where layer adaptation is off; NaN for a skipped step).
 MXReturnValue trust_ratio_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                                   std::vector<MXTensor>* out, const OpResource&) {
-  AttrReader r(kTrustRatioOp.name, attrs);
-  InputLayout l;
-  if (!l.resolve(kTrustRatioOp, r)) return MX_FAIL;
-  const int n = l.num_tensors();
-  const double lower = r.number("lower_bound", -1.0);
-  const double upper = r.number("upper_bound", -1.0);
-  const std::vector<bool> adapt = r.flags("layer_adaptation", n);
-  if (!r.ok()) return MX_FAIL;
-  const double* sumsq = l.array(*in, Slot::kSumsq)->data<double>();
+  TrustRatioAttrs a;
+  if (!parse_trust_ratio(attrs, &a)) return MX_FAIL;
+  const double* sumsq = a.inputs.array(*in, Slot::kSumsq)->data<double>();
   double* ratios = (*out)[0].data<double>();
-  for (int t = 0; t < n; ++t) {
+  for (int t = 0; t < a.inputs.num_tensors(); ++t) {
     const bool skipped = std::isnan(sumsq[2 * t]);
     ratios[t] = skipped ? sumsq[2 * t]
-                : adapt[t] ? trust_ratio(sumsq[2 * t], sumsq[2 * t + 1], lower, upper)
-                           : 1.0;
+                : a.layer_adaptation[t] ? trust_ratio(sumsq[2 * t], sumsq[2 * t + 1], a.lower,
+                                                      a.upper)
+                                        : 1.0;
   }
   return MX_SUCCESS;
 }
@@ -344,6 +334,9 @@ REGISTER_OP(mxlamb_step)
     .setInferType(mxlamb::infer_type<mxlamb::kStepOp>)
     .setInferShape(mxlamb::infer_shape<mxlamb::kStepOp>)
     .setMutateInputs(mxlamb::mutate_inputs<mxlamb::kStepOp>)
+#ifdef MXLAMB_WITH_CUDA
+    .setForward(mxlamb::step_forward_gpu, "gpu")
+#endif
     .setForward(mxlamb::step_forward, "cpu");
 
 REGISTER_OP(mxlamb_grad_stats)
@@ -351,12 +344,18 @@ REGISTER_OP(mxlamb_grad_stats)
     .setInferType(mxlamb::infer_type<mxlamb::kGradStatsOp>)
     .setInferShape(mxlamb::infer_shape<mxlamb::kGradStatsOp>)
     .setMutateInputs(mxlamb::mutate_inputs<mxlamb::kGradStatsOp>)
+#ifdef MXLAMB_WITH_CUDA
+    .setForward(mxlamb::grad_stats_forward_gpu, "gpu")
+#endif
     .setForward(mxlamb::grad_stats_forward, "cpu");
 
 REGISTER_OP(mxlamb_trust_ratio)
     .setParseAttrs(mxlamb::parse_attrs<mxlamb::kTrustRatioOp>)
     .setInferType(mxlamb::infer_type<mxlamb::kTrustRatioOp>)
     .setInferShape(mxlamb::infer_shape<mxlamb::kTrustRatioOp>)
+#ifdef MXLAMB_WITH_CUDA
+    .setForward(mxlamb::trust_ratio_forward_gpu, "gpu")
+#endif
     .setForward(mxlamb::trust_ratio_forward, "cpu");
 
 // Called by mx.library.load: refuse an MXNet other than the one this library was built for

@@ -140,9 +140,8 @@ inline constexpr Output kGradStatsOutputs[] = {
 inline constexpr OpTable kGradStatsOp{"mxlamb_grad_stats", true, kGradStatsTensor,
                                       kGradStatsAfter, kGradStatsOutputs, {}, nullptr};
 
-// What mxlamb_grad_stats' control output and step_state hold, by index.
-enum ControlEntry { kControlMultiplier = 0, kControlApply = 1 };
-enum StepStateEntry { kLossScale = 0, kCleanSteps = 1, kSkippedSteps = 2 };
+// What mxlamb_grad_stats' control output and step_state hold, by index: ControlEntry and
+// StepStateEntry of lamb_math.h.
 
 // ----------------------------------------------------------------------- mxlamb_trust_ratio
 
@@ -174,12 +173,34 @@ struct StepAttrs {
 // False (reported, naming the operator and the attribute) where an attribute is wrong.
 bool parse_step(const OpTable& op, const Attrs& attrs, StepAttrs* s);
 
+// Each tensor's row of a table input (grad_sumsq, counts) from `rows` (stat_rows,
+// count_slots), range-checked against the table's size; nothing where the call has no table.
+bool table_rows(const char* op, const char* key, const std::vector<double>& rows,
+                const MXTensor* table, std::vector<int64_t>* out);
+
+// mxlamb_grad_stats' attributes.
+bool parse_grad_stats(const Attrs& attrs, InputLayout* l, GradStatsParams* p);
+
+// mxlamb_trust_ratio's attributes.
+struct TrustRatioAttrs {
+  InputLayout inputs;
+  double lower = -1.0, upper = -1.0;
+  std::vector<bool> layer_adaptation;
+};
+bool parse_trust_ratio(const Attrs& attrs, TrustRatioAttrs* a);
+
 #ifdef MXLAMB_WITH_CUDA
 using mxnet::ext::OpResource;
 MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res);
 MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res);
+MXReturnValue step_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                               std::vector<MXTensor>* out, const OpResource& res);
+MXReturnValue grad_stats_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                     std::vector<MXTensor>* out, const OpResource& res);
+MXReturnValue trust_ratio_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                      std::vector<MXTensor>* out, const OpResource& res);
 #endif
 
 }  // namespace mxlamb

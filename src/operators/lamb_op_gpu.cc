@@ -1,13 +1,12 @@
 // The LAMB operators' GPU forwards (compiled only into a build with the CUDA kernels,
-// MXLAMB_CUDA=1, which defines MXLAMB_WITH_CUDA): the arrays found through the operator tables
-// of lamb_op.h, the coefficients made by lamb_math.h exactly as the CPU forwards make them, the
-// kernels of lamb_cuda.cu run on MXNet's stream and workspace.
+// MXLAMB_CUDA=1, which defines MXLAMB_WITH_CUDA).
 //
-// The CUDA kernels take plain LAMB: every MXNet LAMB option, and Keras' epsilon (a coefficient
-// like any other); float32 weights, and float16 ones with a float32 master copy (the kernels
-// also take bfloat16, which MXNet cannot hand to a library operator). The other mxlamb extras
-// (AMSGrad, EMA, gradient statistics, device step counts, per-tensor layer adaptation) and
-// float64 weights are CPU-only for now and refused here by name.
+// Thin glue on purpose: each forward parses its call with the CPU's own parsers (parse_step,
+// InputLayout over the tables of lamb_op.h), hands the arrays' device pointers and the host
+// values to one entry point of lamb_cuda.h on MXNet's stream and workspace, and returns. What
+// the C-interface tests (tests/test_cuda.py) run is what MXNet runs. Every option the CPU
+// forwards take is taken here with the CPU's semantics; the kernels take bfloat16 too, which
+// MXNet cannot hand to a library operator.
 #include <string>
 #include <vector>
 
@@ -20,73 +19,113 @@ using mxnet::ext::MX_SUCCESS;
 namespace mxlamb {
 namespace {
 
-bool gpu_supports(const char* op, const Attrs& attrs, const std::vector<MXTensor>& in) {
-  if (in[0].dtype == mxnet::ext::kFloat64) {
-    return fail(op, "float64 weights are not implemented on GPU yet (CPU only; the CUDA "
-                    "kernels update float32 weights and float32 master copies)");
-  }
-  AttrReader r(op, attrs);
-  for (const char* key : {"amsgrad", "use_ema", "has_stats", "device_counts"}) {
-    if (r.flag(key)) return fail(op, std::string(key) + " is not implemented on GPU yet (CPU only)");
-  }
-  if (r.given("layer_adaptation")) {
-    return fail(op, "layer_adaptation (exclude_from_layer_adaptation, AdamW) is not "
-                    "implemented on GPU yet (CPU only)");
-  }
-  return r.ok();
+MxlambDType cuda_dtype(const MXTensor& t) { return static_cast<MxlambDType>(t.dtype); }
+
+template <typename V>
+const typename V::value_type* data_or_null(const V& v) { return v.empty() ? nullptr : v.data(); }
+
+const double* device_data(std::vector<MXTensor>& in, const InputLayout& l, Slot slot) {
+  MXTensor* t = l.array(in, slot);
+  return t != nullptr ? t->data<double>() : nullptr;
 }
 
-// A phase operator's call as the CUDA interface takes it; the vectors own the host-side
+// A LAMB call (phase 1, phase 2, step) as lamb_cuda.h takes it; the vectors own the host
 // arrays the group points to.
 struct CudaGroup {
   StepAttrs s;
-  std::vector<float*> weights, means, vars;
+  std::vector<void*> weights, weights_out, means, vars, vmaxes, averages, lowp;
   std::vector<const void*> grads;
-  std::vector<void*> lowp;
-  std::vector<int64_t> sizes;
-  std::vector<TensorCoeffs<float>> coeffs;
+  std::vector<int> grad_dtypes;
+  std::vector<int64_t> sizes, count_slots, stat_rows;
+  std::vector<unsigned char> adaptation;
   MxlambCudaGroup group{};
 
-  // Reads the call's attributes and every tensor's weight, moments, size and coefficients;
-  // false (reported) where the GPU cannot run it.
+  // Reads the attributes and every tensor's arrays found by the operator's table (the
+  // packed moments of mxlamb_step included); false (reported) where the call is wrong.
   bool read(const OpTable& op, const Attrs& attrs, std::vector<MXTensor>& in) {
-    if (!gpu_supports(op.name, attrs, in) || !parse_step(op, attrs, &s)) return false;
+    if (!parse_step(op, attrs, &s)) return false;
     const InputLayout& l = s.inputs;
-    for (int t = 0; t < l.num_tensors(); ++t) {
-      MXTensor& weight = *l.array(in, Slot::kWeight, t);
-      weights.push_back(weight.data<float>());
-      means.push_back(l.array(in, Slot::kMean, t)->data<float>());
-      vars.push_back(l.array(in, Slot::kVar, t)->data<float>());
-      sizes.push_back(weight.size());
-      coeffs.push_back(
-          tensor_coeffs<float>(s.params, s.step_counts[t], s.lrs[t], s.wds[t], s.rescale_grad));
+    const int n = l.num_tensors();
+    if (s.clipnorm > 0 && !l.has(Slot::kGradSumsq)) {
+      return fail(op.name, "clipnorm needs has_stats=1 (the gradients' sums of squares)");
     }
-    group.num_tensors = l.num_tensors();
-    group.step = step_coeffs<float>(s.params);
+    if (!table_rows(op.name, "count_slots", s.count_slots, l.array(in, Slot::kCounts),
+                    &count_slots) ||
+        !table_rows(op.name, "stat_rows", s.stat_rows, l.array(in, Slot::kGradSumsq),
+                    &stat_rows)) {
+      return false;
+    }
+    MXTensor* moments = l.array(in, Slot::kMoments);
+    const int math_bytes = in[0].dtype == mxnet::ext::kFloat64 ? 8 : 4;
+    char* packed = moments != nullptr
+                       ? static_cast<char*>(moments->data_ptr) + s.moments_offset * math_bytes
+                       : nullptr;
+    for (int t = 0; t < n; ++t) {
+      MXTensor& weight = *l.array(in, Slot::kWeight, t);
+      weights.push_back(weight.data_ptr);
+      sizes.push_back(weight.size());
+      if (packed != nullptr) {  // m then v of each tensor, tensor after tensor
+        means.push_back(packed);
+        vars.push_back(packed + weight.size() * math_bytes);
+        packed += 2 * weight.size() * math_bytes;
+      } else {
+        means.push_back(l.array(in, Slot::kMean, t)->data_ptr);
+        vars.push_back(l.array(in, Slot::kVar, t)->data_ptr);
+      }
+      if (MXTensor* grad = l.array(in, Slot::kGrad, t)) {
+        grads.push_back(grad->data_ptr);
+        grad_dtypes.push_back(cuda_dtype(*grad));
+      }
+      if (MXTensor* vmax = l.array(in, Slot::kVarMax, t)) vmaxes.push_back(vmax->data_ptr);
+      if (MXTensor* average = l.array(in, Slot::kAverage, t)) averages.push_back(average->data_ptr);
+      if (MXTensor* model = l.array(in, Slot::kModelWeight, t)) lowp.push_back(model->data_ptr);
+      adaptation.push_back(s.layer_adaptation[t] ? 1 : 0);
+    }
+    group.num_tensors = n;
+    group.math_dtype = in[0].dtype == mxnet::ext::kFloat64 ? MXLAMB_FLOAT64 : MXLAMB_FLOAT32;
+    group.lowp_dtype = MXLAMB_FLOAT16;  // MXNet's multi-precision model weights
+    group.params = s.params;
+    group.rescale_grad = s.rescale_grad;
+    group.clipnorm = s.clipnorm;
+    group.ema_momentum = s.ema_momentum;
+    group.control = device_data(in, l, Slot::kControl);
+    group.grad_sumsq = device_data(in, l, Slot::kGradSumsq);
+    MXTensor* counts = l.array(in, Slot::kCounts);
+    group.counts = counts != nullptr ? counts->data<double>() : nullptr;
     return true;
   }
 
-  // Takes the group's workspace from MXNet and runs `kernel` (a lamb_cuda.h entry point) on
-  // MXNet's stream.
-  template <typename Kernel>
-  MXReturnValue launch(const OpResource& res, Kernel&& kernel) {
-    group.weights = weights.data();
-    group.grads = grads.empty() ? nullptr : grads.data();
-    group.means = means.data();
-    group.vars = vars.data();
-    group.weights_lowp = lowp.empty() ? nullptr : lowp.data();
-    group.sizes = sizes.data();
-    group.coeffs = coeffs.data();
+  // Points the group at the vectors and runs `entry` (a lamb_cuda.h entry point) on MXNet's
+  // stream, with a workspace from MXNet.
+  template <typename Entry>
+  MXReturnValue launch(const OpResource& res, Entry&& entry) {
+    group.weights = data_or_null(weights);
+    group.weights_out = data_or_null(weights_out);
+    group.grads = data_or_null(grads);
+    group.grad_dtypes = data_or_null(grad_dtypes);
+    group.means = data_or_null(means);
+    group.vars = data_or_null(vars);
+    group.vmaxes = data_or_null(vmaxes);
+    group.averages = data_or_null(averages);
+    group.weights_lowp = data_or_null(lowp);
+    group.sizes = data_or_null(sizes);
+    group.lrs = data_or_null(s.lrs);
+    group.wds = data_or_null(s.wds);
+    group.step_counts = data_or_null(s.step_counts);
+    group.count_slots = data_or_null(count_slots);
+    group.stat_rows = data_or_null(stat_rows);
+    group.layer_adaptation = data_or_null(adaptation);
     const size_t bytes = mxlamb_cuda_workspace_bytes(&group);
     void* workspace = res.alloc_gpu(static_cast<int>(bytes));
-    const int err = kernel(&group, workspace, bytes, res.get_cuda_stream());
+    return check(s.inputs.op().name, entry(&group, workspace, bytes, res.get_cuda_stream()));
+  }
+
+  static MXReturnValue check(const char* op, int err) {
     if (err == 0) return MX_SUCCESS;
-    fail(s.inputs.op().name, "CUDA error " + std::to_string(err));
+    fail(op, "CUDA error " + std::to_string(err));
     return MX_FAIL;
   }
 };
-
-MxlambDType cuda_dtype(const MXTensor& t) { return static_cast<MxlambDType>(t.dtype); }
 
 }  // namespace
 
@@ -94,17 +133,6 @@ MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   CudaGroup g;
   if (!g.read(kPhase1Op, attrs, *in)) return MX_FAIL;
-  const InputLayout& l = g.s.inputs;
-  for (int t = 0; t < l.num_tensors(); ++t) {
-    const MXTensor& grad = *l.array(*in, Slot::kGrad, t);
-    if (t > 0 && cuda_dtype(grad) != g.group.grad_dtype) {
-      fail(kPhase1Op.name, "the gradients of one call must share a dtype on GPU; " +
-                               l.label(l.position(Slot::kGrad, t)) + " differs from the first");
-      return MX_FAIL;
-    }
-    g.grads.push_back(grad.data_ptr);
-    g.group.grad_dtype = cuda_dtype(grad);
-  }
   double* sumsq = (*out)[0].data<double>();
   return g.launch(res, [&](MxlambCudaGroup* group, void* ws, size_t bytes, void* stream) {
     return mxlamb_cuda_phase1(group, sumsq, ws, bytes, stream);
@@ -115,23 +143,72 @@ MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   CudaGroup g;
   if (!g.read(kPhase2Op, attrs, *in)) return MX_FAIL;
-  const InputLayout& l = g.s.inputs;
-  const bool multi_precision = g.s.multi_precision;
-  g.group.lowp_dtype = multi_precision ? cuda_dtype((*out)[0]) : MXLAMB_FLOAT32;
-  for (int t = 0; t < l.num_tensors(); ++t) {
-    MXTensor& updated = (*out)[t];
-    // Under multi-precision the fp32 master copy is updated in place and the model weight
-    // written to out; without it out is the fp32 weight, which phase 2 reads and writes.
-    if (multi_precision) {
-      g.lowp.push_back(updated.data_ptr);
-    } else {
-      g.weights[t] = updated.data<float>();
-    }
+  // Under multi-precision the master copy is updated in place and out gets the model weight;
+  // without it the weight goes to out.
+  for (int t = 0; t < g.s.inputs.num_tensors(); ++t) {
+    (g.s.multi_precision ? g.lowp : g.weights_out).push_back((*out)[t].data_ptr);
   }
-  const double* sumsq = l.array(*in, Slot::kSumsq)->data<double>();
+  const double* sumsq = g.s.inputs.array(*in, Slot::kSumsq)->data<double>();
   return g.launch(res, [&](MxlambCudaGroup* group, void* ws, size_t bytes, void* stream) {
     return mxlamb_cuda_phase2(group, sumsq, ws, bytes, stream);
   });
+}
+
+MXReturnValue step_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                               std::vector<MXTensor>* out, const OpResource& res) {
+  CudaGroup g;
+  if (!g.read(kStepOp, attrs, *in)) return MX_FAIL;
+  double* sumsq = (*out)[0].data<double>();
+  return g.launch(res, [&](MxlambCudaGroup* group, void* ws, size_t bytes, void* stream) {
+    return mxlamb_cuda_step(group, sumsq, ws, bytes, stream);
+  });
+}
+
+MXReturnValue grad_stats_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                     std::vector<MXTensor>* out, const OpResource& res) {
+  InputLayout l;
+  MxlambCudaGradStats stats{};
+  if (!parse_grad_stats(attrs, &l, &stats.params)) return MX_FAIL;
+  std::vector<const void*> grads;
+  std::vector<int> dtypes;
+  std::vector<int64_t> sizes;
+  for (int t = 0; t < l.num_tensors(); ++t) {
+    const MXTensor& grad = *l.array(*in, Slot::kGrad, t);
+    grads.push_back(grad.data_ptr);
+    dtypes.push_back(cuda_dtype(grad));
+    sizes.push_back(grad.size());
+  }
+  stats.num_tensors = l.num_tensors();
+  stats.grads = data_or_null(grads);
+  stats.grad_dtypes = data_or_null(dtypes);
+  stats.sizes = data_or_null(sizes);
+  stats.grad_sumsq = (*out)[0].data<double>();
+  stats.control = (*out)[1].data<double>();
+  stats.step_state = l.array(*in, Slot::kStepState)->data<double>();
+  const size_t bytes = mxlamb_cuda_grad_stats_workspace_bytes(&stats);
+  void* workspace = res.alloc_gpu(static_cast<int>(bytes));
+  return CudaGroup::check(kGradStatsOp.name,
+                          mxlamb_cuda_grad_stats(&stats, workspace, bytes,
+                                                 res.get_cuda_stream()));
+}
+
+MXReturnValue trust_ratio_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
+                                      std::vector<MXTensor>* out, const OpResource& res) {
+  TrustRatioAttrs a;
+  if (!parse_trust_ratio(attrs, &a)) return MX_FAIL;
+  std::vector<unsigned char> adaptation(a.layer_adaptation.begin(), a.layer_adaptation.end());
+  MxlambCudaGroup group{};
+  group.num_tensors = a.inputs.num_tensors();
+  group.layer_adaptation = data_or_null(adaptation);
+  group.params.lower_bound = a.lower;
+  group.params.upper_bound = a.upper;
+  const size_t bytes = mxlamb_cuda_workspace_bytes(&group);
+  void* workspace = res.alloc_gpu(static_cast<int>(bytes));
+  return CudaGroup::check(
+      kTrustRatioOp.name,
+      mxlamb_cuda_trust_ratio(&group, a.inputs.array(*in, Slot::kSumsq)->data<double>(),
+                              (*out)[0].data<double>(), workspace, bytes,
+                              res.get_cuda_stream()));
 }
 
 }  // namespace mxlamb
