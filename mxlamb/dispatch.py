@@ -18,6 +18,8 @@ import numpy
 
 from mxnet import ndarray
 
+from .flat import flat_run
+from .options import joined
 from .state import BFLOAT16, LOW_PRECISION, ParameterStates
 
 __all__ = ["Path", "choose_path", "update_group", "gradient_statistics"]
@@ -85,9 +87,16 @@ def update_group(path, attrs, weights, grads, slots, stats=None, counts=None):
 
 
 def _fused_step(attrs, weights, grads, slots):
-
     packed = ParameterStates.packed_moments(slots)
     with_model = "multi_precision" in attrs
+    if packed:
+        flat = flat_run(slots)
+        if flat is not None:
+            # Contiguous parameters (mxlamb.make_contiguous): four arrays for the whole group.
+            weight, grad, model, offset, sizes = flat
+            inputs = [weight, grad, packed[0]] + ([model] if with_model else [])
+            return ndarray.mxlamb_step(*inputs, **dict(
+                attrs, moments_offset=packed[1], flat_offset=offset, flat_sizes=joined(sizes)))
     inputs = []
     for w, g, s in zip(weights, grads, slots):
         inputs += [s.master, g] if packed else [s.master, g, s.mean, s.var]
