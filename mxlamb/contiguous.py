@@ -200,13 +200,16 @@ class _FastUpdate:
     def __init__(self, trainer):
         self._trainer = weakref.ref(trainer)
         self.plan = None
+        self.planned_steps = 0  # steps that took the fast path (the tests read it)
 
     def __call__(self, ignore_stale_grad=False):
         trainer = self._trainer()
         plan = self.plan
         if plan is None or not plan.holds(trainer):
             plan = self.plan = _Plan.make(trainer)
-        if plan is None or not plan.run(ignore_stale_grad):
+        if plan is not None and plan.run(ignore_stale_grad):
+            self.planned_steps += 1
+        else:
             type(trainer)._update(trainer, ignore_stale_grad)
 
 

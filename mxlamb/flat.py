@@ -106,7 +106,8 @@ def flat_position(weight, grad, master):
 
 def flat_run(slots):
     """(flat weight, flat grad, flat model weight or None, offset, sizes) where the tensors
-    of a group lie side by side in the same flat buffers, in the group's order, else None."""
+    of a group lie side by side in the same flat buffers, in the group's order, and the step
+    reads their gradients (no accumulated sums), else None."""
     first = slots[0].flat_at
     if first is None:
         return None
@@ -114,7 +115,9 @@ def flat_run(slots):
     sizes = []
     for s in slots:
         at = s.flat_at
-        if (at is None or at.offset != expected or at.weight is not first.weight
+        # (with gradient accumulation the step's gradients are the sums, not the views)
+        if (at is None or s.accum is not None or at.offset != expected
+                or at.weight is not first.weight
                 or at.grad is not first.grad or at.model is not first.model):
             return None
         sizes.append(at.size)
