@@ -262,8 +262,18 @@ class _Plan:
                     return None
                 weight, grad = p._data[j], p._grad[j]
                 state = updater.states.get(i)
-                if state is None or not updater.states_synced.get(i, False):
-                    return None  # the Updater makes (or moves) it first
+                if state is None:
+                    # Made as the Updater makes it, from the view itself (MXNet 2.0's Updater
+                    # passes a new legacy NDArray of it, which is no view): the master copy
+                    # and moments of a contiguous parameter are flat too.
+                    try:
+                        state = optimizer.create_state_multi_precision(i, weight)
+                    except ValueError:
+                        return None  # the Trainer's own update raises it
+                    updater.states[i] = state
+                    updater.states_synced[i] = True
+                elif not updater.states_synced.get(i, False):
+                    return None  # the Updater moves it to the context first
                 groups.setdefault(numpy.dtype(weight.dtype), []).append((i, p, weight, grad,
                                                                          state))
             device_id = active[0][1]._data[j].context.device_id  # as the Updater's

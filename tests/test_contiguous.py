@@ -149,20 +149,20 @@ def both(steps=6, **kwargs):
 def test_training_is_bit_identical_to_ordinary_storage(hybridize, grad_req):
     _, (net, trainer) = both(hybridize=hybridize, grad_req=grad_req)
     assert contiguous_now(net)
-    # The first step makes the states (through the Updater), every later one is planned.
-    assert trainer._update.planned_steps == 5
+    # Every step planned: the first makes the states (as the Updater would, from the views).
+    assert trainer._update.planned_steps == 6
 
 
 def test_gradients_accumulated_over_steps_with_grad_req_add():
     """grad_req='add' without zero_grad: each step's gradient is the sum of all so far."""
     _, (_, trainer) = both(grad_req="add", zero_grad=False)
-    assert trainer._update.planned_steps == 5
+    assert trainer._update.planned_steps == 6
 
 
 @pytest.mark.parametrize("aggregate_num", [1, 4, np.inf])
 def test_any_aggregate_num_gives_the_same_bits(aggregate_num):
     _, (_, trainer) = both(options={"aggregate_num": aggregate_num})
-    assert trainer._update.planned_steps == 5
+    assert trainer._update.planned_steps == 6
 
 
 def test_weights_and_gradients_are_views_of_one_buffer_each():
@@ -188,8 +188,8 @@ def test_weights_and_gradients_are_views_of_one_buffer_each():
 
 
 def test_one_flat_operator_call_per_step(monkeypatch):
-    """The first step (states made through the Updater) and the planned ones alike call
-    mxlamb_step once, with four... three arrays (no float16 model weight here)."""
+    """Every step calls mxlamb_step once, with three arrays (flat weights, flat gradients,
+    packed moments; no float16 model weights here)."""
     calls = []
     original = mx.nd.mxlamb_step
 
@@ -205,7 +205,7 @@ def test_one_flat_operator_call_per_step(monkeypatch):
 
 def test_float16_multi_precision_is_bit_identical_with_flat_masters():
     _, (net, trainer) = both(dtype="float16", options={"multi_precision": True})
-    assert trainer._update.planned_steps == 5
+    assert trainer._update.planned_steps == 6
     # fp16 weights flat, fp32 masters flat (a view of one master buffer, in the same layout).
     params = trainer._params
     masters = [trainer._updaters[0].states[i][0] for i in range(len(params))]
@@ -216,7 +216,7 @@ def test_float16_multi_precision_is_bit_identical_with_flat_masters():
 
 def test_float64_weights_are_bit_identical():
     _, (_, trainer) = both(dtype="float64")
-    assert trainer._update.planned_steps == 5
+    assert trainer._update.planned_steps == 6
 
 
 def test_schedule_multipliers_and_exclusions_are_kept():
@@ -235,7 +235,7 @@ def test_schedule_multipliers_and_exclusions_are_kept():
                                       ["gamma", "beta"], "exclude_from_layer_adaptation":
                                       ["bias"]}, at_step=multipliers)
     assert_identical(snapshot(*ordinary), snapshot(*contiguous))
-    assert contiguous[1]._update.planned_steps == 5
+    assert contiguous[1]._update.planned_steps == 6
     keys, values = contiguous[1]._optimizer.trust_ratios()
     keys0, values0 = ordinary[1]._optimizer.trust_ratios()
     assert keys == keys0
@@ -313,7 +313,7 @@ def test_save_and_load_parameters_keep_the_views(tmp_path):
         if step == 4:
             net.load_parameters(str(tmp_path / "p.params"))  # set_data: in place
     _, (net, trainer) = both(at_step=reload)
-    assert contiguous_now(net) and trainer._update.planned_steps == 5
+    assert contiguous_now(net) and trainer._update.planned_steps == 6
 
 
 def in_contiguous_run(net):
@@ -321,7 +321,7 @@ def in_contiguous_run(net):
     return flat.position(list(net.collect_params().values())[-1].data())[0] is not None
 
 
-@pytest.mark.parametrize("how, planned", [("trainer", 5), ("mxlamb", 6)])
+@pytest.mark.parametrize("how, planned", [("trainer", 6), ("mxlamb", 7)])
 def test_trainer_states_round_trip_then_make_contiguous_again(tmp_path, how, planned):
     path = str(tmp_path / "states")
 
@@ -340,7 +340,7 @@ def test_trainer_states_round_trip_then_make_contiguous_again(tmp_path, how, pla
     fallback = train(True, steps=7, at_step=round_trip)
     assert_identical(snapshot(*ordinary), snapshot(*fallback))
     # The loaded states are no views: steps 4 to 6 went through the Trainer's own update.
-    assert fallback[1]._update.planned_steps == 3
+    assert fallback[1]._update.planned_steps == 4
     repacked = train(True, steps=7, at_step=again)
     assert_identical(snapshot(*ordinary), snapshot(*repacked))
     # Trainer.load_states leaves the states to be synced by the Updater's next call.
@@ -380,19 +380,19 @@ def test_a_replaced_view_falls_back_and_the_old_buffer_is_left_alone(how):
     _, (net, trainer) = both(at_step=replace_and_remember)
     param = net.collect_params()["net_dense0_weight"]
     assert flat.position(param.data())[0] is None  # no view any more
-    assert trainer._update.planned_steps == 2  # steps 1 and 2; 3, 4 and 5 went the Trainer's way
+    assert trainer._update.planned_steps == 3  # steps 0 to 2; 3 to 5 went the Trainer's way
     np.testing.assert_array_equal(kept["view"].asnumpy(), kept["values"])
 
 
 def test_set_data_writes_into_the_view_and_keeps_the_fast_path():
     _, (net, trainer) = both(at_step=_replace("set_data"))
-    assert contiguous_now(net) and trainer._update.planned_steps == 5
+    assert contiguous_now(net) and trainer._update.planned_steps == 6
 
 
 def test_make_contiguous_again_after_a_replacement_restores_the_fast_path():
     _, (net, trainer) = both(at_step=_replace("recontiguous"))
     assert contiguous_now(net)
-    assert trainer._update.planned_steps == 5  # the states moved into the new layout
+    assert trainer._update.planned_steps == 6  # the states moved into the new layout
 
 
 def test_a_parameter_frozen_between_steps_is_left_alone():
@@ -405,14 +405,14 @@ def test_a_parameter_frozen_between_steps_is_left_alone():
             frozen[len(frozen)] = param.data().asnumpy()
     (net0, _), (net1, trainer) = both(at_step=freeze)
     # The others, still views, are planned in two runs around the gap.
-    assert trainer._update.planned_steps == 5
+    assert trainer._update.planned_steps == 6
     for net, values in zip((net0, net1), frozen.values()):
         np.testing.assert_array_equal(net.collect_params()["net_dense1_weight"].data().asnumpy(),
                                       values)
 
 
 @pytest.mark.parametrize("kvstore, update_on_kvstore, planned", [
-    ("local", False, 5), ("device", False, 5), ("local", True, 0)])
+    ("local", False, 6), ("device", False, 6), ("local", True, 0)])
 def test_several_contexts_with_a_kvstore(kvstore, update_on_kvstore, planned):
     ctx = [mx.cpu(0), mx.cpu(1)]
     _, (net, trainer) = both(ctx=ctx, kvstore=kvstore, update_on_kvstore=update_on_kvstore)

@@ -57,12 +57,12 @@ def test_dist_sync_equals_single_process(tmp_path, single, servers, update_on_kv
     assert_same_weights(single, out)
 
 
-@pytest.mark.parametrize("update_on_kvstore, planned", [(0, "4"), (1, "0")])
+@pytest.mark.parametrize("update_on_kvstore, planned", [(0, "5"), (1, "0")])
 def test_contiguous_parameters_are_bit_identical_to_ordinary_storage(tmp_path, single,
                                                                       update_on_kvstore,
                                                                       planned):
     """mxlamb.make_contiguous on every worker: with updates on the workers the Trainer's
-    fast path steps the flat buffers (after the first step, which makes the states); with
+    fast path steps the flat buffers (every step: the first makes the states); with
     updates on the servers the views are pulled into. Both equal the ordinary run bit for
     bit (two workers' gradients add up the same in either order)."""
     runs = {}
