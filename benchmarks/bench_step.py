@@ -61,10 +61,14 @@ def numpy_lamb(weights, grads, means, variances, t, lr=1e-3, wd=0.01, beta1=0.9,
 
 def time_steps(step, steps, warmup=1, min_seconds=0.5):
     """Median seconds of ``steps`` timed steps, or of as many more (up to 500) as fill
-    ``min_seconds``: a sub-millisecond step needs hundreds for a stable median."""
+    ``min_seconds``: a sub-millisecond step needs hundreds for a stable median. A step with
+    a ``before`` attribute has it called before each step, outside the clock."""
+    before = getattr(step, "before", lambda: None)
     for _ in range(warmup):
+        before()
         step()
     mx.nd.waitall()
+    before()
     start = time.perf_counter()
     step()
     mx.nd.waitall()
@@ -72,6 +76,7 @@ def time_steps(step, steps, warmup=1, min_seconds=0.5):
     steps = max(steps, min(500, int(min_seconds / max(estimate, 1e-6))))
     times = []
     for _ in range(steps):
+        before()
         mx.nd.waitall()
         start = time.perf_counter()
         step()
@@ -120,6 +125,52 @@ class FloorOptimizer(mx.optimizer.Optimizer):
         mx.nd.multi_sum_sq(*weights, *grads, num_arrays=2 * len(weights))
 
     update_multi_precision = update
+
+
+class NoOpOptimizer(mx.optimizer.Optimizer):
+    """The floor of gluon.Trainer.step itself: its per-parameter loop and MXNet's Updater
+    around an optimizer that does nothing (one call for the whole step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aggregate_num = 1 << 30
+
+    def create_state(self, index, weight):
+        return None
+
+    def update(self, index, weight, grad, state):
+        pass
+
+    update_multi_precision = update
+
+
+def trainer_step(make_optimizer, contiguous=False):
+    """gluon.Trainer.step (one CPU context, no kvstore) on Parameters holding the weights and
+    gradients, with mxlamb.make_contiguous or not. Before each step, outside the clock, every
+    gradient is marked fresh, as backward leaves it."""
+    def make(weights, grads):
+        params = []
+        for k, (w, g) in enumerate(zip(weights, grads)):
+            param = mx.gluon.Parameter("p%d" % k, shape=w.shape)
+            param.initialize(ctx=mx.cpu())
+            param.set_data(w)
+            g.copyto(param.grad())
+            params.append(param)
+        trainer = mx.gluon.Trainer(params, make_optimizer(), kvstore=None,
+                                   update_on_kvstore=False)
+        if contiguous:
+            mxlamb.make_contiguous(trainer)
+
+        def mark_fresh():
+            for param in params:
+                for data in param._data:
+                    data._fresh_grad = True
+
+        def step():
+            trainer.step(1)
+        step.before = mark_fresh
+        return step
+    return make
 
 
 def one_thread(make):
@@ -171,6 +222,12 @@ def cases(model, shapes):
             lambda: mxlamb.LAMB(wd=0.01, aggregate_num=200))
         yield "floor: Updater + 1 read-only op on w, g (200)", mx_case(
             lambda: FloorOptimizer(aggregate_num=200))
+    if model in ("200x768", "bert-base"):
+        yield "gluon.Trainer.step, no-op optimizer", trainer_step(NoOpOptimizer)
+        yield "gluon.Trainer.step, mxlamb", trainer_step(
+            lambda: mxlamb.LAMB(wd=0.01, aggregate_num=np.inf))
+        yield "gluon.Trainer.step, mxlamb, contiguous parameters", trainer_step(
+            lambda: mxlamb.LAMB(wd=0.01), contiguous=True)
     yield "mxlamb fused_step (aggregate_num=45), 1 thread", one_thread(mx_case(
         lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45)))
     yield "mxlamb step", mx_case(lambda: mxlamb.LAMB(wd=0.01, use_fused_step=False))
