@@ -22,7 +22,7 @@ from mxnet.optimizer import Optimizer
 
 from ._library import native
 from . import dispatch
-from .flat import FlatBuffer, Layout, _is_np, flat_run
+from .flat import FlatBuffer, Layout, _is_np, context_of, flat_run
 from .lamb import LAMB
 from .options import joined
 from .state import ParameterStates
@@ -94,9 +94,11 @@ def make_contiguous(params_or_trainer):
                              "initialize() first" % param.name)
         for j, data in enumerate(param._data):
             if data.size:
-                key = (data.context, numpy.dtype(data.dtype))
+                key = (context_of(data), numpy.dtype(data.dtype))
                 members.setdefault(key, []).append((param, j))
     moved = set()
+    fresh = {param: [data._fresh_grad for data in param._data]
+             for param in {param for group in members.values() for param, _ in group}}
     for (context, dtype), group in members.items():
         datas = [param._data[j] for param, j in group]
         grads = [param._grad[j] for param, j in group]
@@ -113,8 +115,11 @@ def make_contiguous(params_or_trainer):
             moved.add(param)
     for param in params:
         if param in moved:
-            # The views are the variables autograd writes the gradients into.
+            # The views are the variables autograd writes the gradients into; a gradient
+            # written before stays fresh for the next step.
             autograd.mark_variables(param._data, param._grad, param.grad_req)
+            for data, flag in zip(param._data, fresh[param]):
+                data._fresh_grad = flag
     if trainer is not None:
         _adopt_states(trainer)
         fast = trainer.__dict__.get("_update")
@@ -151,7 +156,7 @@ def _adopt_states(trainer):
             param = optimizer.param_dict.get(index)
             if param is None or param._data is None or not isinstance(state, (tuple, list)):
                 continue
-            data = [d for d in param._data if d.context == _context_of(state)]
+            data = [d for d in param._data if context_of(d) == _context_of(state)]
             if len(data) != 1:
                 continue
             weight = data[0]
@@ -184,7 +189,7 @@ def _context_of(state):
     first = state[0]
     while isinstance(first, (tuple, list)):
         first = first[0]
-    return first.context
+    return context_of(first)
 
 
 def _copy(source, target):
@@ -276,7 +281,7 @@ class _Plan:
                     return None  # the Updater moves it to the context first
                 groups.setdefault(numpy.dtype(weight.dtype), []).append((i, p, weight, grad,
                                                                          state))
-            device_id = active[0][1]._data[j].context.device_id  # as the Updater's
+            device_id = context_of(active[0][1]._data[j]).device_id  # as the Updater's
             steps = []
             for dtype, items in groups.items():
                 runs = cls._runs(optimizer, options, dtype, items)
@@ -305,7 +310,7 @@ class _Plan:
         runs = []
         current = []
         prepare = optimizer.param_states.prepare
-        context = items[0][2].context
+        context = context_of(items[0][2])
         try:
             prepared = [prepare(i, w, g, s, options, optimizer.multi_precision)
                         for i, _, w, g, s in items]

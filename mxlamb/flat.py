@@ -19,7 +19,7 @@ import numpy
 from mxnet import ndarray
 
 __all__ = ["Layout", "FlatBuffer", "FlatStates", "FlatAt", "position", "flat_position",
-           "flat_run"]
+           "flat_run", "context_of"]
 
 # id(view) -> the FlatBuffer that made it (which keeps the view alive: the id is not reused).
 _BUFFERS = weakref.WeakValueDictionary()
@@ -32,6 +32,11 @@ FlatAt = collections.namedtuple("FlatAt", ["weight", "grad", "model", "offset", 
 
 def _is_np(array):
     return type(array).__module__.startswith("mxnet.numpy")
+
+
+def context_of(array):
+    """An array's context (MXNet 2.0's mx.np arrays call it device, and warn on .context)."""
+    return array.device if _is_np(array) else array.context
 
 
 class Layout:

@@ -215,7 +215,7 @@ class LAMB(Optimizer):
         variance of a parameter of up to 65,536 elements are views into a shared moment slab
         (see :mod:`mxlamb.state`)."""
         state = self.param_states.create(index, weight, self.options, self.param_dict)
-        self.collector.note(weight.context, index)
+        self.collector.note(legacy(weight).context, index)  # (mx.np arrays warn on .context)
         return state
 
     def create_state_multi_precision(self, index, weight):

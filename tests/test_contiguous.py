@@ -451,3 +451,18 @@ def test_parameters_as_a_dict_or_list_and_a_non_lamb_optimizer():
     assert trainer._update.planned_steps == 0
     with pytest.raises(ValueError, match="takes a gluon.Trainer, a ParameterDict"):
         mxlamb.make_contiguous([1, 2])
+
+
+def test_a_gradient_written_before_make_contiguous_stays_fresh():
+    def run(contiguous):
+        net = make_net()
+        trainer = gluon.Trainer(net.collect_params(), mxlamb.LAMB(learning_rate=0.05))
+        for x, y in batches(3):
+            with autograd.record():
+                loss = gluon.loss.SoftmaxCrossEntropyLoss()(net(mx.nd.array(x)), mx.nd.array(y))
+            loss.backward()
+            if contiguous:
+                mxlamb.make_contiguous(trainer)  # between backward and step
+            trainer.step(BATCH)
+        return net, trainer
+    assert_identical(snapshot(*run(False)), snapshot(*run(True)))
