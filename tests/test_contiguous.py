@@ -251,11 +251,12 @@ def test_options_of_the_phase_path_go_the_ordinary_way_on_the_views(options):
     assert trainer._update.planned_steps == 0 and contiguous_now(net)
 
 
-def test_amsgrad_of_adamw_goes_the_ordinary_way():
+@pytest.mark.parametrize("amsgrad, planned", [(False, 4), (True, 0)])
+def test_adamw_is_planned_and_its_amsgrad_goes_the_ordinary_way(amsgrad, planned):
     def run(contiguous):
         net = make_net()
         trainer = gluon.Trainer(net.collect_params(), mxlamb.AdamW(learning_rate=0.05,
-                                                                   amsgrad=True))
+                                                                   amsgrad=amsgrad))
         if contiguous:
             mxlamb.make_contiguous(trainer)
         for x, y in batches(4):
@@ -264,7 +265,9 @@ def test_amsgrad_of_adamw_goes_the_ordinary_way():
             loss.backward()
             trainer.step(BATCH)
         return net, trainer
-    assert_identical(snapshot(*run(False)), snapshot(*run(True)))
+    contiguous = run(True)
+    assert_identical(snapshot(*run(False)), snapshot(*contiguous))
+    assert contiguous[1]._update.planned_steps == planned
 
 
 def test_stale_gradients_warn_or_are_skipped_as_the_trainer_does():
