@@ -276,6 +276,7 @@ def load_states(trainer, path, by_order=False):
         optimizer.counters.device_counts = {trainer._contexts[k]: arrays["opt/counts/%d" % k]
                                             for k in meta.get("device_counts", [])}
         optimizer.param_states.checked = {}
+        optimizer._plans = {}  # (the states are new objects: no plan would replay anyway)
         optimizer.collector.known = {c: set(s) for c, s in zip(trainer._contexts, restored)}
 
 

@@ -183,6 +183,9 @@ def _adopt_states(trainer):
             arrays = tuple(packed[:2]) + tuple(arrays[2:])
             updater.states[index] = (master, arrays) if master is not None else arrays
     states.checked = {}
+    plans = getattr(optimizer, "_plans", None)  # LAMB's step plans name the old states
+    if isinstance(plans, dict):
+        plans.clear()
 
 
 def _context_of(state):
@@ -219,14 +222,18 @@ class _FastUpdate:
 
 
 class _Run:
-    """One mxlamb_step call: consecutive members of flat buffers."""
+    """One mxlamb_step call: consecutive members of flat buffers, and what stays the same
+    from step to step (as a GroupPlan of LAMB's own step)."""
 
-    def __init__(self, indices, params, inputs, attrs, model_dtype):
-        self.indices = list(indices)
+    def __init__(self, optimizer, indices, params, inputs, flat_attrs, model_dtype):
+        self.indices = tuple(indices)
         self.params = params
         self.inputs = inputs
-        self.attrs = attrs  # flat_sizes, flat_offset, moments_offset
-        self.model_dtype = model_dtype  # under multi-precision, else None
+        self.excluded, layer_adaptation = optimizer._group_options(self.indices)
+        options = optimizer.options
+        self.attrs = options.group_attributes(len(indices), model_dtype, layer_adaptation)
+        self.ratio_attrs = options.trust_ratio_attributes(self.attrs)
+        self.attrs.update(flat_attrs)  # flat_sizes, flat_offset, moments_offset
 
 
 class _Plan:
@@ -335,8 +342,8 @@ class _Plan:
             inputs = [weight, grad, packed[0]] + ([model] if with_model else [])
             attrs = {"flat_sizes": joined(sizes), "flat_offset": offset,
                      "moments_offset": packed[1]}
-            runs.append(_Run([item[0] for item, _ in current], [item[1] for item, _ in current],
-                             inputs, attrs, model_dtype))
+            runs.append(_Run(optimizer, [item[0] for item, _ in current],
+                             [item[1] for item, _ in current], inputs, attrs, model_dtype))
             return True
 
         for item, p in sized:
@@ -428,6 +435,7 @@ class _Plan:
             counters.count_applied(indices)
 
     def _step(self, optimizer, options, run, grad_scale):
+        """LAMB._update_group for a run: what changes from step to step, then its call."""
         indices = run.indices
         if self.fast_lrs:
             # Optimizer._get_lrs / _get_wds for parameters all in param_dict (the Trainer's).
@@ -438,19 +446,17 @@ class _Plan:
             wds = [wd * p.wd_mult for p in run.params]
         else:
             lrs, wds = optimizer._get_lrs(indices), optimizer._get_wds(indices)
-        excluded, layer_adaptation = optimizer._group_options(indices)
-        if excluded:
-            wds = [0.0 if row in excluded else wd for row, wd in enumerate(wds)]
-        attrs = options.step_attributes(lrs, wds, grad_scale, optimizer.clip_gradient,
-                                        run.model_dtype, layer_adaptation)
+        if run.excluded:
+            wds = [0.0 if row in run.excluded else wd for row, wd in enumerate(wds)]
+        attrs = dict(run.attrs, **options.step_values(lrs, wds, grad_scale,
+                                                      optimizer.clip_gradient))
         applied, begin = optimizer.counters.applied, optimizer.counters.begin
         attrs["step_counts"] = joined([c + 1 for c in map(applied.get, indices,
                                                           itertools.repeat(begin))])
-        attrs.update(run.attrs)
         table = ndarray.mxlamb_step(*run.inputs, **attrs)
-        ratio_attrs = options.trust_ratio_attributes(attrs)
-        optimizer._last_tables.update(
-            zip(indices, ((table, row, ratio_attrs) for row in range(len(indices)))))
+        # For trust_ratios() (read on request), as LAMB._update_group keeps them.
+        optimizer._last_tables.pop(indices, None)
+        optimizer._last_tables[indices] = (table, run.ratio_attrs)
 
 
 # Identity checks over whole lists at C speed (map with operator's functions).

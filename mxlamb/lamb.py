@@ -21,7 +21,7 @@ from .dist import check_on_server
 from .options import (OPTIMIZER_KWARGS, TRAINING_OPTIONS, WHOLE_STEP, Options, aggregation,
                       flag, number, warn_trap)
 from .state import LOW_PRECISION, ParameterStates, legacy
-from .steps import StepCollector, StepCounters, accumulate
+from .steps import GroupPlan, StepCollector, StepCounters, StepPlan, accumulate
 
 __all__ = ["LAMB", "TrustRatios"]
 
@@ -81,10 +81,16 @@ class LAMB(Optimizer):
         Upper clamp of ``||w||`` in the trust ratio (>= 0, >= lower_bound); None or 0 for none.
     bias_correction : bool, default True
         Divide the moments by ``1 - beta**t``.
-    aggregate_num : int, None or numpy.inf, default 4
+    aggregate_num : int, None or numpy.inf, default numpy.inf
         Tensors per multi-tensor operator call in ``fused_step``, as MXNet 2.0 reads it: any
-        positive integer; None or 0 for one tensor per call; ``numpy.inf`` for the whole step
-        in one call (kept as ``sys.maxsize`` on MXNet 1.x, whose Updater slices by it).
+        positive integer; None or 0 for one tensor per call; ``numpy.inf`` (the default) for
+        the whole step at once (kept as ``sys.maxsize`` on MXNet 1.x, whose Updater slices by
+        it), which mxlamb cuts as is fastest: the plain step in one ``mxlamb_step`` call (the
+        operator works back to back per cache-sized batch), the two-phase options path in
+        batches of consecutive tensors of about a million elements. MXNet's LAMB defaults to
+        4; every grouping gives bit-identical results here, so the default is the fastest
+        one (a step of 200 small tensors in groups of 4 costs about 5 times as much, most of
+        it MXNet's cost per operator call).
     use_fused_step : bool, default True
         Whether ``update`` (MXNet's Updater, Trainer) calls go to ``fused_step`` (else
         ``step``).
@@ -134,7 +140,8 @@ class LAMB(Optimizer):
     """
 
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6,
-                 lower_bound=None, upper_bound=None, bias_correction=True, aggregate_num=4,
+                 lower_bound=None, upper_bound=None, bias_correction=True,
+                 aggregate_num=numpy.inf,
                  use_fused_step=True, global_clipnorm=None, clipnorm=None, use_ema=False,
                  ema_momentum=0.99, ema_overwrite_frequency=None,
                  gradient_accumulation_steps=None, loss_scale_factor=None, loss_scaler=None,
@@ -173,13 +180,15 @@ class LAMB(Optimizer):
         """What is rebuilt rather than pickled: checked states and slabs (the states in them
         are pickled as the Updater's own), the last tables, per-name and per-group options."""
         self.param_states = ParameterStates(self._describe)
-        self._last_tables = {}  # index -> (phase-1 table, row, trust-ratio attributes)
+        self._last_tables = {}  # group's indices -> (phase-1 table, trust-ratio attributes)
+        self._plans = {}        # (first index, group size) -> the StepPlan last used
         self._names = {}        # index -> (wd excluded, layer adaptation)
         self._groups = {}       # indices -> (rows excluded from wd, layer adaptation or None)
 
     def __getstate__(self):
         state = super().__getstate__()
-        for transient in ("param_states", "_last_tables", "_names", "_groups", "_callback_error"):
+        for transient in ("param_states", "_last_tables", "_plans", "_names", "_groups",
+                          "_callback_error"):
             del state[transient]
         # Optimizer.__getstate__ drops param_dict (the Gluon Parameters), so a kvstore server
         # would lose each parameter's name, lr_mult and wd_mult (and with the name the
@@ -245,9 +254,13 @@ class LAMB(Optimizer):
 
     def fused_step(self, indices, weights, grads, states):
         """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call (one
-        for 0, all of them for numpy.inf)."""
-        group_size = max(1, min(self.aggregate_num, len(indices)))
-        self._run_step(indices, weights, grads, states, group_size=int(group_size))
+        for 0); for the whole step (numpy.inf, the default) the fastest grouping, see
+        :func:`mxlamb.dispatch.batches`."""
+        if self.aggregate_num == WHOLE_STEP or self.aggregate_num == numpy.inf:
+            group_size = None
+        else:
+            group_size = int(max(1, min(self.aggregate_num, len(indices))))
+        self._run_step(indices, weights, grads, states, group_size=group_size)
 
     # ------------------------------------------------------------------------- 1.x API
 
@@ -324,10 +337,13 @@ class LAMB(Optimizer):
     def trust_ratios(self):
         """The trust ratios of the last step as :class:`TrustRatios` (no host sync until the
         values are read)."""
+        newest = {}  # index -> (table, row, attributes) of its newest group
+        for indices, (table, attrs) in self._last_tables.items():
+            for row, index in enumerate(indices):
+                newest[index] = (table, row, attrs)
         keys, parts = [], []
         by_table = collections.OrderedDict()
-        for index, (table, row, attrs) in sorted(self._last_tables.items(),
-                                                 key=lambda kv: str(kv[0])):
+        for index, (table, row, attrs) in sorted(newest.items(), key=lambda kv: str(kv[0])):
             by_table.setdefault(id(table), (table, attrs, []))[2].append((index, row))
         for table, attrs, rows in by_table.values():
             ratios = ndarray.mxlamb_trust_ratio(table, **attrs)
@@ -362,46 +378,31 @@ class LAMB(Optimizer):
     # ------------------------------------------------------------------------ the step
 
     def _run_step(self, indices, weights, grads, states, group_size):
+        key = None
         if weights:
             # Counts are per device (MXNet's Updater switches them too; a direct call may not).
-            self._use_device_counts(legacy(weights[0]).context.device_id)
+            context = legacy(weights[0]).context
+            self._use_device_counts(context.device_id)
+            key = (context.device_typeid, context.device_id, indices[0], group_size)
         self._update_count(list(indices))
-        options, prepare = self.options, self.param_states.prepare
-        checked = self.param_states.checked
-        dtypes = {}
-        items = []
-        for index, weight, grad, state in zip(indices, weights, grads, states):
-            prepared = None
-            for cached in checked.get(index, ()):  # prepare's cache, inline (per tensor)
-                if cached[0] is weight and cached[1] is grad and cached[2] is state:
-                    prepared = cached[3]
-                    break
-            if prepared is None:
-                prepared = prepare(index, weight, grad, state, options, self.multi_precision)
-            if prepared.size > 0:
-                items.append((index, prepared.weight, prepared.grad, prepared.slots))
-                dtypes[index] = prepared.dtype
-        items, grad_scale = accumulate(items, self.counters, options.gradient_accumulation_steps,
+        options = self.options
+        plan = self._plans.get(key)
+        if plan is None or not plan.replays(indices, weights, grads, states):
+            plan = self._plans[key] = self._plan(indices, weights, grads, states, group_size)
+        items, grad_scale = accumulate(plan.items, self.counters,
+                                       options.gradient_accumulation_steps,
                                        self.rescale_grad / (options.loss_scale_factor or 1.0))
         if not items:
             return
+        groups = plan.groups if items is plan.items else self._group_plans(items, plan, group_size)
         stats = None
         if options.needs_whole_step:
             step_state = self.counters.step_state(options.loss_scaler, items[0][1].context,
                                                   create=True)
             stats = dispatch.gradient_statistics(options, [item[2] for item in items],
                                                  grad_scale, step_state)
-        # One weight dtype per operator call (the mode and the output type are per call).
-        kinds = set(dtypes.values())
-        if len(kinds) == 1:
-            by_dtype = {kinds.pop(): list(enumerate(items))}
-        else:
-            by_dtype = collections.OrderedDict()
-            for row, item in enumerate(items):
-                by_dtype.setdefault(dtypes[item[0]], []).append((row, item))
-        for dtype, members in by_dtype.items():
-            for start in range(0, len(members), group_size):
-                self._update_group(members[start:start + group_size], grad_scale, stats, dtype)
+        for group in groups:
+            self._update_group(group, grad_scale, stats)
         self.counters.count_applied([item[0] for item in items])
         if options.gradient_accumulation_steps is None and not options.use_ema:
             return
@@ -414,32 +415,72 @@ class LAMB(Optimizer):
                     slots.average.copyto(slots.master)
                 _cast_into(slots.average, weight)
 
-    def _update_group(self, members, grad_scale, stats, dtype):
-        """One group of tensors of weight dtype ``dtype`` through dispatch.update_group.
+    def _plan(self, indices, weights, grads, states, group_size):
+        """The step's parameters checked (state.ParameterStates.prepare) and, unless
+        gradients are accumulated (then the groups depend on which are due), its groups."""
+        prepare, multi_precision = self.param_states.prepare, self.multi_precision
+        items, dtypes, sizes = [], {}, {}
+        for index, weight, grad, state in zip(indices, weights, grads, states):
+            prepared = prepare(index, weight, grad, state, self.options, multi_precision)
+            if prepared.size > 0:
+                items.append((index, prepared.weight, prepared.grad, prepared.slots))
+                dtypes[index], sizes[index] = prepared.dtype, prepared.size
+        plan = StepPlan(indices, weights, grads, states, items, dtypes, sizes)
+        if self.options.gradient_accumulation_steps is None and items:
+            plan.groups = self._group_plans(items, plan, group_size)
+        return plan
+
+    def _group_plans(self, items, plan, group_size):
+        """The GroupPlans of a step's ``items``: one weight dtype per operator call (the mode
+        and the output type are per call), then dispatch.batches."""
+        by_dtype = collections.OrderedDict()
+        for row, item in enumerate(items):
+            by_dtype.setdefault(plan.dtypes[item[0]], []).append((row, item))
+        options, has_stats = self.options, self.options.needs_whole_step
+        groups = []
+        for dtype, members in by_dtype.items():
+            context = members[0][1][1].context
+            path = dispatch.choose_path(dtype, context, options, has_stats)
+            sizes = [plan.sizes[item[0]] for _, item in members]
+            for batch in dispatch.batches(members, sizes, group_size, path):
+                groups.append(self._group_plan(batch, path, dtype, context, has_stats))
+        return groups
+
+    def _group_plan(self, members, path, dtype, context, has_stats):
+        """What one group's step needs that stays the same from step to step.
         ``members`` are (row in the step, (index, weight, grad, Slots))."""
         rows = [row for row, _ in members]
         indices, weights, grads, slots = zip(*(item for _, item in members))
         options = self.options
-        path = dispatch.choose_path(dtype, weights[0].context, options, stats is not None)
         excluded, layer_adaptation = self._group_options(indices)
-        wds = self._get_wds(indices)
-        if excluded:
-            wds = [0.0 if i in excluded else wd for i, wd in enumerate(wds)]
-        attrs = options.step_attributes(
-            self._get_lrs(indices), wds, grad_scale, self.clip_gradient,
-            dispatch.model_dtype(dtype, self.multi_precision, path), layer_adaptation)
-        if stats is not None:
+        attrs = options.group_attributes(
+            len(indices), dispatch.model_dtype(dtype, self.multi_precision, path),
+            layer_adaptation)
+        if has_stats:
             attrs.update(options.stats_attributes(rows))
+        return GroupPlan(indices, context, excluded, attrs,
+                         options.trust_ratio_attributes(attrs),
+                         dispatch.GroupCall(path, attrs, weights, grads, slots))
+
+    def _update_group(self, group, grad_scale, stats):
+        """One step of a GroupPlan: what changes from step to step (learning rates and weight
+        decays, the gradient scale, step counts), then its operator call."""
+        options, indices = self.options, group.indices
+        wds = self._get_wds(indices)
+        if group.excluded:
+            wds = [0.0 if i in group.excluded else wd for i, wd in enumerate(wds)]
+        attrs = dict(group.attrs, **options.step_values(self._get_lrs(indices), wds, grad_scale,
+                                                        self.clip_gradient))
         counts = None
         if options.may_skip:
-            counts, count_slots = self.counters.device_counts_for(indices, weights[0].context)
+            counts, count_slots = self.counters.device_counts_for(indices, group.context)
             attrs.update(options.counts_attributes(count_slots=count_slots))
         else:
             attrs.update(options.counts_attributes(self.counters.host_counts(indices)))
-        table = dispatch.update_group(path, attrs, weights, grads, slots, stats, counts)
-        ratio_attrs = options.trust_ratio_attributes(attrs)
-        for row, index in enumerate(indices):  # for trust_ratios() (read on request)
-            self._last_tables[index] = (table, row, ratio_attrs)
+        table = group.call(attrs, stats, counts)
+        # For trust_ratios() (read on request): the newest table of each group, in step order.
+        self._last_tables.pop(indices, None)
+        self._last_tables[indices] = (table, group.ratio_attrs)
 
     def _group_options(self, indices):
         """(rows excluded from weight decay, per-tensor layer adaptation or None when every

@@ -219,27 +219,19 @@ class Options:
 
     # ------------------------------------------------------------ operator attributes
 
-    def step_attributes(self, lrs, wds, grad_scale, clip_gradient, model_dtype=None,
-                        layer_adaptation=None):
-        """Attributes of mxlamb_phase1 / mxlamb_phase2 / mxlamb_step for one group: per-tensor
-        ``lrs`` and ``wds``, the gradient scale, MXNet's clip_gradient (None, or <= 0, for no
-        clipping), the model weight's dtype name under multi-precision (else None) and the
-        per-tensor layer adaptation (None when every tensor adapts)."""
+    def group_attributes(self, num_tensors, model_dtype=None, layer_adaptation=None):
+        """The attributes of mxlamb_phase1 / mxlamb_phase2 / mxlamb_step that stay the same
+        from step to step for one group: the hyper-parameters, the model weight's dtype name
+        under multi-precision (else None) and the per-tensor layer adaptation (None when every
+        tensor adapts). :meth:`step_values` adds what changes."""
         # An option that is off is an attribute left out (the operators' default is off).
         attrs = {
-            "num_tensors": len(lrs),
+            "num_tensors": num_tensors,
             "beta1": self.beta1,
             "beta2": self.beta2,
             "epsilon": self.epsilon,
             "bias_correction": self.bias_correction,
-            "rescale_grad": grad_scale,
-            "lrs": joined(lrs),
-            "wds": joined(wds),
         }
-        # None, 0 (MXNet's "not given") and a negative clip_gradient do not clip; MXNet passes
-        # a bound only when it is truthy: 0 is no bound.
-        if clip_gradient is not None and clip_gradient > 0:
-            attrs["clip_gradient"] = clip_gradient
         if self.lower_bound:
             attrs["lower_bound"] = self.lower_bound
         if self.upper_bound:
@@ -257,6 +249,18 @@ class Options:
             attrs["multi_precision"] = True
             attrs["model_dtype"] = model_dtype
         return attrs
+
+    @staticmethod
+    def step_values(lrs, wds, grad_scale, clip_gradient):
+        """The attributes that may change every step: per-tensor ``lrs`` and ``wds`` (the
+        schedule, lr_mult, wd_mult), the gradient scale and MXNet's clip_gradient (None, or
+        <= 0, for no clipping)."""
+        values = {"rescale_grad": grad_scale, "lrs": joined(lrs), "wds": joined(wds)}
+        # None, 0 (MXNet's "not given") and a negative clip_gradient do not clip; MXNet passes
+        # a bound only when it is truthy: 0 is no bound.
+        if clip_gradient is not None and clip_gradient > 0:
+            values["clip_gradient"] = clip_gradient
+        return values
 
     def grad_stats_attributes(self, num_tensors, grad_scale):
         """Attributes of mxlamb_grad_stats (the whole step's gradient statistics)."""

@@ -1,7 +1,9 @@
 """The whole-step machinery: step counts (per device, as MXNet keeps its own), the step state
-of skipped steps and loss scaling, gradient accumulation, and the collection of the Updater's
-calls into whole steps for the options that need every gradient first."""
+of skipped steps and loss scaling, gradient accumulation, the collection of the Updater's
+calls into whole steps for the options that need every gradient first, and the plans that a
+step whose arrays are the same objects as the last one replays."""
 import collections
+import operator
 
 import numpy
 
@@ -9,7 +11,7 @@ from mxnet import ndarray
 
 from .devices import device_key
 
-__all__ = ["StepCounters", "StepCollector", "accumulate"]
+__all__ = ["StepCounters", "StepCollector", "StepPlan", "GroupPlan", "accumulate"]
 
 
 class StepCounters:
@@ -162,3 +164,35 @@ class StepCollector:
             return None
         self.pending[context] = collections.OrderedDict()
         return list(pending.values())
+
+
+class StepPlan:
+    """A step's parameters as checked (``items``: index, weight, gradient, Slots; their
+    ``dtypes`` and ``sizes`` by index) and its ``groups`` (GroupPlans; None where they depend
+    on the step, under gradient accumulation). MXNet's Updater and Trainer pass the same
+    array objects every step, and such a step replays the plan: no array is checked, no
+    operator input list built again; only learning rates, weight decays, the gradient scale
+    and step counts are derived anew (LAMB._update_group). The plan holds the arrays, so an
+    identity it compares cannot be reused by a new array."""
+
+    def __init__(self, indices, weights, grads, states, items, dtypes, sizes):
+        self.indices = tuple(indices)
+        self.arrays = (list(weights), list(grads), list(states))
+        self.items, self.dtypes, self.sizes = items, dtypes, sizes
+        self.groups = None
+
+    def replays(self, indices, weights, grads, states):
+        """Whether a step of these very arrays (the same objects, in the same order) can
+        replay this plan."""
+        same = operator.is_
+        known_weights, known_grads, known_states = self.arrays
+        return (len(weights) == len(known_weights) and tuple(indices) == self.indices
+                and all(map(same, weights, known_weights)) and all(map(same, grads, known_grads))
+                and all(map(same, states, known_states)))
+
+
+# One operator group of a plan: its indices, context, rows excluded from weight decay, the
+# attributes that stay the same (Options.group_attributes, stats_attributes), those of its
+# trust-ratio read-out, and its dispatch.GroupCall.
+GroupPlan = collections.namedtuple("GroupPlan", ["indices", "context", "excluded", "attrs",
+                                                 "ratio_attrs", "call"])
