@@ -1,16 +1,20 @@
 """One LAMB step on real model parameter sets: mxlamb vs MXNet's LAMB vs NumPy vs the bound.
 
-    python benchmarks/bench_step.py [--models bert-base,200x768] [--large] [--steps 5]
+    python benchmarks/bench_step.py [--models bert-base,resnet-50,200x768] [--large]
+                                    [--steps 5]
                                     [--json out.json] [--png out.png]
 
 In one run it measures a STREAM-like read-modify-write bandwidth with the library's own
 threads, derives the byte bound of a two-pass LAMB step (40 bytes per parameter: read w, g, m, v
 and write m, v; then read w, m, v and write w), and times every implementation with warm-up,
-``mx.nd.waitall()`` before reading the clock, and the median of several steps. It prints a
-table of medians and ratios; nothing here is asserted.
+``mx.nd.waitall()`` before reading the clock, and the median of several steps: through MXNet's
+Updater (the path of gluon.Trainer and Module) and through ``gluon.Trainer.step`` itself, with
+and without ``mxlamb.make_contiguous``. It prints a table of medians and ratios; nothing here
+is asserted.
 """
 import argparse
 import ctypes
+import functools
 import json
 import os
 import platform
@@ -20,6 +24,7 @@ import time
 
 import mxnet as mx
 import numpy as np
+from mxnet import gluon
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -59,12 +64,16 @@ def numpy_lamb(weights, grads, means, variances, t, lr=1e-3, wd=0.01, beta1=0.9,
         w -= (lr * ratio) * u
 
 
-def time_steps(step, steps, warmup=1, min_seconds=0.5):
+def time_steps(step, steps, warmup=1, min_seconds=0.5, before=None):
     """Median seconds of ``steps`` timed steps, or of as many more (up to 500) as fill
-    ``min_seconds``: a sub-millisecond step needs hundreds for a stable median."""
+    ``min_seconds``: a sub-millisecond step needs hundreds for a stable median. ``before``
+    (untimed) runs before each step: what a backward pass would do."""
+    before = before or (lambda: None)
     for _ in range(warmup):
+        before()
         step()
     mx.nd.waitall()
+    before()
     start = time.perf_counter()
     step()
     mx.nd.waitall()
@@ -72,6 +81,7 @@ def time_steps(step, steps, warmup=1, min_seconds=0.5):
     steps = max(steps, min(500, int(min_seconds / max(estimate, 1e-6))))
     times = []
     for _ in range(steps):
+        before()
         mx.nd.waitall()
         start = time.perf_counter()
         step()
@@ -122,6 +132,23 @@ class FloorOptimizer(mx.optimizer.Optimizer):
     update_multi_precision = update
 
 
+class NoOpOptimizer(mx.optimizer.Optimizer):
+    """The floor of gluon.Trainer.step itself: its per-parameter loop and MXNet's Updater
+    around an optimizer that does nothing (one call for the whole step)."""
+
+    def __init__(self):
+        super().__init__()
+        self.aggregate_num = 1 << 30
+
+    def create_state(self, index, weight):
+        return None
+
+    def update(self, index, weight, grad, state):
+        pass
+
+    update_multi_precision = update
+
+
 def one_thread(make):
     """The case on one mxlamb thread (the operators run on MXNet's engine thread, so the count
     is set for the whole step, waited for inside it)."""
@@ -140,8 +167,36 @@ def one_thread(make):
     return make_one_thread
 
 
+class TrainerStep:
+    """gluon.Trainer.step on Parameters holding the set's weights and gradients (one CPU
+    context, no kvstore), with ``contiguous``: mxlamb.make_contiguous on the Trainer first.
+    ``before`` marks every gradient fresh, as a backward pass does (untimed)."""
+
+    def __init__(self, make_optimizer, contiguous=False):
+        self.make_optimizer, self.contiguous = make_optimizer, contiguous
+
+    def __call__(self, weights, grads):
+        params = [gluon.Parameter("p%d_weight" % i, shape=w.shape) for i, w in enumerate(weights)]
+        for param, weight, grad in zip(params, weights, grads):
+            param.initialize(ctx=mx.cpu())
+            param.set_data(weight)
+            param.grad()[:] = grad
+        trainer = gluon.Trainer(params, self.make_optimizer(), kvstore=None,
+                                update_on_kvstore=False)
+        if self.contiguous:
+            mxlamb.make_contiguous(trainer)
+        arrays = [p.data() for p in params]
+
+        def mark_fresh():
+            for array in arrays:
+                array._fresh_grad = True
+        step = functools.partial(trainer.step, 1)
+        step.before = mark_fresh
+        return step
+
+
 def cases(model, shapes):
-    """(name, dtype, make_step) for every implementation on this parameter set."""
+    """(name, make_step) for every implementation on this parameter set."""
     def mx_case(make_optimizer, dtype="float32"):
         def make(weights, grads):
             if dtype != "float32":
@@ -161,29 +216,33 @@ def cases(model, shapes):
             numpy_lamb(ws, gs, ms, vs, counter[0])
         return step
 
-    yield "mxlamb fused_step (aggregate_num=4)", mx_case(lambda: mxlamb.LAMB(wd=0.01))
-    yield "mxlamb fused_step (aggregate_num=45)", mx_case(
-        lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45))
+    n = len(shapes)
+    yield "mxlamb defaults", mx_case(lambda: mxlamb.LAMB(wd=0.01))
+    yield "mxlamb aggregate_num=4 (MXNet's default)", mx_case(
+        lambda: mxlamb.LAMB(wd=0.01, aggregate_num=4))
     if model == "200x768":
-        yield "mxlamb fused_step (aggregate_num=200)", mx_case(
-            lambda: mxlamb.LAMB(wd=0.01, aggregate_num=200))
-        yield "mxlamb fused_step (aggregate_num=200), no Updater", direct_fused_step(
-            lambda: mxlamb.LAMB(wd=0.01, aggregate_num=200))
-        yield "floor: Updater + 1 read-only op on w, g (200)", mx_case(
-            lambda: FloorOptimizer(aggregate_num=200))
-    yield "mxlamb fused_step (aggregate_num=45), 1 thread", one_thread(mx_case(
-        lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45)))
-    yield "mxlamb step", mx_case(lambda: mxlamb.LAMB(wd=0.01, use_fused_step=False))
-    yield "mxlamb fp16 multi_precision (aggregate_num=45)", mx_case(
-        lambda: mxlamb.LAMB(wd=0.01, aggregate_num=45, multi_precision=True), "float16")
+        yield "mxlamb defaults, no Updater (fused_step)", direct_fused_step(
+            lambda: mxlamb.LAMB(wd=0.01))
+        yield "floor: Updater + 1 read-only op on w, g (%d)" % n, mx_case(
+            lambda: FloorOptimizer(aggregate_num=n))
+    yield "mxlamb defaults, 1 thread", one_thread(mx_case(lambda: mxlamb.LAMB(wd=0.01)))
+    yield "mxlamb step (one tensor per call)", mx_case(
+        lambda: mxlamb.LAMB(wd=0.01, use_fused_step=False))
+    yield "mxlamb fp16 multi_precision", mx_case(
+        lambda: mxlamb.LAMB(wd=0.01, multi_precision=True), "float16")
+    yield "mxlamb defaults, Trainer.step", TrainerStep(lambda: mxlamb.LAMB(wd=0.01))
+    yield "mxlamb contiguous, Trainer.step", TrainerStep(lambda: mxlamb.LAMB(wd=0.01),
+                                                         contiguous=True)
+    yield "floor: Trainer.step, an optimizer that does nothing", TrainerStep(NoOpOptimizer)
+    yield "MXNet LAMB, Trainer.step (aggregation 4)", TrainerStep(lambda: builtin_lamb(4))
+    yield "MXNet LAMB (aggregation 4, its default)", mx_case(lambda: builtin_lamb(4))
     yield "MXNet LAMB (aggregation 45)", mx_case(lambda: builtin_lamb(45))
-    yield "MXNet LAMB (aggregation 1)", mx_case(lambda: builtin_lamb(1))
     yield "NumPy LAMB", numpy_case
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="bert-base,200x768")
+    parser.add_argument("--models", default="bert-base,resnet-50,200x768")
     parser.add_argument("--large", action="store_true", help="also BERT-large (335M parameters)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
     parser.add_argument("--json", help="write the table as JSON here")
@@ -219,7 +278,7 @@ def main():
         weights, grads = arrays[model]
         params = sum(w.size for w in weights)
         step = make(weights, grads)
-        seconds = time_steps(step, args.steps)
+        seconds = time_steps(step, args.steps, before=getattr(step, "before", None))
         del step
         results.append({"model": model, "case": name, "params": params, "seconds": seconds,
                         "bound_seconds": BYTES_PER_PARAM * params / bandwidth})
@@ -243,6 +302,13 @@ def main():
         print("%-11s %-48s %8.2fms   (%d parameters, %d bytes each at %.1f GB/s)" % (
             model, "byte bound", rows[0]["bound_seconds"] * 1e3, rows[0]["params"],
             BYTES_PER_PARAM, bandwidth / 1e9))
+        floor = next((r for r in rows if r["case"].startswith("floor")), None)
+        if floor is not None:
+            for r in rows:
+                if r["case"] in ("mxlamb defaults", "mxlamb contiguous, Trainer.step"):
+                    r["ratio_to_floor"] = r["seconds"] / floor["seconds"]
+                    print("%-11s %-48s %8.2fx  the floor row" % (model, r["case"],
+                                                                r["ratio_to_floor"]))
 
     if args.json:
         with open(args.json, "w") as f:

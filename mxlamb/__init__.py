@@ -31,12 +31,13 @@ from mxnet.optimizer import Optimizer  # noqa: E402
 
 from .adamw import AdamW
 from .checkpoint import convert_lamb, load_states, save_states
+from .contiguous import make_contiguous
 from .lamb import LAMB, TrustRatios
 from .loss_scaler import LossScaler
 from . import dist  # noqa: F401  (mxlamb.dist: the launcher and prepare())
 
 __all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states",
-           "convert_lamb", "dist"]
+           "convert_lamb", "make_contiguous", "dist"]
 
 # Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point.
 Optimizer.opt_registry["lamb"] = LAMB

@@ -4,7 +4,8 @@ inputs from the named slots of each tensor (state.Slots).
 The paths:
 
 - ``FUSED``: the plain step on the CPU, both phases in one mxlamb_step call, back to back per
-  cache-sized batch (moments passed as one slab where they lie side by side in one);
+  cache-sized batch (moments passed as one slab where they lie side by side in one; weights,
+  gradients and float16 weights as one flat array each where they are contiguous parameters);
 - ``PHASES``: mxlamb_phase1 (moments, raw update, sums of squares) then mxlamb_phase2
   (trust-ratio apply), for the options with inputs of their own (gradient statistics, device
   step counts, AMSGrad, EMA) and for the GPU;
@@ -18,6 +19,8 @@ import numpy
 
 from mxnet import ndarray
 
+from .flat import flat_run
+from .options import joined
 from .state import BFLOAT16, LOW_PRECISION, ParameterStates
 
 # Elements of a back-to-back batch of the two-phase paths when the whole step comes at once:
@@ -71,6 +74,14 @@ class GroupCall:
         if path is Path.FUSED:
             packed = ParameterStates.packed_moments(slots)
             with_model = "multi_precision" in attrs
+            flat = flat_run(slots) if packed else None
+            if flat is not None:
+                # Contiguous parameters (mxlamb.make_contiguous): four arrays for the group.
+                weight, grad, model, offset, sizes = flat
+                self.inputs = [weight, grad, packed[0]] + ([model] if with_model else [])
+                self.extra_attrs.update(moments_offset=packed[1], flat_offset=offset,
+                                        flat_sizes=joined(sizes))
+                return
             inputs = []
             for w, g, s in zip(weights, grads, slots):
                 inputs += [s.master, g] if packed else [s.master, g, s.mean, s.var]

@@ -224,7 +224,7 @@ class LAMB(Optimizer):
         variance of a parameter of up to 65,536 elements are views into a shared moment slab
         (see :mod:`mxlamb.state`)."""
         state = self.param_states.create(index, weight, self.options, self.param_dict)
-        self.collector.note(weight.context, index)
+        self.collector.note(legacy(weight).context, index)  # (mx.np arrays warn on .context)
         return state
 
     def create_state_multi_precision(self, index, weight):
@@ -232,8 +232,11 @@ class LAMB(Optimizer):
         multi_precision, else ``create_state(index, weight)``."""
         try:
             if numpy.dtype(weight.dtype) in LOW_PRECISION and self.multi_precision:
-                master = (weight.astype(numpy.float32) if weight.size else
-                          ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
+                # A contiguous parameter's master is a view of a flat master buffer.
+                master = self.param_states.flat.master(weight)
+                if master is None:
+                    master = (weight.astype(numpy.float32) if weight.size else
+                              ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
                 return (master, self.create_state(index, master))
             return self.create_state(index, weight)
         except Exception as error:  # noqa: BLE001 (re-raised, or raised by the next step)

@@ -9,6 +9,7 @@ from mxnet import ndarray
 from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 
 from .devices import device_key, same_memory
+from .flat import FlatStates, flat_position
 
 __all__ = ["ParameterStates", "Slots", "Prepared", "legacy", "dtype_name", "BFLOAT16",
            "LOW_PRECISION"]
@@ -19,9 +20,10 @@ _FLOAT32 = numpy.dtype(numpy.float32)
 _FLOAT64 = numpy.dtype(numpy.float64)
 
 # The per-parameter arrays of one step, as ParameterStates.check unpacks a state; moments_at
-# is (slab, offset, size) where mean and var are the packed pair at offset in a moment slab.
+# is (slab, offset, size) where mean and var are the packed pair at offset in a moment slab;
+# flat_at is a flat.FlatAt where weight, gradient (and master) are views of flat buffers.
 Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum",
-                                         "moments_at"])
+                                         "moments_at", "flat_at"], defaults=(None,))
 # One parameter as checked once and cached (views for the operators, its dtype and size: each
 # NDArray property read is a call into libmxnet, and a step of many small tensors adds them up).
 Prepared = collections.namedtuple("Prepared", ["weight", "grad", "slots", "dtype", "size"])
@@ -100,6 +102,7 @@ class ParameterStates:
     def __init__(self, describe):
         self.describe = describe
         self.slabs = MomentSlabs()
+        self.flat = FlatStates()  # masters and moments of contiguous parameters
         self.packed = {}   # id(mean) -> (mean, var, (slab, offset, size)) as allocated
         self.checked = {}  # index -> [(weight, grad, state, Prepared)], one per device
 
@@ -120,9 +123,12 @@ class ParameterStates:
                 "LAMB: parameter %s is %s; LAMB updates float32 and float64 weights, and "
                 "float16/bfloat16 weights with multi_precision=True"
                 % (self.describe(index), dtype_name(weight.dtype)))
-        if 0 < weight.size <= PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
+        packed = self.flat.moments(weight)  # a view of a contiguous parameter's flat buffer
+        if packed is None and 0 < weight.size <= PACKED_MAX_ELEMENTS and \
+                weight.context.device_type == "cpu":
             # (mxlamb_step, which takes packed moments, is the CPU's operator)
             packed = self.slabs.allocate(weight, slab_elements(param_dict))
+        if packed is not None:
             self.packed[id(packed[0])] = packed
             state = list(packed[:2])
         else:
@@ -203,7 +209,8 @@ class ParameterStates:
                                math_dtype.name, weight.shape, weight.context))
         return Slots(*(None if array is None else legacy(array) for array in (
             master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
-            named.get("accum"))), moments_at=moments_at)
+            named.get("accum"))), moments_at=moments_at,
+            flat_at=flat_position(weight, grad, master))
 
     @staticmethod
     def packed_moments(slots):

@@ -60,6 +60,8 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--optimizer", choices=["lamb", "main-module"], default="lamb")
     parser.add_argument("--global-clipnorm", type=float, default=None)
+    parser.add_argument("--contiguous", action="store_true",
+                        help="mxlamb.make_contiguous(trainer) before training")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -85,6 +87,8 @@ def main():
     else:
         trainer = gluon.Trainer(params, optimizer, kvstore=None)
 
+    if args.contiguous:
+        mxlamb.make_contiguous(trainer)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     share = GLOBAL_BATCH // workers
     for data, label in batches(args.steps):
@@ -98,6 +102,9 @@ def main():
     mx.nd.waitall()
     if rank == 0:
         np.savez(args.out, **{name: p.data().asnumpy() for name, p in params.items()})
+        if args.contiguous:  # how many steps took make_contiguous' fast path
+            with open(str(args.out) + ".planned", "w") as f:
+                f.write(str(trainer._update.planned_steps))
 
 
 if __name__ == "__main__":

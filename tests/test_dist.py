@@ -57,6 +57,27 @@ def test_dist_sync_equals_single_process(tmp_path, single, servers, update_on_kv
     assert_same_weights(single, out)
 
 
+@pytest.mark.parametrize("update_on_kvstore, planned", [(0, "5"), (1, "0")])
+def test_contiguous_parameters_are_bit_identical_to_ordinary_storage(tmp_path, single,
+                                                                      update_on_kvstore,
+                                                                      planned):
+    """mxlamb.make_contiguous on every worker: with updates on the workers the Trainer's
+    fast path steps the flat buffers (every step: the first makes the states); with
+    updates on the servers the views are pulled into. Both equal the ordinary run bit for
+    bit (two workers' gradients add up the same in either order)."""
+    runs = {}
+    for contiguous in (False, True):
+        out = tmp_path / ("w%d.npz" % contiguous)
+        code, err = run_job(out, "--update-on-kvstore", str(update_on_kvstore),
+                            *(["--contiguous"] if contiguous else []))
+        assert code == 0, err
+        assert_same_weights(single, out)
+        runs[contiguous] = dict(np.load(out))
+    for name in runs[False]:
+        np.testing.assert_array_equal(runs[True][name], runs[False][name], err_msg=name)
+    assert (tmp_path / "w1.npz.planned").read_text() == planned
+
+
 def test_update_on_workers_is_repeatable(tmp_path, single):
     # The race of the first step's weight pull with the gradient push (closed by
     # mxlamb.dist.prepare) showed in 2 of 10 runs; a few more runs of the recipe.

@@ -129,3 +129,137 @@ def test_gluon2_two_devices_equal_one_device(update_on_kvstore):
             np.testing.assert_allclose(copy, single[name][0], rtol=0, atol=2e-6, err_msg=name)
             if not update_on_kvstore:
                 np.testing.assert_allclose(copy, builtin, rtol=0, atol=1e-6, err_msg=name)
+
+
+# ------------------------------------------------------------ contiguous parameters on 2.0
+
+class HalfNet2(gluon.HybridBlock):
+    """float16 parameters computed in float32 (CPU FullyConnected has no float16)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w0 = gluon.Parameter("w0", shape=(16, 2), dtype="float16")
+        self.b0 = gluon.Parameter("b0", shape=(16,), dtype="float16")
+        self.w1 = gluon.Parameter("w1", shape=(2, 16), dtype="float16")
+
+    def forward(self, x):
+        f32 = lambda a: a.data().astype("float32")  # noqa: E731
+        h = mx.np.tanh(mx.np.dot(x, f32(self.w0).T) + f32(self.b0))
+        return mx.np.dot(h, f32(self.w1).T)
+
+
+def train_contiguous(contiguous, steps=6, hybridize=False, grad_req="write", half=False,
+                     at_step=None, **options):
+    """Trains make_net() (HalfNet2 with ``half``) and returns (net, trainer, snapshot): every
+    weight, optimizer state and count as NumPy."""
+    if half:
+        net = HalfNet2()
+        mx.random.seed(0)
+        net.initialize(mx.init.Uniform(0.4))
+        options["multi_precision"] = True
+    else:
+        net = make_net()
+    if grad_req != "write":
+        net.setattr("grad_req", grad_req)
+    if hybridize:
+        net.hybridize()
+    trainer = gluon.Trainer(net.collect_params(), mxlamb.LAMB(
+        **dict({"learning_rate": 0.05, "wd": 0.01}, **options)))
+    if contiguous:
+        mxlamb.make_contiguous(trainer)
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    rng = np.random.RandomState(1)
+    for step in range(steps):
+        if at_step is not None:
+            at_step(step, net, trainer)
+        x = mx.np.array(rng.randn(16, 2).astype(np.float32))
+        y = mx.np.array((rng.rand(16) > 0.5).astype(np.float32))
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(16)
+        if grad_req == "add":
+            net.zero_grad()
+    out = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
+    for index, state in trainer._updaters[0].states.items():
+        arrays = [state[0], *state[1]] if half else list(state)
+        for k, array in enumerate(arrays):
+            out["state/%s/%d" % (index, k)] = array.asnumpy()
+    optimizer = trainer._optimizer
+    out["counts"] = np.array([optimizer.num_update] + sorted(
+        optimizer._index_update_count.values()) + sorted(optimizer.counters.applied.values()))
+    return net, trainer, out
+
+
+def assert_identical(a, b):
+    assert sorted(a) == sorted(b)
+    for key in a:
+        assert a[key].dtype == b[key].dtype, key
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("hybridize", [False, True])
+@pytest.mark.parametrize("grad_req", ["write", "add"])
+@pytest.mark.parametrize("half", [False, True], ids=["float32", "float16"])
+def test_gluon2_contiguous_parameters_train_bit_identically(hybridize, grad_req, half):
+    *_, ordinary = train_contiguous(False, hybridize=hybridize, grad_req=grad_req, half=half)
+    net, trainer, contiguous = train_contiguous(True, hybridize=hybridize, grad_req=grad_req,
+                                                half=half)
+    assert_identical(ordinary, contiguous)
+    assert trainer._update.planned_steps == 6
+    for param in net.collect_params().values():
+        assert isinstance(param.data(), mx.np.ndarray)
+        assert mxlamb.flat.position(param.data())[1] is not None
+        assert mxlamb.flat.position(param.grad())[1] is not None
+    if half:
+        master = trainer._updaters[0].states[0][0]
+        assert mxlamb.flat.position(master)[0].role == "master"
+
+
+@pytest.mark.parametrize("how, planned", [
+    ("save_parameters", 6), ("trainer_states", 4), ("cast", 3), ("reset_device", 3),
+    ("force_reinit", 3), ("again", 6)])
+def test_gluon2_contiguous_files_and_replacements(tmp_path, how, planned):
+    """Parameter and state files mid-run, and arrays replaced behind make_contiguous' back
+    (the optimizer falls back), against the same run with ordinary storage."""
+    path = str(tmp_path / "file")
+
+    def at_step(step, net, trainer):
+        param = list(net.collect_params().values())[0]
+        if how == "save_parameters":
+            if step == 2:
+                net.save_parameters(path)
+            if step == 4:
+                net.load_parameters(path)
+        elif how == "trainer_states":  # (mxlamb.save_states is MXNet 1.x only)
+            if step == 2:
+                trainer.save_states(path)
+            if step == 4:
+                trainer.load_states(path)
+        elif step == 3:
+            if how in ("cast", "again"):
+                param.cast("float32")  # astype copies: new arrays
+            elif how == "reset_device":
+                param.reset_device(mx.cpu(0))
+            elif how == "force_reinit":
+                param.initialize(mx.init.Constant(0.25), device=param.list_device(),
+                                 force_reinit=True)
+            last = list(net.collect_params().values())[-1]
+            if how == "again" and mxlamb.flat.position(last.data())[0] is not None:
+                mxlamb.make_contiguous(trainer)
+
+    *_, ordinary = train_contiguous(False, steps=7 if "states" in how else 6, at_step=at_step)
+    net, trainer, contiguous = train_contiguous(True, steps=7 if "states" in how else 6,
+                                                at_step=at_step)
+    assert_identical(ordinary, contiguous)
+    assert trainer._update.planned_steps == planned
+
+
+def test_gluon2_deferred_initialisation_is_refused_naming_the_parameter():
+    net = gluon.nn.Dense(4)
+    net.initialize()
+    with pytest.raises(ValueError, match="parameter 'weight' is not initialised yet"):
+        mxlamb.make_contiguous(net.collect_params())
+    net(mx.np.ones((2, 3)))
+    mxlamb.make_contiguous(net.collect_params())
+    assert mxlamb.flat.position(net.weight.data())[0] is not None

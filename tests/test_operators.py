@@ -287,6 +287,100 @@ def test_packed_moments_are_refused_with_the_reason():
         mx.nd.mxlamb_step(w, g, mx.nd.zeros((8,)), moments_offset=-1, **attrs).wait_to_read()
 
 
+@pytest.mark.parametrize("multi_precision", [False, True, "float64"])
+def test_flat_arrays_are_bit_identical_to_per_tensor_arrays(isa, multi_precision):
+    """mxlamb_step with flat_sizes: every tensor's weight, gradient (and float16 model weight)
+    side by side in one array each from flat_offset, the moments packed, against the same
+    step with per-tensor arrays; the spans of the flat arrays outside the group untouched."""
+    sizes = [700000, 1, 4097, 17, 33]
+    n = len(sizes)
+    attrs = dict(ATTRS, num_tensors=n, lrs="0.01,0.02,0.03,0.01,0.05",
+                 wds="0.02,0,0.02,0,0.3", step_counts="1,2,3,4,6")
+    dtype = np.float64 if multi_precision == "float64" else np.float32
+    multi_precision = multi_precision is True
+    if multi_precision:
+        attrs.update(multi_precision=True, model_dtype="float16")
+    gtype = np.float16 if multi_precision else dtype
+    results = []
+    for flat in (False, True):
+        weights, grads, means, variances = random_group(sizes, seed=12, dtype=dtype)
+        lowp = [w.astype(np.float16) for w in weights] if multi_precision else None
+        grads = [g.astype(gtype) for g in grads]
+        if not flat:
+            rows = zip(weights, grads, means, variances, *([lowp] if multi_precision else []))
+            table = mx.nd.mxlamb_step(*[x for row in rows for x in row], **attrs)
+        else:
+            offset, spare = 3, 2  # spans before and after the group stay as they are
+
+            def joined(arrays, kind):
+                pad = np.full(offset, 7, kind), np.full(spare, 7, kind)
+                return mx.nd.array(np.concatenate([pad[0]] + [a.asnumpy() for a in arrays]
+                                                  + [pad[1]]), dtype=kind)
+
+            flat_w, flat_g = joined(weights, dtype), joined(grads, gtype)
+            moments = mx.nd.array(np.concatenate(
+                [np.full(2 * offset, 7, dtype)] + [x.asnumpy() for m, v in zip(means, variances)
+                                                   for x in (m, v)]), dtype=dtype)
+            inputs = [flat_w, flat_g, moments] + ([joined(lowp, np.float16)]
+                                                  if multi_precision else [])
+            table = mx.nd.mxlamb_step(*inputs, flat_sizes=",".join(map(str, sizes)),
+                                      flat_offset=offset, moments_offset=2 * offset, **attrs)
+            flats = [a.asnumpy() for a in inputs]
+            assert all((a[:offset] == 7).all() for a in flats[:2] + flats[3:])
+            assert all((a[offset + sum(sizes):] == 7).all() for a in flats[:2] + flats[3:])
+            assert (flats[2][:2 * offset] == 7).all()
+            np.testing.assert_array_equal(flats[1][offset:-spare],
+                                          np.concatenate([g.asnumpy() for g in grads]))
+
+            def split(array, at):
+                parts = []
+                for size in sizes:
+                    parts.append(array[at:at + size])
+                    at += size
+                return parts
+
+            weights = split(flats[0], offset)
+            lowp = split(flats[3], offset) if multi_precision else None
+            means, variances, at = [], [], 2 * offset
+            for size in sizes:
+                means.append(flats[2][at:at + size])
+                variances.append(flats[2][at + size:at + 2 * size])
+                at += 2 * size
+        as_numpy = lambda a: a.asnumpy() if isinstance(a, mx.nd.NDArray) else a  # noqa: E731
+        results.append([as_numpy(a) for a in [table] + list(weights) + list(lowp or [])
+                        + list(means) + list(variances)])
+    assert len(results[0]) == len(results[1])
+    for i, (a, b) in enumerate(zip(*results)):
+        assert a.dtype == b.dtype and a.shape == b.shape, i
+        np.testing.assert_array_equal(a, b, err_msg="array %d" % i)
+
+
+def test_flat_arrays_are_refused_with_the_reason():
+    w, g, moments = mx.nd.ones((8,)), mx.nd.ones((8,)), mx.nd.zeros((16,))
+    attrs = dict(num_tensors=2, lrs="0.1", wds="0", step_counts="1", moments_offset=0)
+    with pytest.raises(mx.base.MXNetError,
+                       match="flat weight must be one-dimensional with at least 9 elements "
+                             r"\(flat_offset 0 plus the 2 tensors' flat_sizes, which add up "
+                             r"to 9\), got 8"):
+        mx.nd.mxlamb_step(w, g, moments, flat_sizes="4,5", **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="flat grad must be one-dimensional with at "
+                                                 "least 9 elements .flat_offset 2"):
+        mx.nd.mxlamb_step(mx.nd.ones((10,)), g, moments, flat_sizes="3,4", flat_offset=2,
+                          **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="flat_sizes has 2.5, not a whole number"):
+        mx.nd.mxlamb_step(w, g, moments, flat_sizes="2.5,4", **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="flat_sizes has 3 values for num_tensors=2"):
+        mx.nd.mxlamb_step(w, g, moments, flat_sizes="2,2,4", **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="flat_sizes has -1, must be >= 0"):
+        mx.nd.mxlamb_step(w, g, moments, flat_sizes="-1,4", **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="flat grad is float64, expected float32"):
+        mx.nd.mxlamb_step(w, g.astype(np.float64), moments, flat_sizes="4",
+                          **attrs).wait_to_read()
+    with pytest.raises(mx.base.MXNetError, match="flat_sizes needs moments_offset"):
+        del attrs["moments_offset"]
+        mx.nd.mxlamb_step(w, g, flat_sizes="4", **attrs).wait_to_read()
+
+
 def test_fused_step_refuses_the_optional_inputs_by_name():
     weights, grads, means, variances = random_group([5], seed=0)
     with pytest.raises(mx.base.MXNetError, match="use_ema is not supported by mxlamb_step"):

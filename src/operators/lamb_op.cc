@@ -44,6 +44,13 @@ bool parse_step(const OpTable& op, const Attrs& attrs, StepAttrs* s) {
   }
   if (l.has(Slot::kGradSumsq)) s->stat_rows = r.numbers("stat_rows", n);
   if (l.has(Slot::kMoments)) s->moments_offset = r.integer("moments_offset", 0);
+  if (l.has(Slot::kFlatWeight)) {
+    if (!l.has(Slot::kMoments)) {
+      return r.fail("flat_sizes needs moments_offset (flat arrays take packed moments)");
+    }
+    s->flat_sizes = r.counts("flat_sizes", n);
+    s->flat_offset = r.given("flat_offset") ? r.integer("flat_offset", 0) : 0;
+  }
   return r.ok();
 }
 
@@ -218,15 +225,41 @@ MXReturnValue step_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
   double* sumsq = (*out)[0].data<double>();
   MXTensor* moments = l.array(*in, Slot::kMoments);
   T* packed = moments != nullptr ? moments->data<T>() + s.moments_offset : nullptr;
+  // Flat arrays: tensor t is the span of flat_sizes[t] elements after tensor t - 1's in each.
+  MXTensor* flat_weight = l.array(*in, Slot::kFlatWeight);
+  MXTensor* flat_grad = l.array(*in, Slot::kFlatGrad);
+  MXTensor* flat_model = l.array(*in, Slot::kFlatModelWeight);
+  const bool flat = flat_weight != nullptr;
+  int64_t at = s.flat_offset;
   const StepCoeffs<T> step = step_coeffs<T>(s.params);
   std::vector<TensorCoeffs<T>> coeffs(n);
   std::vector<Phase1Span<T>> first(n);
   std::vector<Phase2Span<T>> second(n);
   for (int t = 0; t < n; ++t) {
     coeffs[t] = tensor_coeffs<T>(s.params, s.step_counts[t], s.lrs[t], s.wds[t], s.rescale_grad);
-    const MXTensor& grad = *l.array(*in, Slot::kGrad, t);
-    T* weight = l.array(*in, Slot::kWeight, t)->data<T>();
-    const int64_t size = l.array(*in, Slot::kWeight, t)->size();
+    const MXTensor& grad = flat ? *flat_grad : *l.array(*in, Slot::kGrad, t);
+    const DType grad_type = dtype_of(grad);
+    T* weight;
+    const void* grad_data;
+    half_t* model_weight = nullptr;
+    int64_t size;
+    if (flat) {
+      size = s.flat_sizes[t];
+      weight = flat_weight->data<T>() + at;
+      grad_data = grad_type == DType::kFloat16
+                      ? static_cast<const void*>(static_cast<const half_t*>(grad.data_ptr) + at)
+                  : grad_type == DType::kFloat64
+                      ? static_cast<const void*>(static_cast<const double*>(grad.data_ptr) + at)
+                      : static_cast<const void*>(static_cast<const float*>(grad.data_ptr) + at);
+      if (flat_model != nullptr) model_weight = static_cast<half_t*>(flat_model->data_ptr) + at;
+      at += size;
+    } else {
+      weight = l.array(*in, Slot::kWeight, t)->data<T>();
+      size = l.array(*in, Slot::kWeight, t)->size();
+      grad_data = grad.data_ptr;
+      MXTensor* model = l.array(*in, Slot::kModelWeight, t);
+      if (model != nullptr) model_weight = static_cast<half_t*>(model->data_ptr);
+    }
     T* mean;
     T* var;
     if (packed != nullptr) {
@@ -237,13 +270,8 @@ MXReturnValue step_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
       mean = l.array(*in, Slot::kMean, t)->data<T>();
       var = l.array(*in, Slot::kVar, t)->data<T>();
     }
-    MXTensor* model_weight = l.array(*in, Slot::kModelWeight, t);
-    first[t] = Phase1Span<T>{weight, grad.data_ptr, mean, var, nullptr, size, dtype_of(grad)};
-    second[t] = Phase2Span<T>{
-        weight, weight,
-        model_weight != nullptr ? static_cast<half_t*>(model_weight->data_ptr) : nullptr,
-        mean,   var,    nullptr,
-        size};
+    first[t] = Phase1Span<T>{weight, grad_data, mean, var, nullptr, size, grad_type};
+    second[t] = Phase2Span<T>{weight, weight, model_weight, mean, var, nullptr, size};
   }
   lamb_step_cpu(first, second, step, coeffs,
                 [&](int t, double weight_sumsq, double update_sumsq) {

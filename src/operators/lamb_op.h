@@ -8,11 +8,16 @@
 //   mxlamb_phase2(per tensor: w, m, v, [ema]; then sumsq, [control], [counts]; out=weights)
 //       -> the weights updated with lr * trust_ratio * u (and the EMA after them).
 //   mxlamb_step(per tensor: w, g, [m, v], [w16]; then [moments]) -> sumsq (N, 2) float64
+//   mxlamb_step(flat_w, flat_g, moments, [flat_w16]; flat_sizes=...) -> the same
 //       phase 1 and phase 2 in one call (the plain step: none of the phase operators'
 //       optional arrays), back to back per batch of tensors that fits in cache; w, m, v and
 //       w16 updated in place. With attribute moments_offset, every tensor's m and v are packed
 //       in one array, `moments` (ShapeRule::kPackedMoments): one array for the whole group
-//       instead of two per tensor, and each array costs about a microsecond per call.
+//       instead of two per tensor, and each array costs about a microsecond per call. With
+//       attribute flat_sizes (each tensor's element count; moments_offset then required) there
+//       are no per-tensor arrays at all: the tensors lie side by side from attribute
+//       flat_offset (default 0) in flat_w, flat_g and flat_w16 (ShapeRule::kFlat), as
+//       mxlamb.make_contiguous lays out a model's parameters: four arrays for any group.
 //   mxlamb_grad_stats(per gradient: g; then step_state)
 //       -> grad_sumsq (P,) float64 and control (2,) float64 = [gradient multiplier, apply];
 //          step_state (3,) float64 = [loss scale, clean steps, skipped steps] updated.
@@ -33,6 +38,7 @@
 //                       phase 1 increments them for an applied step, so t skips skipped steps
 //   multi_precision=1   w16 per tensor (mxlamb_step); model_dtype names its type (float16)
 //   moments_offset=K    the packed moments instead of m and v per tensor (mxlamb_step)
+//   flat_sizes=...      flat w, g (and w16) instead of per-tensor arrays (mxlamb_step)
 // An option that is off is an attribute left out: clip_gradient, lower_bound, upper_bound,
 // clipnorm and global_clipnorm are then not applied (a value <= 0 reads the same).
 #ifndef MXLAMB_LAMB_OP_H_
@@ -106,17 +112,28 @@ inline constexpr OpTable kPhase2Op{"mxlamb_phase2", true, kPhase2Tensor, kPhase2
 
 // ------------------------------------------------------------------------------ mxlamb_step
 
+// m and v per tensor: neither packed (moments_offset) nor in a flat call (flat_sizes).
+constexpr When kPerTensorMoments{When::Test::kNotGiven, "moments_offset", nullptr, "flat_sizes"};
 inline constexpr Input kStepTensor[] = {
-    tensor_input(Slot::kWeight, "weight", DTypeRule::kMath, kAlways, kAlways),
-    tensor_input(Slot::kGrad,   "grad",   DTypeRule::kGrad),
-    tensor_input(Slot::kMean,   "mean",   DTypeRule::kMath, unless_given("moments_offset"), kAlways),
-    tensor_input(Slot::kVar,    "var",    DTypeRule::kMath, unless_given("moments_offset"), kAlways),
+    tensor_input(Slot::kWeight, "weight", DTypeRule::kMath, unless_given("flat_sizes"), kAlways),
+    tensor_input(Slot::kGrad,   "grad",   DTypeRule::kGrad, unless_given("flat_sizes")),
+    tensor_input(Slot::kMean,   "mean",   DTypeRule::kMath, kPerTensorMoments, kAlways),
+    tensor_input(Slot::kVar,    "var",    DTypeRule::kMath, kPerTensorMoments, kAlways),
     tensor_input(Slot::kModelWeight, "model weight", DTypeRule::kHalf,
-                 if_flag("multi_precision"), kAlways),
+                 if_flag_unless("multi_precision", "flat_sizes"), kAlways),
 };
+constexpr Input flat_input(Slot slot, const char* name, DTypeRule dtype, When present,
+                           When written) {
+  return Input{slot, name, dtype, ShapeRule::kFlat, present, written, nullptr, false, 0};
+}
 inline constexpr Input kStepAfter[] = {
+    flat_input(Slot::kFlatWeight, "flat weight", DTypeRule::kMath, if_given("flat_sizes"),
+               kAlways),
+    flat_input(Slot::kFlatGrad, "flat grad", DTypeRule::kGrad, if_given("flat_sizes"), kNever),
     {Slot::kMoments, "packed moments", DTypeRule::kMath, ShapeRule::kPackedMoments,
      if_given("moments_offset"), kAlways, nullptr, true, 0},
+    flat_input(Slot::kFlatModelWeight, "flat model weight", DTypeRule::kHalf,
+               if_flag_with("multi_precision", "flat_sizes"), kAlways),
 };
 inline constexpr const char* kStepRefused[] = {"amsgrad", "use_ema", "has_stats",
                                                "device_counts"};
@@ -163,6 +180,8 @@ struct StepAttrs {
   double clipnorm = -1.0;            // per-tensor gradient clipping (needs has_stats); <= 0: off
   double ema_momentum = 0.99;
   int64_t moments_offset = 0;        // where the packed moments begin
+  int64_t flat_offset = 0;           // where tensor 0 begins in the flat arrays
+  std::vector<int64_t> flat_sizes;   // each tensor's elements, where the arrays are flat
   std::vector<double> lrs, wds;
   std::vector<double> step_counts;   // the host's counts, where the device keeps none
   std::vector<double> stat_rows;     // each tensor's row of grad_sumsq

@@ -146,6 +146,19 @@ std::vector<double> AttrReader::numbers(const char* key, int n, double minimum) 
   return values;
 }
 
+std::vector<int64_t> AttrReader::counts(const char* key, int n) {
+  const std::vector<double> values = numbers(key, n, 0.0);
+  std::vector<int64_t> out(n, 0);
+  for (int t = 0; t < n && ok_; ++t) {
+    if (values[t] != std::floor(values[t]) || values[t] > static_cast<double>(kNoMaximum)) {
+      fail(std::string("attribute ") + key + " has " + number_text(values[t]) +
+           ", not a whole number of elements");
+    }
+    out[t] = static_cast<int64_t>(values[t]);
+  }
+  return out;
+}
+
 std::vector<bool> AttrReader::flags(const char* key, int n) {
   std::vector<bool> out(n, true);
   if (!given(key)) return out;
@@ -159,6 +172,8 @@ std::vector<bool> AttrReader::flags(const char* key, int n) {
 namespace {
 
 bool holds(const When& when, AttrReader& attrs) {
+  if (when.with != nullptr && !attrs.given(when.with)) return false;
+  if (when.unless != nullptr && attrs.given(when.unless)) return false;
   switch (when.test) {
     case When::Test::kAlways: return true;
     case When::Test::kNever: return false;
@@ -302,7 +317,7 @@ bool wrong_shape(const InputLayout& l, int position, const Shape& shape,
 bool math_type(const InputLayout& l, const std::vector<int>& in, bool multi_precision,
                int* math) {
   *math = -1;
-  if (l.per_tensor() == 0 || l.input_at(0).dtype != DTypeRule::kMath) return true;
+  if (l.total() == 0 || l.input_at(0).dtype != DTypeRule::kMath) return true;
   *math = in[0];
   if (*math == mxnet::ext::kFloat32 || (*math == mxnet::ext::kFloat64 && !multi_precision)) {
     return true;
@@ -368,6 +383,17 @@ MXReturnValue infer_shape(const OpTable& op, const Attrs& attrs, std::vector<Sha
   if (!l.resolve(op, reader)) return MX_FAIL;
   const unsigned n = static_cast<unsigned>(l.num_tensors());
   auto weight_of = [&](int t) -> const Shape& { return (*in)[t * l.per_tensor()]; };
+  // Each tensor's element count: attribute flat_sizes where the call takes flat arrays (then
+  // there are no per-tensor arrays), else its weight's.
+  std::vector<int64_t> sizes;
+  if (l.has(Slot::kFlatWeight)) {
+    sizes = reader.counts("flat_sizes", l.num_tensors());
+    if (!reader.ok()) return MX_FAIL;
+  } else if (l.per_tensor() > 0) {
+    for (int t = 0; t < l.num_tensors(); ++t) sizes.push_back(elements(weight_of(t)));
+  }
+  int64_t total = 0;
+  for (int64_t size : sizes) total += size;
   for (int p = 0; p < l.total(); ++p) {
     const Input& input = l.input_at(p);
     const Shape& shape = (*in)[p];
@@ -398,13 +424,26 @@ MXReturnValue infer_shape(const OpTable& op, const Attrs& attrs, std::vector<Sha
       case ShapeRule::kPackedMoments: {
         const int64_t offset = reader.integer("moments_offset", 0);
         if (!reader.ok()) return MX_FAIL;
-        int64_t needed = offset;
-        for (int t = 0; t < l.num_tensors(); ++t) needed += 2 * elements(weight_of(t));
+        const int64_t needed = offset + 2 * total;
         if (shape.size() != 1 || elements(shape) < needed) {
           fail(op.name, l.label(p) + " must be one-dimensional with at least " +
                             std::to_string(needed) + " elements (moments_offset " +
                             std::to_string(offset) + " plus mean and var of every tensor), got " +
                             std::to_string(elements(shape)) + " in " +
+                            std::to_string(shape.size()) + " dimension(s)");
+          return MX_FAIL;
+        }
+        break;
+      }
+      case ShapeRule::kFlat: {
+        const int64_t offset = reader.given("flat_offset") ? reader.integer("flat_offset", 0) : 0;
+        if (!reader.ok()) return MX_FAIL;
+        if (shape.size() != 1 || elements(shape) < offset + total) {
+          fail(op.name, l.label(p) + " must be one-dimensional with at least " +
+                            std::to_string(offset + total) + " elements (flat_offset " +
+                            std::to_string(offset) + " plus the " + std::to_string(n) +
+                            " tensors' flat_sizes, which add up to " + std::to_string(total) +
+                            "), got " + std::to_string(elements(shape)) + " in " +
                             std::to_string(shape.size()) + " dimension(s)");
           return MX_FAIL;
         }

@@ -60,6 +60,8 @@ class AttrReader {
   std::vector<double> numbers(const char* key, int n, double minimum = -HUGE_VAL);
   // n bools, as a list of numbers (0: false); all true when the attribute is absent.
   std::vector<bool> flags(const char* key, int n);
+  // n element counts (whole numbers >= 0), as a list of numbers. Required.
+  std::vector<int64_t> counts(const char* key, int n);
   // Reports a message about this call's attributes. Returns false.
   bool fail(const std::string& message);
 
@@ -82,6 +84,9 @@ enum class Slot {
   kAverage,      // the weight EMA
   kModelWeight,  // the float16 model weight beside its float32 master copy
   kMoments,      // every tensor's mean and var, packed in one array
+  kFlatWeight,   // every tensor's weight (or master copy) side by side in one array
+  kFlatGrad,     // every tensor's gradient, laid out as the flat weight
+  kFlatModelWeight,  // every tensor's float16 model weight, laid out as the flat weight
   kGradSumsq,    // mxlamb_grad_stats' per-gradient sums of squares
   kControl,      // mxlamb_grad_stats' [gradient multiplier, apply]
   kCounts,       // per-parameter applied-step counts kept on the device
@@ -90,11 +95,14 @@ enum class Slot {
 };
 constexpr int kSlotCount = static_cast<int>(Slot::kStepState) + 1;
 
-// When an array is present, or written: always, never, or as one attribute says.
+// When an array is present, or written: always, never, or as one attribute says; and, where
+// `with` or `unless` names a second attribute, only while it is given, or not given.
 struct When {
   enum class Test { kAlways, kNever, kFlag, kGiven, kNotGiven };
   Test test;
   const char* attr;
+  const char* with = nullptr;
+  const char* unless = nullptr;
 };
 constexpr When kAlways{When::Test::kAlways, nullptr};
 constexpr When kNever{When::Test::kNever, nullptr};
@@ -103,6 +111,13 @@ constexpr When if_flag(const char* attr) { return When{When::Test::kFlag, attr};
 // The attribute is there, whatever its value.
 constexpr When if_given(const char* attr) { return When{When::Test::kGiven, attr}; }
 constexpr When unless_given(const char* attr) { return When{When::Test::kNotGiven, attr}; }
+// A bool attribute is true, and another attribute is given (with) or not given (unless).
+constexpr When if_flag_with(const char* attr, const char* with) {
+  return When{When::Test::kFlag, attr, with, nullptr};
+}
+constexpr When if_flag_unless(const char* attr, const char* unless) {
+  return When{When::Test::kFlag, attr, nullptr, unless};
+}
 
 enum class DTypeRule {
   // The call's math type (lamb_math.h), its first weight's type: float32 or float64, and
@@ -131,6 +146,9 @@ enum class ShapeRule {
   // at offset_t) and var (the n_t after them), offset_0 = attribute moments_offset and
   // offset_{t+1} = offset_t + 2 n_t.
   kPackedMoments,
+  // mxlamb_step's flat arrays: one-dimensional, with room for every tensor's n_t elements
+  // side by side from attribute flat_offset (n_t is entry t of attribute flat_sizes).
+  kFlat,
 };
 
 struct Input {

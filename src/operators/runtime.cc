@@ -161,3 +161,31 @@ __attribute__((visibility("default"))) void mxlamb_set_num_threads(int n) {
 }
 
 }  // extern "C"
+
+// Gluon's Trainer checks, for every parameter array, that backward has written its gradient
+// since the last step (MXNet's fresh_out_grad flag), and clears the flag: two ctypes calls per
+// array, each about as dear as the update of a 768-element bias. mxlamb/contiguous.py reads
+// and clears the flags of a whole model in one call. `get` and `set` are MXNet's own
+// MXNDArrayGetGradState and MXNDArraySetGradState (passed from Python: libmxnet is loaded
+// with RTLD_LOCAL). Returns the position of the first array whose gradient is stale, n when
+// every one is fresh (then, with `clear`, every flag is cleared), or -1 where MXNet failed.
+extern "C" {
+typedef int (*MxlambGetGradState)(void* handle, int* out);
+typedef int (*MxlambSetGradState)(void* handle, int state);
+
+__attribute__((visibility("default"))) int mxlamb_fresh_grads(MxlambGetGradState get,
+                                                              MxlambSetGradState set,
+                                                              void** handles, int n, int clear) {
+  for (int i = 0; i < n; ++i) {
+    int fresh = 0;
+    if (get(handles[i], &fresh) != 0) return -1;
+    if (!fresh) return i;
+  }
+  if (clear) {
+    for (int i = 0; i < n; ++i) {
+      if (set(handles[i], 0) != 0) return -1;
+    }
+  }
+  return n;
+}
+}  // extern "C"
