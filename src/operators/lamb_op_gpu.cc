@@ -60,25 +60,43 @@ struct CudaGroup {
     char* packed = moments != nullptr
                        ? static_cast<char*>(moments->data_ptr) + s.moments_offset * math_bytes
                        : nullptr;
+    // mxlamb_step's flat mode: tensor t is the span of flat_sizes[t] elements after tensor
+    // t - 1's in the flat weight, gradient and model weight (from flat_offset).
+    MXTensor* flat_weight = l.array(in, Slot::kFlatWeight);
+    MXTensor* flat_grad = l.array(in, Slot::kFlatGrad);
+    MXTensor* flat_model = l.array(in, Slot::kFlatModelWeight);
+    int64_t at = s.flat_offset;
     for (int t = 0; t < n; ++t) {
-      MXTensor& weight = *l.array(in, Slot::kWeight, t);
-      weights.push_back(weight.data_ptr);
-      sizes.push_back(weight.size());
+      int64_t size;
+      if (flat_weight != nullptr) {
+        size = s.flat_sizes[t];
+        weights.push_back(static_cast<char*>(flat_weight->data_ptr) + at * math_bytes);
+        const int grad_bytes = flat_grad->dtype == mxnet::ext::kFloat16 ? 2 : math_bytes;
+        grads.push_back(static_cast<char*>(flat_grad->data_ptr) + at * grad_bytes);
+        grad_dtypes.push_back(cuda_dtype(*flat_grad));
+        if (flat_model != nullptr) lowp.push_back(static_cast<char*>(flat_model->data_ptr) + at * 2);
+        at += size;
+      } else {
+        MXTensor& weight = *l.array(in, Slot::kWeight, t);
+        size = weight.size();
+        weights.push_back(weight.data_ptr);
+        if (MXTensor* grad = l.array(in, Slot::kGrad, t)) {
+          grads.push_back(grad->data_ptr);
+          grad_dtypes.push_back(cuda_dtype(*grad));
+        }
+        if (MXTensor* model = l.array(in, Slot::kModelWeight, t)) lowp.push_back(model->data_ptr);
+      }
+      sizes.push_back(size);
       if (packed != nullptr) {  // m then v of each tensor, tensor after tensor
         means.push_back(packed);
-        vars.push_back(packed + weight.size() * math_bytes);
-        packed += 2 * weight.size() * math_bytes;
+        vars.push_back(packed + size * math_bytes);
+        packed += 2 * size * math_bytes;
       } else {
         means.push_back(l.array(in, Slot::kMean, t)->data_ptr);
         vars.push_back(l.array(in, Slot::kVar, t)->data_ptr);
       }
-      if (MXTensor* grad = l.array(in, Slot::kGrad, t)) {
-        grads.push_back(grad->data_ptr);
-        grad_dtypes.push_back(cuda_dtype(*grad));
-      }
       if (MXTensor* vmax = l.array(in, Slot::kVarMax, t)) vmaxes.push_back(vmax->data_ptr);
       if (MXTensor* average = l.array(in, Slot::kAverage, t)) averages.push_back(average->data_ptr);
-      if (MXTensor* model = l.array(in, Slot::kModelWeight, t)) lowp.push_back(model->data_ptr);
       adaptation.push_back(s.layer_adaptation[t] ? 1 : 0);
     }
     group.num_tensors = n;
