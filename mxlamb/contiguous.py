@@ -317,13 +317,14 @@ class _Plan:
         runs = []
         current = []
         prepare = optimizer.param_states.prepare
-        context = context_of(items[0][2])
+        if context_of(items[0][2]).device_type != "cpu":
+            return None  # (the GPU's flat mode has not run on a GPU yet: the ordinary path)
         try:
             prepared = [prepare(i, w, g, s, options, optimizer.multi_precision)
                         for i, _, w, g, s in items]
         except ValueError:
             return None  # the Trainer's own update says what is wrong
-        path = dispatch.choose_path(dtype, context, options, False)
+        path = dispatch.choose_path(dtype, options, False)
         if path is not dispatch.Path.FUSED:
             return None
         model_dtype = dispatch.model_dtype(dtype, optimizer.multi_precision, path)

@@ -3,12 +3,12 @@ inputs from the named slots of each tensor (state.Slots).
 
 The paths:
 
-- ``FUSED``: the plain step on the CPU, both phases in one mxlamb_step call, back to back per
-  cache-sized batch (moments passed as one slab where they lie side by side in one; weights,
-  gradients and float16 weights as one flat array each where they are contiguous parameters);
+- ``FUSED``: the plain step, both phases in one mxlamb_step call: on the CPU back to back per
+  cache-sized batch; moments passed as one slab where they lie side by side in one; weights,
+  gradients and float16 weights as one flat array each where they are contiguous parameters;
 - ``PHASES``: mxlamb_phase1 (moments, raw update, sums of squares) then mxlamb_phase2
   (trust-ratio apply), for the options with inputs of their own (gradient statistics, device
-  step counts, AMSGrad, EMA) and for the GPU;
+  step counts, AMSGrad, EMA);
 - ``BFLOAT16``: the two phases on the float32 master copy, the bfloat16 gradient widened
   and the model weight rounded by MXNet's own cast: MXNet 1.9's extension API cannot hand a
   bfloat16 array to a library operator (lib_api.cc rejects dtype flag 12).
@@ -37,14 +37,13 @@ class Path(enum.Enum):
     BFLOAT16 = "float32 phases on the master copy, cast by MXNet"
 
 
-def choose_path(dtype, context, options, has_stats):
-    """The path of a group of weight dtype ``dtype`` on ``context``."""
+def choose_path(dtype, options, has_stats):
+    """The path of a group of weight dtype ``dtype`` (on any device: the five operators have
+    CPU and GPU forwards alike)."""
     if dtype == BFLOAT16:
         return Path.BFLOAT16
     plain = not (has_stats or options.may_skip or options.amsgrad or options.use_ema)
-    if plain and context.device_type == "cpu":
-        return Path.FUSED
-    return Path.PHASES
+    return Path.FUSED if plain else Path.PHASES
 
 
 def kernel_grad(grad):

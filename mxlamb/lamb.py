@@ -440,7 +440,7 @@ class LAMB(Optimizer):
         groups = []
         for dtype, members in by_dtype.items():
             context = members[0][1][1].context
-            path = dispatch.choose_path(dtype, context, options, has_stats)
+            path = dispatch.choose_path(dtype, options, has_stats)
             sizes = [plan.sizes[item[0]] for _, item in members]
             for batch in dispatch.batches(members, sizes, group_size, path):
                 groups.append(self._group_plan(batch, path, dtype, context, has_stats))

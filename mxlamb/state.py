@@ -126,7 +126,7 @@ class ParameterStates:
         packed = self.flat.moments(weight)  # a view of a contiguous parameter's flat buffer
         if packed is None and 0 < weight.size <= PACKED_MAX_ELEMENTS and \
                 weight.context.device_type == "cpu":
-            # (mxlamb_step, which takes packed moments, is the CPU's operator)
+            # (slabs on the CPU only: the GPU's packed moments have not run on a GPU yet)
             packed = self.slabs.allocate(weight, slab_elements(param_dict))
         if packed is not None:
             self.packed[id(packed[0])] = packed
