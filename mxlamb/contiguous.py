@@ -10,7 +10,6 @@ Trainer does that bookkeeping for the whole model at once while everything is as
 it was planned, and otherwise hands the step to the Trainer's own ``_update``.
 """
 import ctypes
-import itertools
 import operator
 import weakref
 
@@ -18,7 +17,6 @@ import numpy
 
 from mxnet import autograd, ndarray
 from mxnet.base import _LIB
-from mxnet.optimizer import Optimizer
 
 from ._library import native
 from . import dispatch
@@ -306,9 +304,6 @@ class _Plan:
         plan.handles = (ctypes.c_void_p * len(data_arrays))(
             *[a.handle.value for a in data_arrays])
         plan.count = len(data_arrays)
-        plan.fast_lrs = (type(optimizer)._get_lrs is Optimizer._get_lrs
-                         and type(optimizer)._get_wds is Optimizer._get_wds)
-        plan.fast_counts = type(optimizer)._update_count is Optimizer._update_count
         return plan
 
     @staticmethod
@@ -403,57 +398,24 @@ class _Plan:
         for device_id, steps in self.per_updater:
             optimizer._use_device_counts(device_id)  # as the Updater and _run_step do
             for indices, runs in steps:
-                self._count(optimizer, indices)
+                optimizer._count_updates(indices)
                 grad_scale = optimizer.rescale_grad / (options.loss_scale_factor or 1.0)
                 applied = []
                 for run in runs:
                     self._step(optimizer, options, run, grad_scale)
                     applied += run.indices
-                self._count_applied(counters, applied)
+                counters.count_applied(applied)
         return True
-
-    def _count(self, optimizer, indices):
-        """Optimizer._update_count(indices), in one pass where every count is the same."""
-        counts = optimizer._index_update_count
-        values = list(map(counts.get, indices))
-        first = values[0]
-        if self.fast_counts and first is not None and values.count(first) == len(values):
-            counts.update(dict.fromkeys(indices, first + 1))
-            optimizer.num_update = max(first + 1, optimizer.num_update)
-        else:
-            optimizer._update_count(list(indices))
-
-    @staticmethod
-    def _count_applied(counters, indices):
-        """StepCounters.count_applied, in one pass where every count is the same."""
-        if not indices:
-            return
-        applied = counters.applied
-        values = list(map(applied.get, indices, itertools.repeat(counters.begin)))
-        if values.count(values[0]) == len(values):
-            applied.update(dict.fromkeys(indices, values[0] + 1))
-        else:
-            counters.count_applied(indices)
 
     def _step(self, optimizer, options, run, grad_scale):
         """LAMB._update_group for a run: what changes from step to step, then its call."""
         indices = run.indices
-        if self.fast_lrs:
-            # Optimizer._get_lrs / _get_wds for parameters all in param_dict (the Trainer's).
-            lr = (optimizer.lr_scheduler(optimizer.num_update)
-                  if optimizer.lr_scheduler is not None else optimizer.lr)
-            lrs = [lr * p.lr_mult for p in run.params]
-            wd = optimizer.wd
-            wds = [wd * p.wd_mult for p in run.params]
-        else:
-            lrs, wds = optimizer._get_lrs(indices), optimizer._get_wds(indices)
+        lrs, wds = optimizer._learning_rates(indices), optimizer._weight_decays(indices)
         if run.excluded:
             wds = [0.0 if row in run.excluded else wd for row, wd in enumerate(wds)]
         attrs = dict(run.attrs, **options.step_values(lrs, wds, grad_scale,
                                                       optimizer.clip_gradient))
-        applied, begin = optimizer.counters.applied, optimizer.counters.begin
-        attrs["step_counts"] = joined([c + 1 for c in map(applied.get, indices,
-                                                          itertools.repeat(begin))])
+        attrs.update(options.counts_attributes(optimizer.counters.host_counts(indices)))
         table = ndarray.mxlamb_step(*run.inputs, **attrs)
         # For trust_ratios() (read on request), as LAMB._update_group keeps them.
         optimizer._last_tables.pop(indices, None)

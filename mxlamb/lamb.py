@@ -7,6 +7,7 @@ machinery lives in :mod:`mxlamb.steps`, the choice of operators in :mod:`mxlamb.
 import collections
 import contextlib
 import dataclasses
+import operator
 import os
 
 import numpy
@@ -384,7 +385,7 @@ class LAMB(Optimizer):
             context = legacy(weights[0]).context
             self._use_device_counts(context.device_id)
             key = (context.device_typeid, context.device_id, indices[0], group_size)
-        self._update_count(list(indices))
+        self._count_updates(indices)
         options = self.options
         plan = self._plans.get(key)
         if plan is None or not plan.replays(indices, weights, grads, states):
@@ -466,11 +467,11 @@ class LAMB(Optimizer):
         """One step of a GroupPlan: what changes from step to step (learning rates and weight
         decays, the gradient scale, step counts), then its operator call."""
         options, indices = self.options, group.indices
-        wds = self._get_wds(indices)
+        wds = self._weight_decays(indices)
         if group.excluded:
             wds = [0.0 if i in group.excluded else wd for i, wd in enumerate(wds)]
-        attrs = dict(group.attrs, **options.step_values(self._get_lrs(indices), wds, grad_scale,
-                                                        self.clip_gradient))
+        attrs = dict(group.attrs, **options.step_values(self._learning_rates(indices), wds,
+                                                        grad_scale, self.clip_gradient))
         counts = None
         if options.may_skip:
             counts, count_slots = self.counters.device_counts_for(indices, group.context)
@@ -481,6 +482,45 @@ class LAMB(Optimizer):
         # For trust_ratios() (read on request): the newest table of each group, in step order.
         self._last_tables.pop(indices, None)
         self._last_tables[indices] = (table, group.ratio_attrs)
+
+    # MXNet's per-index bookkeeping of a step, in bulk: the same results as its
+    # _update_count, _get_lrs and _get_wds (which a subclass may override: then they are
+    # called), without a Python loop over the tensors where no per-parameter value differs.
+
+    def _count_updates(self, indices):
+        """Optimizer._update_count(indices)."""
+        counts = self._index_update_count
+        values = list(map(counts.get, indices))
+        if (values and values[0] is not None and values.count(values[0]) == len(values)
+                and type(self)._update_count is Optimizer._update_count):
+            counts.update(dict.fromkeys(indices, values[0] + 1))
+            self.num_update = max(values[0] + 1, self.num_update)
+        else:
+            self._update_count(list(indices))
+
+    def _learning_rates(self, indices):
+        """Optimizer._get_lrs(indices)."""
+        if type(self)._get_lrs is not Optimizer._get_lrs:
+            return self._get_lrs(indices)
+        lr = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
+        return self._multiplied(lr, indices, "lr_mult", self.lr_mult) or self._get_lrs(indices)
+
+    def _weight_decays(self, indices):
+        """Optimizer._get_wds(indices)."""
+        if type(self)._get_wds is not Optimizer._get_wds:
+            return self._get_wds(indices)
+        return self._multiplied(self.wd, indices, "wd_mult", self.wd_mult) or self._get_wds(indices)
+
+    def _multiplied(self, value, indices, attribute, by_index):
+        """``value`` times each index's multiplier where they come from one place (the Gluon
+        Parameters of param_dict, or none at all), else None."""
+        param_dict = self.param_dict
+        if not param_dict and not by_index:
+            return [value] * len(indices)  # (and idx2name names find no multiplier either)
+        if param_dict and all(map(param_dict.__contains__, indices)):
+            getter = operator.attrgetter(attribute)
+            return [value * m for m in map(getter, map(param_dict.__getitem__, indices))]
+        return None
 
     def _group_options(self, indices):
         """(rows excluded from weight decay, per-tensor layer adaptation or None when every

@@ -3,6 +3,7 @@ of skipped steps and loss scaling, gradient accumulation, the collection of the 
 calls into whole steps for the options that need every gradient first, and the plans that a
 step whose arrays are the same objects as the last one replays."""
 import collections
+import itertools
 import operator
 
 import numpy
@@ -50,13 +51,20 @@ class StepCounters:
 
     def host_counts(self, indices):
         """Applied updates so far of each index on the current device (t - 1)."""
-        applied, begin = self.applied, self.begin
-        return [applied.get(i, begin) for i in indices]
+        return list(map(self.applied.get, indices, itertools.repeat(self.begin)))
 
     def count_applied(self, indices):
-        applied, begin = self.applied, self.begin
-        for index in indices:
-            applied[index] = applied.get(index, begin) + 1
+        """One more applied update of each index (in one pass where all counts are equal, as
+        in every step of a model whose parameters all step)."""
+        if not indices:
+            return
+        applied = self.applied
+        counts = self.host_counts(indices)
+        if counts.count(counts[0]) == len(counts):
+            applied.update(dict.fromkeys(indices, counts[0] + 1))
+            return
+        for index, count in zip(indices, counts):
+            applied[index] = count + 1
 
     def device_counts_for(self, indices, context):
         """The device step counts of ``context`` and the slots of ``indices`` in them."""

@@ -238,3 +238,49 @@ def test_a_replaced_array_is_planned_anew():
                      fresh_states)
     for ours, theirs in zip(weights[1:], expected[1:]):
         np.testing.assert_array_equal(ours.asnumpy(), theirs.asnumpy())
+
+
+# ------------------------------------------------- MXNet's bookkeeping, in bulk
+
+def optimizers_for_bookkeeping():
+    """LAMBs whose learning rates, weight decays and counts come from each place MXNet reads
+    them: nothing, Gluon Parameters (param_dict), lr_mult/wd_mult by index and by name
+    (param_idx2name, which makes wd_mult 0 for names not ending in _weight), a schedule."""
+    plain = mxlamb.LAMB(learning_rate=0.1, wd=0.01)
+    by_index = mxlamb.LAMB(learning_rate=0.1, wd=0.01)
+    by_index.set_lr_mult({1: 2.0})
+    by_index.set_wd_mult({2: 0.5})
+    by_name = mxlamb.LAMB(learning_rate=0.1, wd=0.01,
+                          param_idx2name={0: "a_weight", 1: "b_bias", 2: "c_gamma"})
+    by_name.set_lr_mult({"a_weight": 3.0})
+    scheduled = mxlamb.LAMB(learning_rate=0.1, wd=0.01,
+                            lr_scheduler=mx.lr_scheduler.FactorScheduler(step=1, factor=0.5))
+    params = [gluon.Parameter("p%d" % k, shape=(2,), lr_mult=1.0 + k, wd_mult=2.0 - k)
+              for k in range(3)] if not MXNET2 else []
+    with_params = mxlamb.LAMB(learning_rate=0.1, wd=0.01,
+                              param_dict=dict(enumerate(params)))
+    return [plain, by_index, by_name, scheduled] + ([with_params] if params else [])
+
+
+def test_bulk_bookkeeping_is_mxnets():
+    """LAMB._count_updates, _learning_rates and _weight_decays give what MXNet's
+    _update_count, _get_lrs and _get_wds give (they replace them in a step), also where the
+    counts differ between parameters."""
+    import copy
+    for opt in optimizers_for_bookkeeping():
+        twin = copy.deepcopy(opt)
+        for indices in ([0, 1, 2], [0, 1, 2], [1], [0, 1, 2], [2, 0]):
+            opt._count_updates(indices)
+            twin._update_count(list(indices))
+            assert opt._index_update_count == twin._index_update_count
+            assert opt.num_update == twin.num_update
+            assert opt._learning_rates(indices) == twin._get_lrs(indices)
+            assert opt._weight_decays(indices) == twin._get_wds(indices)
+
+
+def test_an_overridden_get_lrs_is_called():
+    class Halved(mxlamb.LAMB):
+        def _get_lrs(self, indices):
+            return [lr / 2 for lr in super()._get_lrs(indices)]
+    opt = Halved(learning_rate=0.1)
+    assert opt._learning_rates([0, 1]) == [0.05, 0.05]
