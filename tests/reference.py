@@ -18,18 +18,23 @@ import numpy as np
 
 class ReferenceLAMB:
     def __init__(self, beta1=0.9, beta2=0.999, epsilon=1e-6, lower_bound=None,
-                 upper_bound=None, bias_correction=True, rescale_grad=1.0, clip_gradient=None):
+                 upper_bound=None, bias_correction=True, rescale_grad=1.0, clip_gradient=None,
+                 amsgrad=False, epsilon_hat=False):
         self.beta1, self.beta2, self.epsilon = beta1, beta2, epsilon
         self.lower_bound, self.upper_bound = lower_bound, upper_bound
         self.bias_correction = bias_correction
         self.rescale_grad, self.clip_gradient = rescale_grad, clip_gradient
-        self.mean, self.var, self.weight, self.t = {}, {}, {}, {}
+        # AMSGrad (Reddi et al.): u from the running max of v. Keras' epsilon: added to sqrt(v)
+        # before bias correction.
+        self.amsgrad, self.epsilon_hat = amsgrad, epsilon_hat
+        self.mean, self.var, self.vmax, self.weight, self.t = {}, {}, {}, {}, {}
 
     def init(self, key, weight):
         w = np.asarray(weight, dtype=np.float64)
         self.weight[key] = w.copy()
         self.mean[key] = np.zeros_like(w)
         self.var[key] = np.zeros_like(w)
+        self.vmax[key] = np.zeros_like(w)
         self.t[key] = 0
 
     def raw_update(self, key, grad, wd):
@@ -41,10 +46,13 @@ class ReferenceLAMB:
         t = self.t[key]
         m = self.mean[key] = self.beta1 * self.mean[key] + (1 - self.beta1) * g
         v = self.var[key] = self.beta2 * self.var[key] + (1 - self.beta2) * g * g
-        if self.bias_correction:
-            m = m / (1 - self.beta1 ** t)
-            v = v / (1 - self.beta2 ** t)
-        return m / (np.sqrt(v) + self.epsilon) + wd * self.weight[key]
+        if self.amsgrad:
+            v = self.vmax[key] = np.maximum(self.vmax[key], v)
+        c1 = 1 - self.beta1 ** t if self.bias_correction else 1.0
+        c2 = 1 - self.beta2 ** t if self.bias_correction else 1.0
+        if self.epsilon_hat:  # Keras: m_hat / (sqrt(v) + eps) * sqrt(c2)
+            return (m / c1) / (np.sqrt(v) + self.epsilon) * np.sqrt(c2) + wd * self.weight[key]
+        return (m / c1) / (np.sqrt(v / c2) + self.epsilon) + wd * self.weight[key]
 
     def trust_ratio(self, weight, update):
         r1 = np.sqrt(np.sum(weight * weight))

@@ -265,37 +265,6 @@ else:
 needs_gpu = pytest.mark.skipif(DEVICE is None, reason="no CUDA GPU (with PyTorch or CuPy) here")
 
 
-class ReferenceLAMBPlus(ReferenceLAMB):
-    """ReferenceLAMB with AMSGrad (Reddi et al.: u from the running max of v) and Keras'
-    epsilon (added to sqrt(v) before bias correction), from their definitions."""
-
-    def __init__(self, amsgrad=False, epsilon_hat=False, **kwargs):
-        super().__init__(**kwargs)
-        self.amsgrad, self.epsilon_hat, self.vmax = amsgrad, epsilon_hat, {}
-
-    def init(self, key, weight):
-        super().init(key, weight)
-        self.vmax[key] = np.zeros_like(self.weight[key])
-
-    def raw_update(self, key, grad, wd):
-        g = np.asarray(grad, dtype=np.float64) * self.rescale_grad
-        if self.clip_gradient is not None and self.clip_gradient > 0:
-            g = np.clip(g, -self.clip_gradient, self.clip_gradient)
-        self.t[key] += 1
-        t = self.t[key]
-        self.mean[key] = self.beta1 * self.mean[key] + (1 - self.beta1) * g
-        self.var[key] = self.beta2 * self.var[key] + (1 - self.beta2) * g * g
-        v = self.var[key]
-        if self.amsgrad:
-            v = self.vmax[key] = np.maximum(self.vmax[key], v)
-        c1 = 1 - self.beta1 ** t if self.bias_correction else 1.0
-        c2 = 1 - self.beta2 ** t if self.bias_correction else 1.0
-        if self.epsilon_hat:  # Keras: m_hat / (sqrt(v) + eps) * sqrt(c2)
-            return (self.mean[key] / c1) / (np.sqrt(v) + self.epsilon) * np.sqrt(c2) \
-                + wd * self.weight[key]
-        return (self.mean[key] / c1) / (np.sqrt(v / c2) + self.epsilon) + wd * self.weight[key]
-
-
 SIZES = [0, 1, 7, 4097, 65537, 300007]
 ZERO_TENSOR = 2   # zero-initialised: it still moves (trust ratio 1)
 TOLERANCE = {"float32": (2e-5, 2e-6), "float64": (1e-10, 1e-12)}
@@ -391,7 +360,7 @@ class Trainer:
                                    rescale_grad=cfg.get("rescale_grad", 1.0))
         else:
             lower, upper = cfg.get("bounds", (None, None))
-            inner = ReferenceLAMBPlus(amsgrad=cfg.get("amsgrad", False),
+            inner = ReferenceLAMB(amsgrad=cfg.get("amsgrad", False),
                                       epsilon_hat=cfg.get("epsilon_hat", False),
                                       lower_bound=lower, upper_bound=upper,
                                       bias_correction=cfg.get("bias_correction", True),
