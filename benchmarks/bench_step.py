@@ -8,17 +8,20 @@ threads, derives the byte bound of a two-pass LAMB step (40 bytes per parameter:
 and write m, v; then read w, m, v and write w), and times every implementation with warm-up,
 ``mx.nd.waitall()`` before reading the clock, and the median of several steps: through MXNet's
 Updater (the path of gluon.Trainer and Module) and through ``gluon.Trainer.step`` itself, with
-and without ``mxlamb.make_contiguous``. A set under a million parameters (sub-millisecond
-steps) is timed in 5 alternating rounds of all its cases, each case's median over the rounds
-kept. It prints a table of medians and ratios; nothing here is asserted.
+and without ``mxlamb.make_contiguous``. Each case of a set under a million parameters
+(sub-millisecond steps, which depend on what ran before and on the machine's other load) is
+timed alone in a fresh process, in 5 alternating rounds, and its lowest round kept. It prints
+a table of medians and ratios; nothing here is asserted.
 """
 import argparse
 import ctypes
 import functools
+import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 
@@ -33,7 +36,7 @@ from mxlamb import _library  # noqa: E402
 from param_sets import PARAM_SETS  # noqa: E402
 
 BYTES_PER_PARAM = 40  # two passes, fp32 (and fp16 with an fp32 master: 22 + 18 bytes)
-SMALL_MODEL = 1 << 20  # parameters; below, the cases are timed in alternating rounds
+SMALL_MODEL = 1 << 20  # parameters; below, each case is timed in fresh processes
 ROUNDS = 5
 
 
@@ -242,6 +245,23 @@ def cases(model, shapes):
     yield "NumPy LAMB", numpy_case
 
 
+def time_in_fresh_process(model, case, steps):
+    """Seconds per step of case number ``case`` of ``model``, timed in a new Python."""
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-case",
+                          "%s:%d" % (model, case), "--steps", str(steps)],
+                         check=True, capture_output=True, text=True).stdout
+    return float(out.split()[-1])
+
+
+def time_case(model, case, steps):
+    rng = np.random.RandomState(0)
+    shapes = PARAM_SETS[model]()
+    weights = [mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes]
+    grads = [mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes]
+    step = list(cases(model, shapes))[case][1](weights, grads)
+    print(time_steps(step, steps, before=getattr(step, "before", None)))
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="bert-base,resnet-50,200x768")
@@ -249,7 +269,11 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
     parser.add_argument("--json", help="write the table as JSON here")
     parser.add_argument("--png", help="write a bar chart here")
+    parser.add_argument("--time-case", help=argparse.SUPPRESS)  # MODEL:N, in a fresh process
     args = parser.parse_args()
+    if args.time_case:
+        model, case = args.time_case.split(":")
+        return time_case(model, int(case), args.steps)
     models = args.models.split(",") + (["bert-large"] if args.large else [])
 
     bandwidth = rmw_bandwidth()
@@ -277,18 +301,16 @@ def main():
         params = sum(w.size for w in weights)
         named = list(cases(model, shapes))
         if params < SMALL_MODEL:
-            # Sub-millisecond steps on a shared machine: every case is built first, then timed
-            # in ROUNDS alternating rounds, and each case's median over the rounds is kept, so
-            # that a burst of load does not land on one row only.
-            steps = [make(weights, grads) for _, make in named]
+            # Sub-millisecond steps depend on what the process ran before (after MXNet's own
+            # LAMB every small step here ran up to 1.7x slower, the floor too) and on the
+            # machine's other load: each case runs alone in a fresh process, in ROUNDS
+            # alternating rounds, and each case keeps its lowest round (a median of its steps).
             timings = [[] for _ in named]
             for _ in range(ROUNDS):
-                for step, timing in zip(steps, timings):
-                    timing.append(time_steps(step, args.steps,
-                                             before=getattr(step, "before", None)))
-            medians = [statistics.median(t) for t in timings]
+                for case, timing in enumerate(timings):
+                    timing.append(time_in_fresh_process(model, case, args.steps))
+            medians = [min(t) for t in timings]
             rounds = timings
-            del steps
             progress.update(len(named))
         else:
             medians, rounds = [], [None] * len(named)
@@ -296,6 +318,7 @@ def main():
                 step = make(weights, grads)
                 medians.append(time_steps(step, args.steps, before=getattr(step, "before", None)))
                 del step
+                gc.collect()  # (a Trainer case holds a copy of the model: free it before the next)
                 progress.update(1)
         for (name, _), seconds, each in zip(named, medians, rounds):
             results.append({"model": model, "case": name, "params": params, "seconds": seconds,

@@ -41,6 +41,12 @@ _V1_COUNTERS = {"_index_update_count": "_all_index_update_counts",
                 "_applied_steps": "_all_applied_steps", "_micro_steps": "_all_micro_steps"}
 
 
+def _contexts(trainer):
+    """The Trainer's devices (MXNet 2.0 renamed _contexts to _devices)."""
+    contexts = getattr(trainer, "_contexts", None)
+    return contexts if contexts is not None else trainer._devices
+
+
 def _trainer_parts(trainer):
     # Imported here: mxlamb must import while mxnet is half-imported (a kvstore server
     # unpickles the optimizer then, before mxnet.gluon exists).
@@ -96,7 +102,7 @@ def save_states(trainer, path):
                                   for d, values in values_by_device.items()}
     if isinstance(optimizer, LAMB):
         meta["device_counts"] = []
-        for k, context in enumerate(trainer._contexts):
+        for k, context in enumerate(_contexts(trainer)):
             step_state = optimizer.counters.step_state(optimizer.options.loss_scaler, context)
             if step_state is not None:
                 arrays["opt/step_state/%d" % k] = step_state
@@ -161,10 +167,15 @@ def _match_parameters(path, saved, params, by_order):
     if len(names) != len(ours):
         _refuse(path, "it holds %d parameters %s, the Trainer has %d: %s"
                 % (len(names), names, len(ours), ours))
-    if sorted(names) == sorted(ours):
+    unique = len(set(names)) == len(names) and len(set(ours)) == len(ours)
+    if unique and sorted(names) == sorted(ours):
         where = {name: i for i, name in enumerate(ours)}
         mapping, how = [where[name] for name in names], "by name"
-    elif by_order:
+    elif by_order or (not unique and names == ours):
+        # MXNet 2.0's Parameters are named 'weight', 'bias', ... (the structure is in
+        # collect_params()' keys, which the Trainer does not keep): the same names in the same
+        # order are matched by position.
+        mapping, how = list(range(len(names))), "by order"
         mapping, how = list(range(len(names))), "by order (by_order=True)"
     elif sorted(_counter_key(n)[0] for n in names) == sorted(_counter_key(n)[0] for n in ours):
         order_saved = sorted(range(len(names)), key=lambda j: _counter_key(names[j]))
@@ -198,7 +209,9 @@ def _match_parameters(path, saved, params, by_order):
 def load_states(trainer, path, by_order=False):
     """Restores what :func:`save_states` wrote into a Trainer over the same parameters.
 
-    Parameters are matched by name. Where the names differ only in Gluon's automatic prefix
+    Parameters are matched by name (by position where names repeat, as MXNet 2.0's 'weight'
+    and 'bias' do, and the file's names are the Trainer's in the same order). Where the names
+    differ only in Gluon's automatic prefix
     counters (``dense3_weight`` for the saved ``dense0_weight``: a model re-created in the same
     process), and with ``by_order=True`` whatever the names, they are matched by position
     (in order of creation for the counters), and every pair must have the same shape.
@@ -246,7 +259,7 @@ def load_states(trainer, path, by_order=False):
 
     restored = []
     for k, (updater, saved) in enumerate(zip(updaters, meta["updaters"])):
-        context = trainer._contexts[k]
+        context = _contexts(trainer)[k]
         states = {}
         for key, structure in saved.items():
             index = target(key)
@@ -262,10 +275,10 @@ def load_states(trainer, path, by_order=False):
         updater.states = states
         updater.states_synced = {i: True for i in states}
     optimizer.num_update = int(meta["num_update"])
-    _restore_counters(optimizer, meta, [c.device_id for c in trainer._contexts], target)
+    _restore_counters(optimizer, meta, [c.device_id for c in _contexts(trainer)], target)
     if isinstance(optimizer, LAMB):
         # Version 1 kept one step state (and loss scale) for all devices.
-        for k, context in enumerate(trainer._contexts):
+        for k, context in enumerate(_contexts(trainer)):
             saved = arrays.get("opt/step_state/%d" % k, arrays.get("opt/step_state"))
             if optimizer.options.loss_scaler is not None:
                 saved = arrays.get("opt/loss_scaler", saved)
@@ -273,11 +286,11 @@ def load_states(trainer, path, by_order=False):
                     saved.copyto(optimizer.loss_scaler.state_on(context))
             elif saved is not None:
                 optimizer.counters.step_states[device_key(context)] = saved.as_in_context(context)
-        optimizer.counters.device_counts = {trainer._contexts[k]: arrays["opt/counts/%d" % k]
+        optimizer.counters.device_counts = {_contexts(trainer)[k]: arrays["opt/counts/%d" % k]
                                             for k in meta.get("device_counts", [])}
         optimizer.param_states.checked = {}
         optimizer._plans = {}  # (the states are new objects: no plan would replay anyway)
-        optimizer.collector.known = {c: set(s) for c, s in zip(trainer._contexts, restored)}
+        optimizer.collector.known = {c: set(s) for c, s in zip(_contexts(trainer), restored)}
 
 
 # ------------------------------------------------------------------- MXNet's LAMB <-> mxlamb
@@ -365,7 +378,7 @@ def convert_lamb(trainer, to):
     if isinstance(trainer, Updater):
         old, updaters, contexts = trainer.optimizer, [trainer], [None]
     else:
-        (old, updaters), contexts = _trainer_parts(trainer), trainer._contexts
+        (old, updaters), contexts = _trainer_parts(trainer), _contexts(trainer)
     builtin = _builtin_lamb()
     target = LAMB if to == "mxlamb" else builtin
     if type(old) is target:

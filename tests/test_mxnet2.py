@@ -217,7 +217,8 @@ def test_gluon2_contiguous_parameters_train_bit_identically(hybridize, grad_req,
 
 
 @pytest.mark.parametrize("how, planned", [
-    ("save_parameters", 6), ("trainer_states", 4), ("cast", 3), ("reset_device", 3),
+    ("save_parameters", 6), ("trainer_states", 4), ("mxlamb_states", 4), ("cast", 3),
+    ("reset_device", 3),
     ("force_reinit", 3), ("again", 6)])
 def test_gluon2_contiguous_files_and_replacements(tmp_path, how, planned):
     """Parameter and state files mid-run, and arrays replaced behind make_contiguous' back
@@ -231,11 +232,16 @@ def test_gluon2_contiguous_files_and_replacements(tmp_path, how, planned):
                 net.save_parameters(path)
             if step == 4:
                 net.load_parameters(path)
-        elif how == "trainer_states":  # (mxlamb.save_states is MXNet 1.x only)
+        elif how == "trainer_states":
             if step == 2:
                 trainer.save_states(path)
             if step == 4:
                 trainer.load_states(path)
+        elif how == "mxlamb_states":
+            if step == 2:
+                mxlamb.save_states(trainer, path)
+            if step == 4:
+                mxlamb.load_states(trainer, path)
         elif step == 3:
             if how in ("cast", "again"):
                 param.cast("float32")  # astype copies: new arrays
@@ -263,3 +269,46 @@ def test_gluon2_deferred_initialisation_is_refused_naming_the_parameter():
     net(mx.np.ones((2, 3)))
     mxlamb.make_contiguous(net.collect_params())
     assert mxlamb.flat.position(net.weight.data())[0] is not None
+
+
+def test_gluon2_mxlamb_save_states_restores_states_and_counts(tmp_path):
+    """mxlamb.save_states / load_states on Gluon 2.0: the states and every count come back as
+    saved, and training on from them repeats the steps taken after the save bit for bit."""
+    path = str(tmp_path / "states")
+    net = make_net()
+    trainer = gluon.Trainer(net.collect_params(), mxlamb.LAMB(learning_rate=0.05, wd=0.01))
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    rng = np.random.RandomState(2)
+    batches = [(mx.np.array(rng.randn(16, 2).astype(np.float32)),
+                mx.np.array((rng.rand(16) > 0.5).astype(np.float32))) for _ in range(5)]
+
+    def step(x, y):
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(16)
+
+    def snapshot():
+        optimizer = trainer._optimizer
+        out = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
+        for index, state in trainer._updaters[0].states.items():
+            for k, array in enumerate(state):
+                out["state/%s/%d" % (index, k)] = array.asnumpy()
+        out["counts"] = np.array([optimizer.num_update] + sorted(
+            optimizer._index_update_count.values()) + sorted(optimizer.counters.applied.values()))
+        return out
+
+    for x, y in batches[:3]:
+        step(x, y)
+    mxlamb.save_states(trainer, path)
+    net.save_parameters(path + ".params")
+    saved = snapshot()
+    for x, y in batches[3:]:
+        step(x, y)
+    after = snapshot()
+    net.load_parameters(path + ".params")
+    mxlamb.load_states(trainer, path)
+    assert_identical(saved, snapshot())
+    for x, y in batches[3:]:
+        step(x, y)
+    assert_identical(after, snapshot())
