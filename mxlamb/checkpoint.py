@@ -175,8 +175,8 @@ def _match_parameters(path, saved, params, by_order):
         # MXNet 2.0's Parameters are named 'weight', 'bias', ... (the structure is in
         # collect_params()' keys, which the Trainer does not keep): the same names in the same
         # order are matched by position.
-        mapping, how = list(range(len(names))), "by order"
-        mapping, how = list(range(len(names))), "by order (by_order=True)"
+        mapping, how = list(range(len(names))), ("by order (by_order=True)" if by_order else
+                                                  "by order (the names repeat)")
     elif sorted(_counter_key(n)[0] for n in names) == sorted(_counter_key(n)[0] for n in ours):
         order_saved = sorted(range(len(names)), key=lambda j: _counter_key(names[j]))
         order_ours = sorted(range(len(ours)), key=lambda i: _counter_key(ours[i]))

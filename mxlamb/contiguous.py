@@ -22,8 +22,8 @@ from ._library import native
 from . import dispatch
 from .flat import FlatBuffer, Layout, _is_np, context_of, flat_run
 from .lamb import LAMB
-from .options import joined
-from .state import ParameterStates
+from .options import WHOLE_STEP, joined
+from .state import LOW_PRECISION, ParameterStates
 
 __all__ = ["make_contiguous"]
 
@@ -57,7 +57,8 @@ def make_contiguous(params_or_trainer):
     is the plain one (no ``global_clipnorm``, ``clipnorm``, ``skip_nonfinite``,
     ``loss_scaler``, ``use_ema``, ``gradient_accumulation_steps``, AMSGrad), CPU parameters and
     ``update_on_kvstore=False`` (or no kvstore); it updates the whole step in one call per
-    context and dtype, whatever ``aggregate_num`` says (the results are the same). Anything
+    context and dtype, as ``aggregate_num=numpy.inf`` (the default) does, and for other values
+    where no ``lr_scheduler`` is set (the results are then the same). Anything
     else, and a step with a stale gradient (the Trainer's warning, or its
     ``ignore_stale_grad`` skipping), goes through the Trainer's own update, on the same views.
 
@@ -159,9 +160,9 @@ def _adopt_states(trainer):
                 continue
             weight = data[0]
             master = None
-            if optimizer.multi_precision and len(state) == 2 and \
-                    isinstance(state[0], ndarray.NDArray):
-                master, arrays = state
+            if (optimizer.multi_precision and numpy.dtype(weight.dtype) in LOW_PRECISION
+                    and len(state) == 2):
+                master, arrays = state  # (weight32, states), as create_state_multi_precision
             else:
                 arrays = state
             if not isinstance(arrays, (tuple, list)) or len(arrays) != len(layout):
@@ -177,6 +178,7 @@ def _adopt_states(trainer):
                 continue
             _copy(arrays[0], packed[0])
             _copy(arrays[1], packed[1])
+            states.packed.pop(id(arrays[0]), None)  # (its entry would keep the old slab alive)
             states.packed[id(packed[0])] = packed
             arrays = tuple(packed[:2]) + tuple(arrays[2:])
             updater.states[index] = (master, arrays) if master is not None else arrays
@@ -197,6 +199,16 @@ def _copy(source, target):
     source = source.as_nd_ndarray() if _is_np(source) else source
     target = target.as_nd_ndarray() if _is_np(target) else target
     source.copyto(target)
+
+
+def _grouping_free(optimizer):
+    """Whether the step's results do not depend on MXNet's grouping, so that the fast path may
+    count and update the whole step at once: the whole step is the grouping asked for, or no
+    lr_scheduler reads num_update (MXNet's Updater counts each call's updates before its
+    learning rates, so with a schedule and parameters of different counts the grouping
+    matters)."""
+    whole = optimizer.aggregate_num in (WHOLE_STEP, numpy.inf)
+    return whole or optimizer.lr_scheduler is None
 
 
 class _FastUpdate:
@@ -247,7 +259,8 @@ class _Plan:
                 or options.gradient_accumulation_steps is not None or optimizer._on_server
                 or not trainer._kv_initialized or trainer._params_to_init
                 or (trainer._kvstore and trainer._update_on_kvstore)
-                or getattr(trainer, "_amp_loss_scaler", None) is not None):
+                or getattr(trainer, "_amp_loss_scaler", None) is not None
+                or not _grouping_free(optimizer)):
             return None
         plan = cls()
         plan.trainer_params = trainer._params
@@ -366,7 +379,7 @@ class _Plan:
         if (trainer._optimizer is not optimizer or trainer._params is not self.trainer_params
                 or optimizer.param_dict is not self.param_dict
                 or optimizer.multi_precision != self.multi_precision
-                or not optimizer.use_fused_step
+                or not optimizer.use_fused_step or not _grouping_free(optimizer)
                 or (trainer._kvstore and trainer._update_on_kvstore)
                 or getattr(trainer, "_amp_loss_scaler", None) is not None
                 or len(trainer._updaters) != len(self.updaters)
@@ -417,9 +430,7 @@ class _Plan:
                                                       optimizer.clip_gradient))
         attrs.update(options.counts_attributes(optimizer.counters.host_counts(indices)))
         table = ndarray.mxlamb_step(*run.inputs, **attrs)
-        # For trust_ratios() (read on request), as LAMB._update_group keeps them.
-        optimizer._last_tables.pop(indices, None)
-        optimizer._last_tables[indices] = (table, run.ratio_attrs)
+        optimizer._remember_table(indices, table, run.ratio_attrs)
 
 
 # Identity checks over whole lists at C speed (map with operator's functions).

@@ -130,6 +130,12 @@ def flat_run(slots):
     return first.weight, first.grad, first.model, first.offset, sizes
 
 
+def _on_cpu(buffer):
+    # Flat masters and moments (and so mxlamb_step's flat mode) on the CPU only: the GPU's flat
+    # mode is compiled but has not run on a GPU yet, so GPU parameters keep per-tensor states.
+    return buffer.layout.context.device_type == "cpu"
+
+
 class FlatStates:
     """One optimizer's float32 master copies and packed moments of contiguous parameters,
     laid out as their weights: member k's master at the weight's offset, its mean and var side
@@ -156,7 +162,7 @@ class FlatStates:
         """A float32 master copy of a float16/bfloat16 weight view (its values), itself a view
         of a flat master buffer; None for any other array."""
         weights, k = position(weight)
-        if weights is None or weights.role != "weight":
+        if weights is None or weights.role != "weight" or not _on_cpu(weights):
             return None
         layout = weights.layout
         masters = self._free(self._masters.setdefault(weights, []), k, lambda: FlatBuffer(
@@ -171,7 +177,7 @@ class FlatStates:
         """Zeroed (mean, var, (slab, offset, size)) views for a weight (or master) view, in a
         moment slab laid out as its buffer; None for any other array."""
         buffer, k = position(weight)
-        if buffer is None or buffer.role not in ("weight", "master"):
+        if buffer is None or buffer.role not in ("weight", "master") or not _on_cpu(buffer):
             return None
         layout = buffer.layout
         slab = self._free(self._moments.setdefault(buffer, []), k, lambda: ndarray.zeros(

@@ -91,7 +91,10 @@ class LAMB(Optimizer):
         batches of consecutive tensors of about a million elements. MXNet's LAMB defaults to
         4; every grouping gives bit-identical results here, so the default is the fastest
         one (a step of 200 small tensors in groups of 4 costs about 5 times as much, most of
-        it MXNet's cost per operator call).
+        it MXNet's cost per operator call). One exception is MXNet's own: with an
+        ``lr_scheduler`` and parameters of different update counts, its Updater counts each
+        call's updates before reading the schedule, so the learning rate of a call depends on
+        the grouping (in MXNet's LAMB too).
     use_fused_step : bool, default True
         Whether ``update`` (MXNet's Updater, Trainer) calls go to ``fused_step`` (else
         ``step``).
@@ -478,10 +481,22 @@ class LAMB(Optimizer):
             attrs.update(options.counts_attributes(count_slots=count_slots))
         else:
             attrs.update(options.counts_attributes(self.counters.host_counts(indices)))
-        table = group.call(attrs, stats, counts)
-        # For trust_ratios() (read on request): the newest table of each group, in step order.
-        self._last_tables.pop(indices, None)
-        self._last_tables[indices] = (table, group.ratio_attrs)
+        self._remember_table(indices, group.call(attrs, stats, counts), group.ratio_attrs)
+
+    def _remember_table(self, indices, table, ratio_attrs):
+        """Keeps a group's phase-1 table for trust_ratios() (read on request): the newest of
+        each group, in step order. Groups that change (some parameters skipped, direct calls
+        with other subsets) would add entries for ever: past 64, those whose parameters all
+        have a newer table are dropped."""
+        tables = self._last_tables
+        tables.pop(indices, None)
+        tables[indices] = (table, ratio_attrs)
+        if len(tables) > 64:
+            covered = set()
+            for key in reversed(list(tables)):
+                if covered.issuperset(key):
+                    del tables[key]
+                covered.update(key)
 
     # MXNet's per-index bookkeeping of a step, in bulk: the same results as its
     # _update_count, _get_lrs and _get_wds (which a subclass may override: then they are

@@ -469,3 +469,48 @@ def test_a_gradient_written_before_make_contiguous_stays_fresh():
             trainer.step(BATCH)
         return net, trainer
     assert_identical(snapshot(*run(False)), snapshot(*run(True)))
+
+
+def test_a_schedule_with_explicit_groups_goes_the_ordinary_way():
+    """With an lr_scheduler, MXNet's grouping moves the learning rate where counts differ: the
+    fast path (the whole step at once) is taken only for the whole-step grouping."""
+    for aggregate_num, planned in ((4, 0), (np.inf, 6)):
+        runs = [train(contiguous, options={
+            "aggregate_num": aggregate_num,  # a schedule is stateful: one for each run
+            "lr_scheduler": mx.lr_scheduler.FactorScheduler(step=2, factor=0.5, base_lr=0.05)})
+            for contiguous in (False, True)]
+        assert_identical(snapshot(*runs[0]), snapshot(*runs[1]))
+        assert runs[1][1]._update.planned_steps == planned
+
+
+def test_states_made_before_with_multi_precision_on_float32_move_into_the_layout():
+    """multi_precision=True on float32 weights: their states are (mean, var), no master copy;
+    states made by a step before make_contiguous are moved and the fast path is taken."""
+    def run():
+        net = make_net()
+        trainer = gluon.Trainer(net.collect_params(), mxlamb.LAMB(
+            learning_rate=0.05, wd=0.01, multi_precision=True), kvstore=None)
+        loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+        for step, (x, y) in enumerate(batches(4)):
+            if step == 1:
+                mxlamb.make_contiguous(trainer)
+            with autograd.record():
+                loss = loss_fn(net(mx.nd.array(x)), mx.nd.array(y))
+            loss.backward()
+            trainer.step(BATCH)
+        return net, trainer
+
+    net, trainer = run()
+    assert trainer._update.planned_steps == 3
+    ordinary = train(False, 4, options={"multi_precision": True})
+    assert_identical(snapshot(*ordinary), snapshot(net, trainer))
+
+
+def test_laying_out_again_frees_the_old_moment_buffers():
+    """Each make_contiguous moves the states into new buffers: the optimizer's record of the
+    packed moments keeps one entry per parameter, not one per call."""
+    net, trainer = train(True, 2)
+    packed = len(trainer._optimizer.param_states.packed)
+    for _ in range(3):
+        mxlamb.make_contiguous(trainer)
+    assert len(trainer._optimizer.param_states.packed) == packed

@@ -284,3 +284,34 @@ def test_an_overridden_get_lrs_is_called():
             return [lr / 2 for lr in super()._get_lrs(indices)]
     opt = Halved(learning_rate=0.1)
     assert opt._learning_rates([0, 1]) == [0.05, 0.05]
+
+
+def test_trust_ratio_tables_stay_bounded_when_groups_change(monkeypatch):
+    """Direct calls with changing subsets of parameters: the tables kept for trust_ratios()
+    stay bounded, and every parameter still reads its last step's ratio (the same as when
+    every table is kept)."""
+    def run():
+        rng = np.random.RandomState(0)
+        opt = mxlamb.LAMB(learning_rate=LR, wd=WD)
+        weights = [mx.nd.array(rng.randn(6).astype(np.float32)) for _ in range(10)]
+        states = [opt.create_state(k, w) for k, w in enumerate(weights)]
+        for _ in range(300):
+            subset = sorted(rng.choice(10, 5, replace=False))
+            grads = [mx.nd.array(rng.randn(6).astype(np.float32)) for _ in subset]
+            opt.fused_step(subset, [weights[k] for k in subset], grads,
+                           [states[k] for k in subset])
+        return opt
+
+    bounded = run()
+    assert len(bounded._last_tables) <= 65
+
+    def keep_all(self, indices, table, ratio_attrs):
+        self._last_tables.pop(indices, None)
+        self._last_tables[indices] = (table, ratio_attrs)
+    monkeypatch.setattr(mxlamb.LAMB, "_remember_table", keep_all)
+    unbounded = run()
+    assert len(unbounded._last_tables) > 65
+    ours, all_kept = bounded.trust_ratios(), unbounded.trust_ratios()
+    assert sorted(ours.keys) == sorted(all_kept.keys) == list(range(10))
+    assert (dict(zip(ours.keys, ours.values.asnumpy()))
+            == dict(zip(all_kept.keys, all_kept.values.asnumpy())))
