@@ -180,6 +180,12 @@ def train_contiguous(contiguous, steps=6, hybridize=False, grad_req="write", hal
         trainer.step(16)
         if grad_req == "add":
             net.zero_grad()
+    return net, trainer, snapshot(net, trainer, half)
+
+
+def snapshot(net, trainer, half=False):
+    """Every weight, optimizer state (the master copy first under ``half``) and count, as
+    NumPy."""
     out = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
     for index, state in trainer._updaters[0].states.items():
         arrays = [state[0], *state[1]] if half else list(state)
@@ -188,7 +194,7 @@ def train_contiguous(contiguous, steps=6, hybridize=False, grad_req="write", hal
     optimizer = trainer._optimizer
     out["counts"] = np.array([optimizer.num_update] + sorted(
         optimizer._index_update_count.values()) + sorted(optimizer.counters.applied.values()))
-    return net, trainer, out
+    return out
 
 
 def assert_identical(a, b):
@@ -288,27 +294,17 @@ def test_gluon2_mxlamb_save_states_restores_states_and_counts(tmp_path):
         loss.backward()
         trainer.step(16)
 
-    def snapshot():
-        optimizer = trainer._optimizer
-        out = {name: p.data().asnumpy() for name, p in net.collect_params().items()}
-        for index, state in trainer._updaters[0].states.items():
-            for k, array in enumerate(state):
-                out["state/%s/%d" % (index, k)] = array.asnumpy()
-        out["counts"] = np.array([optimizer.num_update] + sorted(
-            optimizer._index_update_count.values()) + sorted(optimizer.counters.applied.values()))
-        return out
-
     for x, y in batches[:3]:
         step(x, y)
     mxlamb.save_states(trainer, path)
     net.save_parameters(path + ".params")
-    saved = snapshot()
+    saved = snapshot(net, trainer)
     for x, y in batches[3:]:
         step(x, y)
-    after = snapshot()
+    after = snapshot(net, trainer)
     net.load_parameters(path + ".params")
     mxlamb.load_states(trainer, path)
-    assert_identical(saved, snapshot())
+    assert_identical(saved, snapshot(net, trainer))
     for x, y in batches[3:]:
         step(x, y)
-    assert_identical(after, snapshot())
+    assert_identical(after, snapshot(net, trainer))
