@@ -15,14 +15,14 @@ import weakref
 
 import numpy
 
-from mxnet import autograd, ndarray
+from mxnet import autograd
 from mxnet.base import _LIB
 
 from ._library import native
 from . import dispatch
 from .flat import FlatBuffer, Layout, _is_np, context_of, flat_run
 from .lamb import LAMB
-from .options import WHOLE_STEP, joined
+from .options import WHOLE_STEP
 from .state import LOW_PRECISION, ParameterStates
 
 __all__ = ["make_contiguous"]
@@ -231,21 +231,6 @@ class _FastUpdate:
             type(trainer)._update(trainer, ignore_stale_grad)
 
 
-class _Run:
-    """One mxlamb_step call: consecutive members of flat buffers, and what stays the same
-    from step to step (as a GroupPlan of LAMB's own step)."""
-
-    def __init__(self, optimizer, indices, params, inputs, flat_attrs, model_dtype):
-        self.indices = tuple(indices)
-        self.params = params
-        self.inputs = inputs
-        self.excluded, layer_adaptation = optimizer._group_options(self.indices)
-        options = optimizer.options
-        self.attrs = options.group_attributes(len(indices), model_dtype, layer_adaptation)
-        self.ratio_attrs = options.trust_ratio_attributes(self.attrs)
-        self.attrs.update(flat_attrs)  # flat_sizes, flat_offset, moments_offset
-
-
 class _Plan:
     """The Trainer's step for contiguous parameters, as made from its state at one step; it
     holds while every array and state it names is still the same object."""
@@ -335,24 +320,20 @@ class _Plan:
         path = dispatch.choose_path(dtype, options, False)
         if path is not dispatch.Path.FUSED:
             return None
-        model_dtype = dispatch.model_dtype(dtype, optimizer.multi_precision, path)
         sized = [(item, p) for item, p in zip(items, prepared) if p.size > 0]
         if not sized:
             return []
 
         def close():
+            # A run is LAMB's own GroupPlan (whose GroupCall passes flat groups as four
+            # arrays), made only where the run is flat.
             slots = [p.slots for _, p in current]
-            packed = ParameterStates.packed_moments(slots)
-            flat = flat_run(slots)
-            if packed is None or flat is None:
+            if ParameterStates.packed_moments(slots) is None or flat_run(slots) is None:
                 return False
-            weight, grad, model, offset, sizes = flat
-            with_model = model_dtype is not None
-            inputs = [weight, grad, packed[0]] + ([model] if with_model else [])
-            attrs = {"flat_sizes": joined(sizes), "flat_offset": offset,
-                     "moments_offset": packed[1]}
-            runs.append(_Run(optimizer, [item[0] for item, _ in current],
-                             [item[1] for item, _ in current], inputs, attrs, model_dtype))
+            members = [(row, (item[0], p.weight, p.grad, p.slots))
+                       for row, (item, p) in enumerate(current)]
+            runs.append(optimizer._group_plan(members, path, dtype, context_of(items[0][2]),
+                                              False))
             return True
 
         for item, p in sized:
@@ -415,22 +396,10 @@ class _Plan:
                 grad_scale = optimizer.rescale_grad / (options.loss_scale_factor or 1.0)
                 applied = []
                 for run in runs:
-                    self._step(optimizer, options, run, grad_scale)
+                    optimizer._update_group(run, grad_scale, None)
                     applied += run.indices
                 counters.count_applied(applied)
         return True
-
-    def _step(self, optimizer, options, run, grad_scale):
-        """LAMB._update_group for a run: what changes from step to step, then its call."""
-        indices = run.indices
-        lrs, wds = optimizer._learning_rates(indices), optimizer._weight_decays(indices)
-        if run.excluded:
-            wds = [0.0 if row in run.excluded else wd for row, wd in enumerate(wds)]
-        attrs = dict(run.attrs, **options.step_values(lrs, wds, grad_scale,
-                                                      optimizer.clip_gradient))
-        attrs.update(options.counts_attributes(optimizer.counters.host_counts(indices)))
-        table = ndarray.mxlamb_step(*run.inputs, **attrs)
-        optimizer._remember_table(indices, table, run.ratio_attrs)
 
 
 # Identity checks over whole lists at C speed (map with operator's functions).
