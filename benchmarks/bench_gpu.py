@@ -9,8 +9,17 @@ median of --steps after 3 warm-ups) of:
 
 - mxlamb's one-call step (mxlamb_cuda_step: phase 1, norms, phase 2), and the two phases as
   two calls (what mxlamb_phase1 + mxlamb_phase2 run);
+- mxlamb's phase 1 alone and phase 2 alone (their bytes: 24 and 16 B/param in fp32);
 - a PyTorch LAMB made of torch._foreach_* operations (the same update, unfused);
+- timm's `Lamb` (foreach where this timm has it; max_grad_norm=None, so no global clipping);
+- optax's `lamb` under `jax.jit` (params and state donated), in a child process so that JAX and
+  PyTorch do not share the device's memory pool (XLA_PYTHON_CLIENT_PREALLOCATE=false);
 - torch.optim.AdamW(fused=True) on float32: one pass over p, g, m, v, the bandwidth anchor.
+
+fp16 rows are float32 master weights with float16 gradients and float16 model weights: every
+peer widens the gradients and writes the float16 copy inside the timed step, as mxlamb does.
+
+A peer that is missing or fails is reported as such (a row with its error), never dropped.
 
 "GB/s" is the bytes the algorithm must move per parameter (below) times the parameter count,
 over the time; "% copy" divides that by the device's device-to-device copy bandwidth measured
@@ -39,6 +48,7 @@ from param_sets import PARAM_SETS  # noqa: E402
 #   fp16 (float32 master, float16 gradient and model weight): phase 1 reads w, g16, m, v and
 #   writes m, v (22); phase 2 reads w, m, v and writes w and w16 (18).
 LAMB_BYTES = {"fp32": 40, "fp16": 40}
+PHASE_BYTES = {"fp32": (24, 16), "fp16": (22, 18)}
 ADAMW_BYTES = 28  # fp32: reads p, g, m, v; writes p, m, v
 LR, WD, BETA1, BETA2, EPS = 1e-3, 0.01, 0.9, 0.999, 1e-6
 
@@ -67,7 +77,7 @@ def copy_bandwidth(nbytes=1 << 30):
     return 2 * nbytes / seconds
 
 
-def mxlamb_step(lib, params, grads, means, variances, model_weights, one_call):
+def mxlamb_step(lib, params, grads, means, variances, model_weights, stages):
     """A step function over the C interface; host step counts, advanced by each call."""
     n = len(params)
     ptrs = lambda ts: c_array(ctypes.c_void_p, [t.data_ptr() for t in ts])  # noqa: E731
@@ -93,11 +103,8 @@ def mxlamb_step(lib, params, grads, means, variances, model_weights, one_call):
             counts[t] = step.count
         step.count += 1
         args = (ctypes.byref(group), sumsq.data_ptr(), workspace.data_ptr(), nbytes, stream)
-        if one_call:
-            assert lib.mxlamb_cuda_step(*args) == 0
-        else:
-            assert lib.mxlamb_cuda_phase1(*args) == 0
-            assert lib.mxlamb_cuda_phase2(*args) == 0
+        for name in stages:
+            assert getattr(lib, name)(*args) == 0, name
     step.count = 1
     step.keep = (keep, counts, workspace)
     return step
@@ -129,6 +136,82 @@ def foreach_lamb_step(params, grads, means, variances, model_weights):
     return step
 
 
+def timm_lamb_step(params, grads, model_weights):
+    """timm.optim.Lamb (foreach where this timm has it), without its default global clipping;
+    float16 gradients are widened into float32 .grad buffers inside the step."""
+    import inspect
+
+    from timm.optim import Lamb
+    params = [torch.nn.Parameter(p.clone()) for p in params]
+    for p, g in zip(params, grads):
+        p.grad = g if g.dtype == torch.float32 else torch.empty_like(p)
+    kwargs = dict(lr=LR, betas=(BETA1, BETA2), eps=EPS, weight_decay=WD, max_grad_norm=None)
+    if "foreach" in inspect.signature(Lamb).parameters:
+        kwargs["foreach"] = True
+    opt = Lamb(params, **kwargs)
+    widen = grads[0].dtype != torch.float32
+
+    def step():
+        if widen:
+            torch._foreach_copy_([p.grad for p in params], grads)
+        opt.step()
+        if model_weights:
+            torch._foreach_copy_(model_weights, [p.detach() for p in params])
+    step.keep = (params, opt, "foreach" in kwargs)
+    return step
+
+
+def optax_child(model, precision, steps):
+    """In a child process: optax.lamb under jax.jit on `model`'s shapes; prints one JSON line
+    {"seconds": median, "jax": version} (wall clock around each step, blocked until ready)."""
+    os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    import optax
+    shapes = PARAM_SETS[model]()
+    key = jax.random.PRNGKey(0)
+    keys = jax.random.split(key, 2 * len(shapes))
+    params = [jax.random.normal(keys[2 * i], s, jnp.float32) * 0.05 for i, s in enumerate(shapes)]
+    gdtype = jnp.float16 if precision == "fp16" else jnp.float32
+    grads = [(jax.random.normal(keys[2 * i + 1], s, jnp.float32) * 1e-3).astype(gdtype)
+             for i, s in enumerate(shapes)]
+    tx = optax.lamb(LR, b1=BETA1, b2=BETA2, eps=EPS, weight_decay=WD)
+    state = tx.init(params)
+
+    def step(params, state, grads):
+        grads = [g.astype(jnp.float32) for g in grads]
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+        lowp = [p.astype(jnp.float16) for p in params] if precision == "fp16" else []
+        return params, state, lowp
+
+    jitted = jax.jit(step, donate_argnums=(0, 1))
+    times = []
+    for i in range(steps + 3):
+        start = time.perf_counter()
+        params, state, lowp = jitted(params, state, grads)
+        jax.block_until_ready((params, state, lowp))
+        if i >= 3:
+            times.append(time.perf_counter() - start)
+    print(json.dumps({"seconds": statistics.median(times), "jax": jax.__version__,
+                      "backend": jax.devices()[0].device_kind}))
+
+
+def optax_seconds(model, precision, steps, timeout):
+    """optax_child's median, or raises with the child's error."""
+    import subprocess
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
+    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--optax-child",
+                          "%s,%s" % (model, precision), "--steps", str(steps)],
+                         capture_output=True, text=True, env=env, timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(out.stderr.strip().splitlines()[-1] if out.stderr.strip()
+                           else "exit %d" % out.returncode)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="bert-base,bert-large")
@@ -136,7 +219,16 @@ def main():
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--lib", help="a built libmxlamb_cuda.so (default: build one)")
     parser.add_argument("--json")
+    parser.add_argument("--peers", default="foreach,timm,optax,adamw",
+                        help="which peers to time (comma-separated)")
+    parser.add_argument("--optax-timeout", type=float, default=90.0,
+                        help="seconds for each optax child (its jit compile included)")
+    parser.add_argument("--optax-child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.optax_child:
+        optax_child(*args.optax_child.split(","), args.steps)
+        return
+    peers = set(args.peers.split(",")) if args.peers else set()
     lib = load(args.lib)
     bandwidth = copy_bandwidth()
     device = torch.cuda.get_device_name()
@@ -145,8 +237,18 @@ def main():
                                                  "% copy", "B/param"))
     results = []
 
-    def report(model, precision, case, fn, numel, bytes_per_param):
-        seconds = cuda_time(fn, args.steps)
+    def failed(model, precision, case, error):
+        results.append({"model": model, "precision": precision, "case": case,
+                        "error": str(error)})
+        print("%-10s %-5s %-26s failed: %s" % (model, precision, case, error), flush=True)
+
+    def report(model, precision, case, fn, numel, bytes_per_param, seconds=None):
+        if seconds is None:
+            try:
+                seconds = cuda_time(fn, args.steps)
+            except Exception as e:  # noqa: BLE001 (a peer's failure is a result, said so)
+                failed(model, precision, case, "%s: %s" % (type(e).__name__, e))
+                return
         rate = bytes_per_param * numel / seconds
         results.append({"model": model, "precision": precision, "case": case,
                         "seconds": seconds, "params": numel, "bytes_per_param": bytes_per_param,
@@ -166,20 +268,52 @@ def main():
             grads = [(torch.randn(s, device="cuda", generator=gen) * 1e-3).to(grad_dtype)
                      for s in shapes]
             model_weights = [p.half() for p in params] if precision == "fp16" else None
-            for case, one_call in (("mxlamb step (one call)", True),
-                                   ("mxlamb phase1 + phase2", False)):
+            phase1_bytes, phase2_bytes = PHASE_BYTES[precision]
+            for case, stages, nbytes in (
+                    ("mxlamb step (one call)", ["mxlamb_cuda_step"], LAMB_BYTES[precision]),
+                    ("mxlamb phase1 + phase2", ["mxlamb_cuda_phase1", "mxlamb_cuda_phase2"],
+                     LAMB_BYTES[precision]),
+                    ("mxlamb phase1 alone", ["mxlamb_cuda_phase1"], phase1_bytes),
+                    ("mxlamb phase2 alone", ["mxlamb_cuda_phase2"], phase2_bytes)):
                 state = ([torch.zeros_like(p) for p in params],
                          [torch.zeros_like(p) for p in params])
+                if case == "mxlamb phase2 alone":  # phase 2 of a real step's moments and norms
+                    mxlamb_step(lib, params, grads, state[0], state[1], model_weights,
+                                ["mxlamb_cuda_phase1"])()
                 report(model, precision, case,
                        mxlamb_step(lib, params, grads, state[0], state[1], model_weights,
-                                   one_call), numel, LAMB_BYTES[precision])
+                                   stages), numel, nbytes)
                 del state
-            state = ([torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params])
-            report(model, precision, "torch _foreach LAMB",
-                   foreach_lamb_step(params, grads, state[0], state[1], model_weights), numel,
-                   LAMB_BYTES[precision])
-            del state
-            if precision == "fp32":
+            if "foreach" in peers:
+                state = ([torch.zeros_like(p) for p in params],
+                         [torch.zeros_like(p) for p in params])
+                report(model, precision, "torch _foreach LAMB",
+                       foreach_lamb_step(params, grads, state[0], state[1], model_weights), numel,
+                       LAMB_BYTES[precision])
+                del state
+            if "timm" in peers:
+                try:
+                    fn = timm_lamb_step(params, grads, model_weights)
+                except Exception as e:  # noqa: BLE001
+                    failed(model, precision, "timm Lamb", "%s: %s" % (type(e).__name__, e))
+                else:
+                    report(model, precision,
+                           "timm Lamb (%s)" % ("foreach" if fn.keep[2] else "per tensor"), fn,
+                           numel, LAMB_BYTES[precision])
+                    del fn
+                torch.cuda.empty_cache()
+            if "optax" in peers:
+                torch.cuda.synchronize()
+                torch.cuda.empty_cache()
+                try:
+                    child = optax_seconds(model, precision, args.steps, args.optax_timeout)
+                except Exception as e:  # noqa: BLE001
+                    failed(model, precision, "optax lamb (jax.jit)", "%s: %s"
+                           % (type(e).__name__, e))
+                else:
+                    report(model, precision, "optax lamb (jax.jit)", None, numel,
+                           LAMB_BYTES[precision], seconds=child["seconds"])
+            if precision == "fp32" and "adamw" in peers:
                 adam_params = [torch.nn.Parameter(p.clone()) for p in params]
                 for p, g in zip(adam_params, grads):
                     p.grad = g

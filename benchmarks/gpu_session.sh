@@ -1,50 +1,88 @@
 #!/usr/bin/env bash
-# Everything that needs the GPU, in one call (about 5 minutes, at most 9): run from the repository
-# root on the GPU machine (Python 3.12, PyTorch, CuPy, nvcc; no MXNet, no network):
+# Everything that needs the GPU, in one call of at most 7 minutes (the device tool's machine start
+# comes on top): run from the repository root on the GPU machine (Python 3.12, PyTorch, CuPy,
+# JAX/optax, timm, nvcc; no MXNet, no network):
 #
-#     OUT=/tmp/out bash benchmarks/gpu_session.sh
+#     OUT=/tmp/out bash benchmarks/gpu_session.sh [steps...]
 #
-# 1. builds the CUDA kernels (native_build.py: nvcc, sm_90 + PTX) into build/gpu/;
-# 2. runs tests/test_cuda.py on that build (the GPU tests against the float64 reference, the
-#    CUDA-graph replay, bit-identical runs);
-# 3. runs benchmarks/bench_gpu.py (BERT-base and BERT-large, fp32 and fp16, against PyTorch);
-# 4. with the time left, compute-sanitizer memcheck and racecheck over a few GPU tests.
+# steps (default: all, in this order):
+#   build      the CUDA kernels (native_build.py: nvcc, sm_90 + PTX) into build/gpu/;
+#   tests      tests/test_cuda.py on that build (the float64 reference, the CPU kernels,
+#              CUDA-graph replay, awkward sizes, bit-identical runs, the grid);
+#   memcheck   compute-sanitizer memcheck over the GPU tests that reach tails, empty tensors and
+#              the misaligned scalar path, with PyTorch's caching allocator off (its blocks are
+#              larger than the tensors, so an overrun would land in memory it owns);
+#   bench      benchmarks/bench_gpu.py (BERT-base and BERT-large, fp32 and fp16 master, against
+#              torch _foreach, timm, optax and fused AdamW, with the copy bandwidth);
+#   racecheck  compute-sanitizer racecheck over two small GPU tests, with the time left.
+# A rerun after a fix names the steps it needs: `bash benchmarks/gpu_session.sh build tests`.
 # Writes to $OUT (at most 8 files): summary.txt, env.txt, build.log, test_cuda.log,
 # bench_gpu.log, bench_gpu.json, sanitizer.log. Each step runs even when an earlier one fails,
-# if it can; summary.txt lists each step's exit status.
+# if it can; summary.txt lists each step's exit status and the seconds it ended at.
 set -u
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT" build/gpu
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 LIB=$PWD/build/gpu/libmxlamb_cuda.so
-BUDGET=540  # seconds for the whole script, inside the device tool's 600 per command
-summary() { echo "$1: exit $2 after ${SECONDS}s" | tee -a "$OUT/summary.txt"; }
+BUDGET=${GPU_SESSION_BUDGET:-420}  # seconds for the whole script
+STEPS=${*:-build tests memcheck bench racecheck}
+summary() { echo "$1: exit $2 at ${SECONDS}s" | tee -a "$OUT/summary.txt"; }
 left() { echo $(( BUDGET - SECONDS > 10 ? BUDGET - SECONDS : 10 )); }
+cap() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }  # min(seconds, time left)
+wants() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+PYTEST=(python3 -m pytest -q -p no:cacheprovider)
+python3 -c "import xdist" 2>/dev/null && XDIST=(-n 4) || XDIST=()
+# The GPU tests (not the no-GPU checks CI runs, nor the CPU kernels' own reference tests).
+GPU_TESTS="test_cuda_ and not numpy_model and not compile and not refuses"
 
 {
   date -u
+  # The library links the CUDA 13 runtime: the driver must say "CUDA Version: 13.x" or newer,
+  # else every call returns cudaErrorInsufficientDriver while PyTorch still works.
   nvidia-smi
   nvcc --version
-  python3 -c "import sys, numpy, torch; print(sys.version); print('numpy', numpy.__version__, 'torch', torch.__version__, torch.cuda.get_device_name())"
+  python3 -c "import sys, numpy, torch; print(sys.version); print('numpy', numpy.__version__, 'torch', torch.__version__, torch.version.cuda, torch.cuda.get_device_name())"
   python3 -c "import cupy; print('cupy', cupy.__version__)"
+  python3 -c "import timm; print('timm', timm.__version__)"
+  python3 -c "import jax, optax; print('jax', jax.__version__, 'optax', optax.__version__)"
   python3 -c "import pytest; print('pytest', pytest.__version__)"
   git log --oneline -1 2>/dev/null
 } > "$OUT/env.txt" 2>&1
 
-timeout 120 python3 -c "import sys; sys.path.insert(0, '.'); import native_build; native_build.compile_cuda_library('$LIB', extra_flags=['-Xptxas', '-v'])" > "$OUT/build.log" 2>&1
-summary build $?
+if wants build; then
+  timeout "$(cap 90)" python3 -c "import sys; sys.path.insert(0, '.'); import native_build; native_build.compile_cuda_library('$LIB', extra_flags=['-Xptxas', '-v'])" > "$OUT/build.log" 2>&1
+  summary build $?
+fi
 
-MXLAMB_CUDA_LIB=$LIB timeout 300 python3 -m pytest -q -p no:cacheprovider -rs --durations=10 tests/test_cuda.py > "$OUT/test_cuda.log" 2>&1
-summary tests $?
+if wants tests; then
+  MXLAMB_CUDA_LIB=$LIB timeout "$(cap 150)" "${PYTEST[@]}" "${XDIST[@]}" -rs --durations=15 \
+    tests/test_cuda.py -k "not numpy_model" > "$OUT/test_cuda.log" 2>&1
+  summary tests $?
+fi
 
-timeout "$(left)" python3 benchmarks/bench_gpu.py --lib "$LIB" --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
-summary benchmark $?
+: >> "$OUT/sanitizer.log"
+if wants memcheck; then
+  PYTORCH_NO_CUDA_MEMORY_CACHING=1 MXLAMB_CUDA_LIB=$LIB timeout "$(cap 80)" \
+    compute-sanitizer --tool memcheck --error-exitcode 99 "${PYTEST[@]}" tests/test_cuda.py \
+    -k "($GPU_TESTS) and (awkward or bit_identical or (matches_the_reference and plain))" \
+    >> "$OUT/sanitizer.log" 2>&1
+  summary "compute-sanitizer memcheck" $?
+fi
 
-: > "$OUT/sanitizer.log"
-for tool in memcheck racecheck; do
-  [ "$(left)" -gt 40 ] || { echo "$tool: no time left" >> "$OUT/sanitizer.log"; continue; }
-  MXLAMB_CUDA_LIB=$LIB timeout "$(( $(left) / 2 ))" compute-sanitizer --tool "$tool" --error-exitcode 99 \
-    python3 -m pytest -q -p no:cacheprovider -x tests/test_cuda.py \
-    -k "trust_ratio or (plain and float32) or (everything and float16)" >> "$OUT/sanitizer.log" 2>&1
-  summary "compute-sanitizer $tool" $?
-done
+if wants bench; then
+  timeout "$(cap 200)" python3 benchmarks/bench_gpu.py --lib "$LIB" --steps 20 \
+    --optax-timeout 45 --json "$OUT/bench_gpu.json" > "$OUT/bench_gpu.log" 2>&1
+  summary benchmark $?
+fi
+
+if wants racecheck; then
+  if [ "$(left)" -gt 30 ]; then
+    MXLAMB_CUDA_LIB=$LIB timeout "$(left)" compute-sanitizer --tool racecheck --error-exitcode 99 \
+      "${PYTEST[@]}" tests/test_cuda.py \
+      -k "($GPU_TESTS) and matches_the_reference and float32 and (plain or everything)" \
+      >> "$OUT/sanitizer.log" 2>&1
+    summary "compute-sanitizer racecheck" $?
+  else
+    echo "racecheck: no time left" | tee -a "$OUT/summary.txt"
+  fi
+fi

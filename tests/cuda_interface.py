@@ -103,8 +103,12 @@ def load(path=None):
 
 def bfloat16_bits(x):
     """float32 values -> bfloat16 bits (uint16), rounded to nearest even as the kernels do."""
-    u = np.ascontiguousarray(x, dtype=np.float32).view(np.uint32).astype(np.uint64)
-    return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    f = np.ascontiguousarray(x, dtype=np.float32)
+    u = f.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    # Rounding would carry a NaN's payload into its exponent (0x7FFFFFFF -> 0x8000, -0.0):
+    # every NaN becomes the kernels' quiet NaN instead.
+    return np.where(np.isnan(f), np.uint16(0x7FC0), rounded).astype(np.uint16)
 
 
 def bfloat16_values(bits):

@@ -28,7 +28,7 @@ import numpy as np
 import pytest
 
 from cuda_interface import (FLAGS, BFLOAT16, FLOAT32, FLOAT64, GradStats, GradStatsParams, Group,
-                            LambParams, c_array, find_device, load, storage)
+                            LambParams, bfloat16_bits, c_array, find_device, load, storage)
 from reference import ReferenceAdamW, ReferenceLAMB, ReferenceStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -147,6 +147,16 @@ def test_ctypes_structs_match_the_header(tmp_path):
 CUDA_ERROR_INVALID_VALUE = 1
 
 
+def test_bfloat16_helper_rounds_to_nearest_even_and_keeps_nans():
+    """The harness' float32 -> bfloat16: ties to even, overflow to inf, and every NaN (high
+    payload bits and sign included) to the quiet NaN 0x7FC0, never to a number."""
+    bits = np.array([0x3F800000, 0x3F808000, 0x3F818000, 0x3F808001, 0x7F7FFFFF, 0xFF800000,
+                     0x7FFFFFFF, 0xFFFFFFFF, 0x7F800001, 0xFFC00000], np.uint32)
+    out = bfloat16_bits(bits.view(np.float32))
+    assert out.tolist() == [0x3F80, 0x3F80, 0x3F82, 0x3F81, 0x7F80, 0xFF80,
+                            0x7FC0, 0x7FC0, 0x7FC0, 0x7FC0]
+
+
 @needs_nvcc
 def test_interface_refuses_bad_arguments(cuda_lib):
     """What the kernels would otherwise trust is checked on the host, before anything is
@@ -175,10 +185,23 @@ def test_interface_refuses_bad_arguments(cuda_lib):
            "device counts without count_slots": (group(counts=16), need),
            "grad_sumsq without stat_rows": (group(grad_sumsq=16), need),
            "a bad low-precision type": (group(weights_lowp=ptrs, lowp_dtype=FLOAT32), need),
-           "a negative tensor count": (group(num_tensors=-1), need)}
+           "a negative tensor count": (group(num_tensors=-1), need),
+           "a negative size": (group(sizes=c_array(ctypes.c_int64, [-5])), need),
+           "a NULL weight": (group(weights=c_array(ctypes.c_void_p, [None])), need),
+           "a NULL gradient": (group(grads=c_array(ctypes.c_void_p, [None])), need),
+           "a NULL variance": (group(vars=c_array(ctypes.c_void_p, [None])), need),
+           "a NULL EMA entry": (group(averages=c_array(ctypes.c_void_p, [None])), need),
+           "a NULL low-precision entry": (group(weights_lowp=c_array(ctypes.c_void_p, [None]),
+                                                lowp_dtype=2), need),
+           "a float64 master with a float16 copy": (group(math_dtype=FLOAT64, weights_lowp=ptrs,
+                                                          lowp_dtype=2), need)}
     for what, (g, nbytes) in bad.items():
         for fn in (cuda_lib.mxlamb_cuda_phase1, cuda_lib.mxlamb_cuda_step):
             assert fn(ctypes.byref(g), 16, ws, nbytes, None) == CUDA_ERROR_INVALID_VALUE, what
+    for fn in (cuda_lib.mxlamb_cuda_phase1, cuda_lib.mxlamb_cuda_phase2,
+               cuda_lib.mxlamb_cuda_step):
+        assert fn(ctypes.byref(group()), None, ws, need, None) == CUDA_ERROR_INVALID_VALUE
+
     stats = GradStats(num_tensors=1, grads=ptrs, grad_dtypes=c_array(ctypes.c_int, [3]),
                       sizes=sizes, grad_sumsq=16, control=16, step_state=16)
     assert cuda_lib.mxlamb_cuda_grad_stats(ctypes.byref(stats), ws, len(ws), None) == \

@@ -193,10 +193,15 @@ __device__ __forceinline__ double widen(double x) { return x; }
 __device__ __forceinline__ float widen(__half x) { return __half2float(x); }
 __device__ __forceinline__ float widen(__nv_bfloat16 x) { return __bfloat162float(x); }
 
+// Round to nearest even. A NaN becomes one canonical quiet NaN, sign dropped, as the CPU's
+// precision.h writes it (0x7e00 for float16; cvt.rn.f16.f32 alone gives 0x7fff), so that the
+// bits after a non-finite step do not depend on the device; bfloat16's is 0x7fc0.
 template <typename E> __device__ __forceinline__ E narrow(float x);
-template <> __device__ __forceinline__ __half narrow<__half>(float x) { return __float2half_rn(x); }
+template <> __device__ __forceinline__ __half narrow<__half>(float x) {
+  return x != x ? __ushort_as_half(0x7e00) : __float2half_rn(x);
+}
 template <> __device__ __forceinline__ __nv_bfloat16 narrow<__nv_bfloat16>(float x) {
-  return __float2bfloat16_rn(x);
+  return x != x ? __ushort_as_bfloat16(0x7fc0) : __float2bfloat16_rn(x);
 }
 
 template <typename E>
@@ -606,6 +611,8 @@ bool valid(const MxlambCudaGroup* g, void* ws, size_t bytes, bool phase1, Layout
       g->lowp_dtype != MXLAMB_BFLOAT16) {
     return false;
   }
+  // A float64 master has no low-precision copy (the C interface would round it twice).
+  if (g->weights_lowp != nullptr && g->math_dtype == MXLAMB_FLOAT64) return false;
   if (g->clipnorm > 0 && g->grad_sumsq == nullptr) return false;  // as the CPU refuses it
   if (g->num_tensors > 0 &&
       (g->lrs == nullptr || g->wds == nullptr ||
@@ -623,6 +630,18 @@ bool valid(const MxlambCudaGroup* g, void* ws, size_t bytes, bool phase1, Layout
   }
   for (int t = 0; phase1 && g->grad_dtypes != nullptr && t < g->num_tensors; ++t) {
     if (!valid_dtype(g->grad_dtypes[t])) return false;
+  }
+  // Every array a non-empty tensor's kernels touch is there: a NULL one would be an illegal
+  // address, which ends the CUDA context, rather than this call's cudaErrorInvalidValue.
+  for (int t = 0; g->sizes != nullptr && t < g->num_tensors; ++t) {
+    if (g->sizes[t] < 0) return false;
+    if (g->sizes[t] == 0) continue;
+    auto missing = [t](void* const* arrays) { return arrays != nullptr && arrays[t] == nullptr; };
+    if (g->weights[t] == nullptr || g->means[t] == nullptr || g->vars[t] == nullptr ||
+        missing(g->weights_out) || missing(g->vmaxes) || missing(g->averages) ||
+        missing(g->weights_lowp) || (phase1 && g->grads[t] == nullptr)) {
+      return false;
+    }
   }
   *l = layout_of(g->num_tensors, g->sizes);
   return bytes >= l->total && (ws != nullptr || l->total == 0);
@@ -663,6 +682,7 @@ int run(const MxlambCudaGroup* g, int stages, double* sumsq, void* ws, size_t by
         void* stream) {
   Layout l;
   if (!valid(g, ws, bytes, (stages & kPhase1) != 0, &l)) return cudaErrorInvalidValue;
+  if (g->num_tensors > 0 && sumsq == nullptr) return cudaErrorInvalidValue;
   auto s = static_cast<cudaStream_t>(stream);
   char* w = static_cast<char*>(ws);
   return g->math_dtype == MXLAMB_FLOAT64 ? run_group<double>(*g, stages, sumsq, l, w, s)
@@ -734,7 +754,10 @@ extern "C" int mxlamb_cuda_grad_stats(const MxlambCudaGradStats* st, void* works
   }
   const int n = st->num_tensors;
   for (int t = 0; t < n; ++t) {
-    if (!valid_dtype(st->grad_dtypes[t])) return cudaErrorInvalidValue;
+    if (!valid_dtype(st->grad_dtypes[t]) || st->sizes[t] < 0 ||
+        (st->sizes[t] > 0 && st->grads[t] == nullptr)) {
+      return cudaErrorInvalidValue;
+    }
   }
   const Layout l = layout_of(n, st->sizes);
   if (workspace_bytes < l.total || (workspace == nullptr && l.total > 0)) {

@@ -17,7 +17,18 @@
  * the device, by lamb_math.h's tensor_coeffs and gradient_scale, since they may depend on
  * device state (counts, gradient statistics).
  *
- * Every function returns a cudaError_t value (0 = success).
+ * CUDA graphs. A captured call keeps what it was given on the host: lrs, wds, step_counts,
+ * rescale_grad, clipnorm and every other host value are baked into the graph's kernel
+ * arguments, so replaying it repeats that step's values (a learning-rate schedule is ignored).
+ * What lives in device memory moves on with each replay: device step counts (counts), the
+ * gradient statistics and the loss scale (step_state). Capture a new graph when a host value
+ * changes. Make one eager call of each entry point before capturing: the first call of a kernel
+ * loads its module and queries its occupancy, which a capture must not do.
+ *
+ * Every function returns a cudaError_t value (0 = success): cudaErrorInvalidValue, before
+ * anything is enqueued, for a call the kernels could not run safely (a NULL array of a
+ * non-empty tensor, a NULL sumsq, a float64 master with a low-precision copy, a workspace too
+ * small, ...).
  */
 #ifndef MXLAMB_LAMB_CUDA_H_
 #define MXLAMB_LAMB_CUDA_H_
