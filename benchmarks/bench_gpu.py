@@ -4,8 +4,9 @@
                                     [--steps 30] [--lib libmxlamb_cuda.so] [--json F]
 
 Needs a CUDA GPU, PyTorch and nvcc (no MXNet): builds src/operators/lamb_cuda.cu unless --lib
-names a build. For each model and precision it times one optimizer step (CUDA events, the
-median of --steps after 3 warm-ups) of:
+names a build. For each model and precision it times one optimizer step in steady state (after
+3 warm-ups, --steps steps in 5 rounds of back-to-back steps between CUDA events, as a training
+loop enqueues them; the median round's time per step) of:
 
 - mxlamb's one-call step (mxlamb_cuda_step: phase 1, norms, phase 2), and the two phases as
   two calls (what mxlamb_phase1 + mxlamb_phase2 run);
@@ -53,19 +54,26 @@ ADAMW_BYTES = 28  # fp32: reads p, g, m, v; writes p, m, v
 LR, WD, BETA1, BETA2, EPS = 1e-3, 0.01, 0.9, 0.999, 1e-6
 
 
+ROUNDS = 5
+
+
 def cuda_time(fn, steps, warmup=3):
-    """Median seconds of fn() on the GPU, by CUDA events around each call."""
+    """Seconds per fn() in steady state: `steps` calls back to back (as a training loop
+    enqueues its steps, so the host's work for one step overlaps the device's for the one
+    before) between two CUDA events, in ROUNDS rounds; the median round's time per call."""
     for _ in range(warmup):
         fn()
     torch.cuda.synchronize()
+    per_round = max(1, steps // ROUNDS)
     times = []
-    for _ in range(steps):
+    for _ in range(ROUNDS):
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        fn()
+        for _ in range(per_round):
+            fn()
         end.record()
         end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        times.append(start.elapsed_time(end) / 1e3 / per_round)
     return statistics.median(times)
 
 
@@ -163,7 +171,8 @@ def timm_lamb_step(params, grads, model_weights):
 
 def optax_child(model, precision, steps):
     """In a child process: optax.lamb under jax.jit on `model`'s shapes; prints one JSON line
-    {"seconds": median, "jax": version} (wall clock around each step, blocked until ready)."""
+    {"seconds": per step, "jax": version} (wall clock around rounds of steps, each round
+    blocked until ready at its end)."""
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
     import time
 
@@ -188,13 +197,17 @@ def optax_child(model, precision, steps):
         return params, state, lowp
 
     jitted = jax.jit(step, donate_argnums=(0, 1))
-    times = []
-    for i in range(steps + 3):
-        start = time.perf_counter()
+    for _ in range(3):
         params, state, lowp = jitted(params, state, grads)
+    jax.block_until_ready((params, state, lowp))
+    per_round = max(1, steps // ROUNDS)
+    times = []
+    for _ in range(ROUNDS):  # as cuda_time: steps back to back, the median round per step
+        start = time.perf_counter()
+        for _ in range(per_round):
+            params, state, lowp = jitted(params, state, grads)
         jax.block_until_ready((params, state, lowp))
-        if i >= 3:
-            times.append(time.perf_counter() - start)
+        times.append((time.perf_counter() - start) / per_round)
     print(json.dumps({"seconds": statistics.median(times), "jax": jax.__version__,
                       "backend": jax.devices()[0].device_kind}))
 
