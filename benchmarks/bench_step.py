@@ -7,8 +7,8 @@ In one run it measures a STREAM-like read-modify-write bandwidth with the librar
 threads, derives the byte bound of a two-pass LAMB step (40 bytes per parameter: read w, g, m, v
 and write m, v; then read w, m, v and write w), and times every implementation with warm-up,
 ``mx.nd.waitall()`` before reading the clock, and the median of several steps: through MXNet's
-Updater (the path of gluon.Trainer and Module) and through ``gluon.Trainer.step`` itself, with
-and without ``mxlamb.make_contiguous``. Each case of a set under a million parameters
+Updater (the path of gluon.Trainer and Module) and through ``gluon.Trainer.step`` itself and
+``mxlamb.contrib.ContiguousTrainer``'s. Each case of a set under a million parameters
 (sub-millisecond steps, which depend on what ran before and on the machine's other load) is
 timed alone in a fresh process, in 5 alternating rounds, and its lowest round kept. It prints
 a table of medians and ratios; nothing here is asserted.
@@ -174,7 +174,7 @@ def one_thread(make):
 
 class TrainerStep:
     """gluon.Trainer.step on Parameters holding the set's weights and gradients (one CPU
-    context, no kvstore), with ``contiguous``: mxlamb.make_contiguous on the Trainer first.
+    context, no kvstore), with ``contiguous``: an mxlamb.contrib.ContiguousTrainer instead.
     ``before`` marks every gradient fresh, as a backward pass does (untimed)."""
 
     def __init__(self, make_optimizer, contiguous=False):
@@ -182,14 +182,14 @@ class TrainerStep:
 
     def __call__(self, weights, grads):
         params = [gluon.Parameter("p%d_weight" % i, shape=w.shape) for i, w in enumerate(weights)]
-        for param, weight, grad in zip(params, weights, grads):
+        for param, weight in zip(params, weights):
             param.initialize(ctx=mx.cpu())
             param.set_data(weight)
-            param.grad()[:] = grad
-        trainer = gluon.Trainer(params, self.make_optimizer(), kvstore=None,
+        trainer_class = mxlamb.contrib.ContiguousTrainer if self.contiguous else gluon.Trainer
+        trainer = trainer_class(params, self.make_optimizer(), kvstore=None,
                                 update_on_kvstore=False)
-        if self.contiguous:
-            mxlamb.make_contiguous(trainer)
+        for param, grad in zip(params, grads):  # (into the flat buffers' views, if any)
+            param.grad()[:] = grad
         arrays = [p.data() for p in params]
 
         def mark_fresh():

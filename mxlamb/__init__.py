@@ -31,14 +31,20 @@ from mxnet.optimizer import Optimizer  # noqa: E402
 
 from .adamw import AdamW
 from .checkpoint import convert_lamb, load_states, save_states
-from .contiguous import make_contiguous
 from .lamb import LAMB, TrustRatios
 from .loss_scaler import LossScaler
-from . import dist  # noqa: F401  (mxlamb.dist: the launcher and prepare())
+from . import contrib
+from .contrib import dist
 
 __all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states",
-           "convert_lamb", "make_contiguous", "dist"]
+           "convert_lamb", "ContiguousTrainer", "contrib", "dist"]
 
 # Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point.
 Optimizer.opt_registry["lamb"] = LAMB
 Optimizer.opt_registry["adamw"] = AdamW
+
+
+def __getattr__(name):
+    if name == "ContiguousTrainer":  # (imported on first use: see mxlamb.contrib)
+        return contrib.ContiguousTrainer
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))

@@ -136,7 +136,7 @@ def _restore_counters(optimizer, meta, device_ids, index_of=int):
         optimizer.counters.load_state_dict({
             "applied": per_device("_all_applied_steps"), "micro": per_device("_all_micro_steps"),
             "count_slots": {index_of(i): int(v) for i, v in counters.get(_SLOTS, {}).items()}})
-        optimizer._use_device_counts(0)  # (the Updater switches to each device again)
+        optimizer.engine.use_device(0)  # (the Updater switches to each device again)
     else:
         optimizer._index_update_count = optimizer._all_index_update_counts[0]
 
@@ -288,9 +288,7 @@ def load_states(trainer, path, by_order=False):
                 optimizer.counters.step_states[device_key(context)] = saved.as_in_context(context)
         optimizer.counters.device_counts = {_contexts(trainer)[k]: arrays["opt/counts/%d" % k]
                                             for k in meta.get("device_counts", [])}
-        optimizer.param_states.checked = {}
-        optimizer._plans = {}  # (the states are new objects: no plan would replay anyway)
-        optimizer.collector.known = {c: set(s) for c, s in zip(_contexts(trainer), restored)}
+        optimizer.engine.reset()
 
 
 # ------------------------------------------------------------------- MXNet's LAMB <-> mxlamb
@@ -376,9 +374,9 @@ def convert_lamb(trainer, to):
     if to not in ("mxlamb", "mxnet"):
         raise ValueError("mxlamb.convert_lamb: to must be 'mxlamb' or 'mxnet', not %r" % (to,))
     if isinstance(trainer, Updater):
-        old, updaters, contexts = trainer.optimizer, [trainer], [None]
+        old, updaters = trainer.optimizer, [trainer]
     else:
-        (old, updaters), contexts = _trainer_parts(trainer), _contexts(trainer)
+        old, updaters = _trainer_parts(trainer)
     builtin = _builtin_lamb()
     target = LAMB if to == "mxlamb" else builtin
     if type(old) is target:
@@ -411,11 +409,10 @@ def convert_lamb(trainer, to):
     new._all_index_update_counts.setdefault(0, {})
     if to == "mxlamb":
         new.counters.load_state_dict({"applied": counts, "micro": {d: {} for d in counts}})
-        new._use_device_counts(0)  # (MXNet's Updater switches devices before each update)
+        new.engine.use_device(0)  # (MXNet's Updater switches devices before each update)
     else:
         new._index_update_count = new._all_index_update_counts[0]
-    known = {}
-    for updater, states, context in zip(updaters, moments, contexts):
+    for updater, states in zip(updaters, moments):
         for index, (master, mean, var) in states.items():
             # Arrays of their own: mxlamb's small moments are views into a shared slab. (After
             # Trainer.load_states every device holds device 0's states, not yet synced: the
@@ -423,9 +420,6 @@ def convert_lamb(trainer, to):
             pair = (mean.copy(), var.copy())
             updater.states[index] = pair if master is None else (master, pair)
             updater.states_synced.setdefault(index, False)
-            known.setdefault(context or mean.context, set()).add(index)
-    if to == "mxlamb":
-        new.collector.known = known  # the parameters a whole step waits for, per device
     for updater in updaters:
         updater.optimizer = new
     if not isinstance(trainer, Updater):

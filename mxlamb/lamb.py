@@ -1,28 +1,27 @@
 """LAMB: layer-wise adaptive moments for large-batch training, on mxlamb's C++ operators.
 
-The public surface only: arguments (validated in :mod:`mxlamb.options`), states
-(:mod:`mxlamb.state`), the step as MXNet calls it, and the user's methods. The whole-step
-machinery lives in :mod:`mxlamb.steps`, the choice of operators in :mod:`mxlamb.dispatch`.
+This module is MXNet's adapter and nothing more: the arguments (validated into
+:class:`mxlamb.options.Options`), the states (:mod:`mxlamb.state`), the calls MXNet makes
+(``create_state``, ``step``/``fused_step``, 1.x ``update``) and the user's methods. Every step
+goes to the optimizer's :class:`mxlamb.engine.Engine`; the operators are :mod:`mxlamb.ops`.
 """
 import collections
 import contextlib
 import dataclasses
-import operator
 import os
+import sys
 
 import numpy
 
 from mxnet import ndarray
-from mxnet.optimizer import Optimizer
+from mxnet.optimizer import Optimizer, Updater
 
-from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
-from . import dispatch
+from .counts import StepCounters
 from .devices import in_kvstore_callback, raise_after_callback
-from .dist import check_on_server
+from .engine import Engine, cast_into, copy_average
 from .options import (OPTIMIZER_KWARGS, TRAINING_OPTIONS, WHOLE_STEP, Options, aggregation,
                       flag, number, warn_trap)
-from .state import LOW_PRECISION, ParameterStates, legacy
-from .steps import GroupPlan, StepCollector, StepCounters, StepPlan, accumulate
+from . import ops, state
 
 __all__ = ["LAMB", "TrustRatios"]
 
@@ -30,11 +29,6 @@ TrustRatios = collections.namedtuple("TrustRatios", ["keys", "values"])
 TrustRatios.__doc__ = """Per-parameter trust ratios of the last step: ``keys`` (parameter
 names, or indices where no name is known) and ``values`` (a float64 NDArray in that order;
 NaN for a skipped step, 1 where layer adaptation is off)."""
-
-# MXNet's own switch of _index_update_count to a device (renamed in 2.0).
-_MXNET_SET_DEVICE = (getattr(Optimizer, "_set_current_device", None)
-                     or Optimizer._set_current_context)
-
 
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -59,9 +53,10 @@ class LAMB(Optimizer):
     The update runs in mxlamb's multi-tensor C++ operators: ``mxlamb_step`` (both phases in
     one call, the plain step on the CPU), or ``mxlamb_phase1`` (moments, raw update, norms)
     and ``mxlamb_phase2`` (trust-ratio apply), after ``mxlamb_grad_stats`` (the whole step's
-    gradient statistics) for the options that need them; ``mxlamb.dispatch`` chooses.
+    gradient statistics) for the options that need them; ``mxlamb.ops`` chooses.
     ``fused_step`` sends ``aggregate_num`` tensors per call; ``step`` sends one at a time.
-    Both give bit-identical results.
+    Both give bit-identical results. The step itself is :class:`mxlamb.engine.Engine`'s: this
+    class is MXNet's adapter (arguments, states, the calls MXNet makes, the user's methods).
 
     Parameters
     ----------
@@ -174,42 +169,65 @@ class LAMB(Optimizer):
         self.aggregate_num = groups
         self.use_fused_step = use_fused_step
         self.counters = StepCounters(self.begin_num_update)
-        self.collector = StepCollector()
         self._callback_error = None   # what a kvstore callback refused (raise_after_callback)
         self._on_server = False       # unpickled in a kvstore server (see update)
         self._full_sizes = {}         # index -> (name, size), for a kvstore server
         self._reset_transient()
 
     def _reset_transient(self):
-        """What is rebuilt rather than pickled: checked states and slabs (the states in them
-        are pickled as the Updater's own), the last tables, per-name and per-group options."""
-        self.param_states = ParameterStates(self._describe)
-        self._last_tables = {}  # group's indices -> (phase-1 table, trust-ratio attributes)
-        self._plans = {}        # (first index, group size) -> the StepPlan last used
-        self._names = {}        # index -> (wd excluded, layer adaptation)
-        self._groups = {}       # indices -> (rows excluded from wd, layer adaptation or None)
+        """What is made again rather than pickled: the engine and the moment slabs' allocator
+        (the states in the slabs are pickled as the Updater's own)."""
+        self.__dict__["engine"] = Engine(self)
+        self.__dict__["slabs"] = state.MomentSlabs()
+
+    # param_dict and idx2name are what names and indices mean: a new one (a new Trainer on this
+    # optimizer, the Module API) drops everything the engine derived from the old.
+
+    @property
+    def param_dict(self):
+        return self.__dict__.get("param_dict", {})
+
+    @param_dict.setter
+    def param_dict(self, value):
+        self.__dict__["param_dict"] = value
+        self._names_changed()
+
+    @property
+    def idx2name(self):
+        return self.__dict__.get("idx2name", {})
+
+    @idx2name.setter
+    def idx2name(self, value):
+        self.__dict__["idx2name"] = value
+        self._names_changed()
+
+    def _names_changed(self):
+        engine = self.__dict__.get("engine")
+        if engine is not None:
+            engine.reset()
 
     def __getstate__(self):
-        state = super().__getstate__()
-        for transient in ("param_states", "_last_tables", "_plans", "_names", "_groups",
-                          "_callback_error"):
-            del state[transient]
+        state_ = super().__getstate__()
+        for transient in ("engine", "slabs", "_callback_error"):
+            state_.pop(transient, None)
         # Optimizer.__getstate__ drops param_dict (the Gluon Parameters), so a kvstore server
         # would lose each parameter's name, lr_mult and wd_mult (and with the name the
         # exclusions by name). They travel by index instead; param_dict wins where present.
         params = self.param_dict
-        state["idx2name"] = {**self.idx2name, **{i: p.name for i, p in params.items()}}
-        state["lr_mult"] = {**self.lr_mult, **{i: p.lr_mult for i, p in params.items()}}
-        state["wd_mult"] = {**self.wd_mult, **{i: p.wd_mult for i, p in params.items()}}
-        state["_full_sizes"] = {**self._full_sizes, **{
+        state_["idx2name"] = {**self.idx2name, **{i: p.name for i, p in params.items()}}
+        state_["lr_mult"] = {**self.lr_mult, **{i: p.lr_mult for i, p in params.items()}}
+        state_["wd_mult"] = {**self.wd_mult, **{i: p.wd_mult for i, p in params.items()}}
+        state_["_full_sizes"] = {**self._full_sizes, **{
             i: (p.name, int(numpy.prod(p.shape))) for i, p in params.items()
             if p.shape is not None and all(p.shape)}}
-        return state
+        return state_
 
-    def __setstate__(self, state):
-        super().__setstate__(state)
+    def __setstate__(self, state_):
+        for old in ("collector", "param_states", "_last_tables", "_plans", "_names", "_groups"):
+            state_.pop(old, None)  # mxlamb 0.3's transient parts
+        super().__setstate__(state_)
         self._callback_error = None
-        if "options" not in state:
+        if "options" not in state_:
             _upgrade_pickle_of_version_0_2(self)
         self._reset_transient()
         self._use_device_counts(0)
@@ -227,20 +245,17 @@ class LAMB(Optimizer):
         weight) and the gradient sum, each when its option is on. On the CPU, the mean and
         variance of a parameter of up to 65,536 elements are views into a shared moment slab
         (see :mod:`mxlamb.state`)."""
-        state = self.param_states.create(index, weight, self.options, self.param_dict)
-        self.collector.note(legacy(weight).context, index)  # (mx.np arrays warn on .context)
-        return state
+        return state.create(state.legacy(weight), self.options, self.slabs, self.param_dict,
+                            lambda: self._describe(index))
 
     def create_state_multi_precision(self, index, weight):
         """``(weight32, create_state(index, weight32))`` for a float16/bfloat16 weight under
         multi_precision, else ``create_state(index, weight)``."""
         try:
-            if numpy.dtype(weight.dtype) in LOW_PRECISION and self.multi_precision:
-                # A contiguous parameter's master is a view of a flat master buffer.
-                master = self.param_states.flat.master(weight)
-                if master is None:
-                    master = (weight.astype(numpy.float32) if weight.size else
-                              ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
+            weight = state.legacy(weight)
+            if numpy.dtype(weight.dtype) in state.LOW_PRECISION and self.multi_precision:
+                master = (weight.astype(numpy.float32) if weight.size else
+                          ndarray.empty(weight.shape, weight.context, dtype=numpy.float32))
                 return (master, self.create_state(index, master))
             return self.create_state(index, weight)
         except Exception as error:  # noqa: BLE001 (re-raised, or raised by the next step)
@@ -250,34 +265,42 @@ class LAMB(Optimizer):
             self._callback_error = self._callback_error or error
             return None
 
+    def create_states_side_by_side(self, indices, weights):
+        """The states of parameters that are stepped together (contiguous parameters), as
+        ``create_state_multi_precision`` makes them, but with every mean and var side by side
+        in one new slab and every float32 master copy in one new buffer, in the order given."""
+        weights = [state.legacy(w) for w in weights]
+        return state.create_side_by_side(weights, self.options, self.multi_precision,
+                                         lambda k: self._describe(indices[k]))
+
     # ------------------------------------------------------------------------- 2.0 API
 
     def step(self, indices, weights, grads, states):
         """Per-tensor update: phase 1 then phase 2 for one tensor at a time."""
-        self._run_step(indices, weights, grads, states, group_size=1)
+        self.engine.step(indices, weights, grads, states, group_size=1)
 
     def fused_step(self, indices, weights, grads, states):
         """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call (one
         for 0); for the whole step (numpy.inf, the default) the fastest grouping, see
-        :func:`mxlamb.dispatch.batches`."""
+        :func:`mxlamb.engine.batches`."""
         if self.aggregate_num == WHOLE_STEP or self.aggregate_num == numpy.inf:
             group_size = None
         else:
             group_size = int(max(1, min(self.aggregate_num, len(indices))))
-        self._run_step(indices, weights, grads, states, group_size=group_size)
+        self.engine.step(indices, weights, grads, states, group_size=group_size)
 
     # ------------------------------------------------------------------------- 1.x API
 
-    def update(self, index, weight, grad, state):
+    def update(self, index, weight, grad, state_):
         """MXNet 1.x entry point: single arrays, or lists when the Updater aggregates.
 
         With options that need every gradient of a step first (global_clipnorm, clipnorm,
-        skip_nonfinite, loss_scaler), the Updater's calls of one step (it sends groups of
-        aggregate_num, and one call per weight dtype) are collected until every parameter of
-        the context has come, and the step runs then."""
-        states = list(state) if isinstance(index, (list, tuple)) else [state]
+        skip_nonfinite, loss_scaler), the Updater's calls of one step (one per weight dtype,
+        or per aggregate_num tensors) are collected into one step (see mxlamb.engine)."""
+        states = list(state_) if isinstance(index, (list, tuple)) else [state_]
         items = list(zip(_as_list(index), _as_list(weight), _as_list(grad), states))
         if self._on_server:
+            from .contrib.dist import check_on_server  # (only a kvstore server needs it)
             check_on_server(self, items)
         if self._callback_error is not None and in_kvstore_callback():
             raise_after_callback(self)  # nothing of a step with an error is applied
@@ -291,8 +314,7 @@ class LAMB(Optimizer):
                         "back at once (update_on_kvstore=True); use "
                         "gluon.Trainer(..., update_on_kvstore=False) (Module API: set "
                         "MXNET_UPDATE_ON_KVSTORE=0)" % self.options.whole_step_reason)
-                items = self.collector.collect(items, self.param_dict,
-                                               self.options.whole_step_reason, self._describe)
+                items = self.engine.collect(items) if items else items
                 if not items:
                     return
             (self.fused_step if self.use_fused_step else self.step)(*map(list, zip(*items)))
@@ -307,9 +329,20 @@ class LAMB(Optimizer):
 
     def _use_device_counts(self, device_id):
         """Switches every step count to those of ``device_id`` (MXNet's Updater does before
-        each update): several devices in one process each count their own steps."""
-        _MXNET_SET_DEVICE(self, device_id)
-        self.counters.use_device(device_id)
+        each call): several devices in one process each count their own steps. Called by the
+        Updater, it also announces the call's parameters to the engine (Engine.begin_call)."""
+        self.engine.use_device(device_id)
+        if self.options.needs_whole_step:
+            caller = sys._getframe(1)
+            updater = caller.f_locals.get("self")
+            if isinstance(updater, Updater) and updater.optimizer is self:
+                try:
+                    self.engine.begin_call(updater, list(caller.f_locals["indices"]),
+                                           caller.f_locals["weights"])
+                except Exception as error:  # noqa: BLE001 (as update does)
+                    if not in_kvstore_callback():
+                        raise
+                    self._callback_error = self._callback_error or error
 
     # The name MXNet's Updater calls (2.0 renamed it, and warns on the old one).
     if hasattr(Optimizer, "_set_current_device"):
@@ -335,22 +368,19 @@ class LAMB(Optimizer):
     @property
     def skipped_steps(self):
         """How many steps were skipped for non-finite gradients (reads the device)."""
-        state = self.counters.step_state(self.options.loss_scaler)
-        return 0 if state is None else int(state[2].asscalar())
+        step_state = self.counters.step_state(self.options.loss_scaler)
+        return 0 if step_state is None else int(step_state[2].asscalar())
 
     def trust_ratios(self):
         """The trust ratios of the last step as :class:`TrustRatios` (no host sync until the
         values are read)."""
-        newest = {}  # index -> (table, row, attributes) of its newest group
-        for indices, (table, attrs) in self._last_tables.items():
-            for row, index in enumerate(indices):
-                newest[index] = (table, row, attrs)
         keys, parts = [], []
         by_table = collections.OrderedDict()
-        for index, (table, row, attrs) in sorted(newest.items(), key=lambda kv: str(kv[0])):
-            by_table.setdefault(id(table), (table, attrs, []))[2].append((index, row))
-        for table, attrs, rows in by_table.values():
-            ratios = ndarray.mxlamb_trust_ratio(table, **attrs)
+        newest = self.engine.newest_groups()
+        for index, (group, row) in sorted(newest.items(), key=lambda kv: str(kv[0])):
+            by_table.setdefault(id(group), (group, []))[1].append((index, row))
+        for group, rows in by_table.values():
+            ratios = ops.trust_ratios(group.last[1], group.call.ratio_attrs)
             for index, row in rows:
                 keys.append(self._name_of(index))
                 parts.append(ratios[row:row + 1])
@@ -362,205 +392,21 @@ class LAMB(Optimizer):
         """Copies the weight averages into the weights (Keras' name): all parameters this
         optimizer has stepped, or those of ``params`` (Gluon Parameters or a ParameterDict)."""
         for weight, slots in self._ema_targets(params):
-            if slots.master is not weight:
-                slots.average.copyto(slots.master)
-            _cast_into(slots.average, weight)
+            copy_average(slots, weight)
 
     @contextlib.contextmanager
     def averaged_weights(self, params=None):
         """Within the block the model weights hold the averages (for evaluation); on exit
         they get their trained values back. Master copies are not touched."""
-        saved = [(weight, weight.copy()) for weight, _ in self._ema_targets(params)]
-        for weight, slots in self._ema_targets(params):
-            _cast_into(slots.average, weight)
+        targets = self._ema_targets(params)
+        saved = [(weight, weight.copy()) for weight, _ in targets]
+        for weight, slots in targets:
+            cast_into(slots.average, weight)
         try:
             yield self
         finally:
             for weight, value in saved:
                 value.copyto(weight)
-
-    # ------------------------------------------------------------------------ the step
-
-    def _run_step(self, indices, weights, grads, states, group_size):
-        key = None
-        if weights:
-            # Counts are per device (MXNet's Updater switches them too; a direct call may not).
-            context = legacy(weights[0]).context
-            self._use_device_counts(context.device_id)
-            key = (context.device_typeid, context.device_id, indices[0], group_size)
-        self._count_updates(indices)
-        options = self.options
-        plan = self._plans.get(key)
-        if plan is None or not plan.replays(indices, weights, grads, states):
-            plan = self._plans[key] = self._plan(indices, weights, grads, states, group_size)
-        items, grad_scale = accumulate(plan.items, self.counters,
-                                       options.gradient_accumulation_steps,
-                                       self.rescale_grad / (options.loss_scale_factor or 1.0))
-        if not items:
-            return
-        groups = plan.groups if items is plan.items else self._group_plans(items, plan, group_size)
-        stats = None
-        if options.needs_whole_step:
-            step_state = self.counters.step_state(options.loss_scaler, items[0][1].context,
-                                                  create=True)
-            stats = dispatch.gradient_statistics(options, [item[2] for item in items],
-                                                 grad_scale, step_state)
-        for group in groups:
-            self._update_group(group, grad_scale, stats)
-        self.counters.count_applied([item[0] for item in items])
-        if options.gradient_accumulation_steps is None and not options.use_ema:
-            return
-        for index, weight, _, slots in items:
-            if slots.accum is not None:
-                slots.accum[:] = 0
-            if (options.use_ema and options.ema_overwrite_frequency is not None
-                    and self.counters.applied[index] % options.ema_overwrite_frequency == 0):
-                if slots.master is not weight:
-                    slots.average.copyto(slots.master)
-                _cast_into(slots.average, weight)
-
-    def _plan(self, indices, weights, grads, states, group_size):
-        """The step's parameters checked (state.ParameterStates.prepare) and, unless
-        gradients are accumulated (then the groups depend on which are due), its groups."""
-        prepare, multi_precision = self.param_states.prepare, self.multi_precision
-        items, dtypes, sizes = [], {}, {}
-        for index, weight, grad, state in zip(indices, weights, grads, states):
-            prepared = prepare(index, weight, grad, state, self.options, multi_precision)
-            if prepared.size > 0:
-                items.append((index, prepared.weight, prepared.grad, prepared.slots))
-                dtypes[index], sizes[index] = prepared.dtype, prepared.size
-        plan = StepPlan(indices, weights, grads, states, items, dtypes, sizes)
-        if self.options.gradient_accumulation_steps is None and items:
-            plan.groups = self._group_plans(items, plan, group_size)
-        return plan
-
-    def _group_plans(self, items, plan, group_size):
-        """The GroupPlans of a step's ``items``: one weight dtype per operator call (the mode
-        and the output type are per call), then dispatch.batches."""
-        by_dtype = collections.OrderedDict()
-        for row, item in enumerate(items):
-            by_dtype.setdefault(plan.dtypes[item[0]], []).append((row, item))
-        options, has_stats = self.options, self.options.needs_whole_step
-        groups = []
-        for dtype, members in by_dtype.items():
-            context = members[0][1][1].context
-            path = dispatch.choose_path(dtype, options, has_stats)
-            sizes = [plan.sizes[item[0]] for _, item in members]
-            for batch in dispatch.batches(members, sizes, group_size, path):
-                groups.append(self._group_plan(batch, path, dtype, context, has_stats))
-        return groups
-
-    def _group_plan(self, members, path, dtype, context, has_stats):
-        """What one group's step needs that stays the same from step to step.
-        ``members`` are (row in the step, (index, weight, grad, Slots))."""
-        rows = [row for row, _ in members]
-        indices, weights, grads, slots = zip(*(item for _, item in members))
-        options = self.options
-        excluded, layer_adaptation = self._group_options(indices)
-        attrs = options.group_attributes(
-            len(indices), dispatch.model_dtype(dtype, self.multi_precision, path),
-            layer_adaptation)
-        if has_stats:
-            attrs.update(options.stats_attributes(rows))
-        return GroupPlan(indices, context, excluded, attrs,
-                         options.trust_ratio_attributes(attrs),
-                         dispatch.GroupCall(path, attrs, weights, grads, slots))
-
-    def _update_group(self, group, grad_scale, stats):
-        """One step of a GroupPlan: what changes from step to step (learning rates and weight
-        decays, the gradient scale, step counts), then its operator call."""
-        options, indices = self.options, group.indices
-        wds = self._weight_decays(indices)
-        if group.excluded:
-            wds = [0.0 if i in group.excluded else wd for i, wd in enumerate(wds)]
-        attrs = dict(group.attrs, **options.step_values(self._learning_rates(indices), wds,
-                                                        grad_scale, self.clip_gradient))
-        counts = None
-        if options.may_skip:
-            counts, count_slots = self.counters.device_counts_for(indices, group.context)
-            attrs.update(options.counts_attributes(count_slots=count_slots))
-        else:
-            attrs.update(options.counts_attributes(self.counters.host_counts(indices)))
-        self._remember_table(indices, group.call(attrs, stats, counts), group.ratio_attrs)
-
-    def _remember_table(self, indices, table, ratio_attrs):
-        """Keeps a group's phase-1 table for trust_ratios() (read on request): the newest of
-        each group, in step order. Groups that change (some parameters skipped, direct calls
-        with other subsets) would add entries for ever: past 64, those whose parameters all
-        have a newer table are dropped."""
-        tables = self._last_tables
-        tables.pop(indices, None)
-        tables[indices] = (table, ratio_attrs)
-        if len(tables) > 64:
-            covered = set()
-            for key in reversed(list(tables)):
-                if covered.issuperset(key):
-                    del tables[key]
-                covered.update(key)
-
-    # MXNet's per-index bookkeeping of a step, in bulk: the same results as its
-    # _update_count, _get_lrs and _get_wds (which a subclass may override: then they are
-    # called), without a Python loop over the tensors where no per-parameter value differs.
-
-    def _count_updates(self, indices):
-        """Optimizer._update_count(indices)."""
-        counts = self._index_update_count
-        values = list(map(counts.get, indices))
-        if (values and values[0] is not None and values.count(values[0]) == len(values)
-                and type(self)._update_count is Optimizer._update_count):
-            counts.update(dict.fromkeys(indices, values[0] + 1))
-            self.num_update = max(values[0] + 1, self.num_update)
-        else:
-            self._update_count(list(indices))
-
-    def _learning_rates(self, indices):
-        """Optimizer._get_lrs(indices)."""
-        if type(self)._get_lrs is not Optimizer._get_lrs:
-            return self._get_lrs(indices)
-        lr = self.lr_scheduler(self.num_update) if self.lr_scheduler is not None else self.lr
-        return self._multiplied(lr, indices, "lr_mult", self.lr_mult) or self._get_lrs(indices)
-
-    def _weight_decays(self, indices):
-        """Optimizer._get_wds(indices)."""
-        if type(self)._get_wds is not Optimizer._get_wds:
-            return self._get_wds(indices)
-        return self._multiplied(self.wd, indices, "wd_mult", self.wd_mult) or self._get_wds(indices)
-
-    def _multiplied(self, value, indices, attribute, by_index):
-        """``value`` times each index's multiplier where they come from one place (the Gluon
-        Parameters of param_dict, or none at all), else None."""
-        param_dict = self.param_dict
-        if not param_dict and not by_index:
-            return [value] * len(indices)  # (and idx2name names find no multiplier either)
-        if param_dict and all(map(param_dict.__contains__, indices)):
-            getter = operator.attrgetter(attribute)
-            return [value * m for m in map(getter, map(param_dict.__getitem__, indices))]
-        return None
-
-    def _group_options(self, indices):
-        """(rows excluded from weight decay, per-tensor layer adaptation or None when every
-        tensor adapts) of a group, from _tensor_options, cached per group."""
-        key = tuple(indices)
-        group = self._groups.get(key)
-        if group is None:
-            per_tensor = [self._tensor_options(i) for i in indices]
-            excluded = {row for row, (no_wd, _) in enumerate(per_tensor) if no_wd}
-            adapt = [a for _, a in per_tensor]
-            group = self._groups[key] = (excluded, None if all(adapt) else adapt)
-        return group
-
-    def _tensor_options(self, index):
-        """(excluded from weight decay, layer adaptation) of a parameter, by its name."""
-        found = self._names.get(index)
-        if found is None:
-            name = self._name_of(index)
-            name = name if isinstance(name, str) else ""
-            options = self.options
-            excluded = any(p.search(name) for p in options.exclude_from_weight_decay)
-            adapt = options.layer_adaptation and not any(
-                p.search(name) for p in options.exclude_from_layer_adaptation)
-            found = self._names[index] = (excluded, adapt)
-        return found
 
     def _ema_targets(self, params):
         """(model weight, Slots) of every parameter with an average, or of ``params``."""
@@ -569,18 +415,20 @@ class LAMB(Optimizer):
         if hasattr(params, "values"):
             params = list(params.values())
         wanted = None if params is None else {id(p) for p in params}
-        targets = []
-        for index, entries in self.param_states.checked.items():
+        targets, stepped = [], {}
+        for index, weight, slots in self.engine.stepped():
+            stepped.setdefault(index, []).append((weight, slots))
+        for index, entries in stepped.items():
             param = self.param_dict.get(index)
-            if not entries or (wanted is not None and id(param) not in wanted):
+            if wanted is not None and id(param) not in wanted:
                 continue
-            targets += [(cached[0], cached[3].slots) for cached in entries]
+            targets += entries
             # With update_on_kvstore=True the weight stepped is the kvstore's copy: the model's
             # arrays on each device get the average as well.
-            stepped = {id(cached[0]) for cached in entries}
+            ids = {id(weight) for weight, _ in entries}
             for data in _model_arrays(param):
-                if id(data) not in stepped:
-                    targets.append((data, entries[0][3].slots))
+                if id(state.legacy(data)) not in ids and id(data) not in ids:
+                    targets.append((state.legacy(data), entries[0][1]))
         return targets
 
     def _name_of(self, index):
@@ -617,13 +465,6 @@ def _check_optimizer_kwargs(kwargs):
         flag("multi_precision", kwargs["multi_precision"])
 
 
-def _cast_into(source, target):
-    if numpy.dtype(source.dtype) == numpy.dtype(target.dtype):
-        source.copyto(target)
-    else:
-        ndarray.cast(source, dtype=target.dtype, out=target)
-
-
 def _model_arrays(param):
     """The arrays of a Gluon Parameter on each of its devices (none if it has none)."""
     try:
@@ -656,6 +497,4 @@ def _upgrade_pickle_of_version_0_2(opt):
         from .devices import device_key
         counters.step_states[device_key(step_state.context)] = step_state
     opt.counters = counters
-    collector = StepCollector()
-    collector.known = fields.pop("_known", {})
-    opt.collector = collector
+    fields.pop("_known", None)  # (0.2's record of stepped parameters: the Updater has them)

@@ -1,6 +1,20 @@
-"""A parameter's state: its arrays as the Updater keeps them (made by ``create``), the named
-slots the operators take (``prepare``, checked once and cached), and the moment slabs that
-hold the moments of small parameters side by side."""
+"""A parameter's optimizer state: how it is made, and how a step reads it.
+
+A state is what MXNet's Updater keeps for a parameter: a tuple of arrays named by
+``Options.state_layout`` (``mean, var[, var_max][, average][, accum]``), or under
+multi-precision ``(weight32, that tuple)``. The state says itself where its arrays lie:
+
+- :class:`PackedState`, a tuple whose ``mean`` and ``var`` are views side by side in one
+  moment slab (``packed``: slab, offset, size). Small parameters get such states, so that a
+  group of them passes one slab to the operator instead of two arrays each;
+- :class:`PrecisionState`, a ``(weight32, moments)`` pair whose master copy is a view of a
+  master buffer (``master_at``: buffer, offset, size), made by :func:`create_side_by_side`
+  for contiguous parameters.
+
+Both pickle as plain tuples, and MXNet's Updater makes plain tuples when it moves a state to
+another device: a state that no longer says where it lies is stepped through its own arrays.
+Nothing here keeps a registry of arrays.
+"""
 import collections
 
 import numpy
@@ -8,41 +22,72 @@ import numpy
 from mxnet import ndarray
 from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 
-from .devices import device_key, same_memory
-from .flat import FlatStates, flat_position
+from .devices import same_memory
 
-__all__ = ["ParameterStates", "Slots", "Prepared", "legacy", "dtype_name", "BFLOAT16",
-           "LOW_PRECISION"]
+__all__ = ["BFLOAT16", "LOW_PRECISION", "PackedState", "PrecisionState", "MomentSlabs",
+           "Slots", "create", "create_side_by_side", "check", "legacy", "dtype_name",
+           "context_of"]
 
 BFLOAT16 = numpy.dtype(_DTYPE_MX_TO_NP[12])
 LOW_PRECISION = (numpy.dtype(numpy.float16), BFLOAT16)
 _FLOAT32 = numpy.dtype(numpy.float32)
 _FLOAT64 = numpy.dtype(numpy.float64)
 
-# The per-parameter arrays of one step, as ParameterStates.check unpacks a state; moments_at
-# is (slab, offset, size) where mean and var are the packed pair at offset in a moment slab;
-# flat_at is a flat.FlatAt where weight, gradient (and master) are views of flat buffers.
-Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum",
-                                         "moments_at", "flat_at"], defaults=(None,))
-# One parameter as checked once and cached (views for the operators, its dtype and size: each
-# NDArray property read is a call into libmxnet, and a step of many small tensors adds them up).
-Prepared = collections.namedtuple("Prepared", ["weight", "grad", "slots", "dtype", "size"])
-
-# Moment slabs. Every array an operator call takes costs about a microsecond in MXNet (engine
-# dependencies, shapes, the copies of the argument lists), more than the update itself of a
-# 768-element bias. The moments of parameters up to PACKED_MAX_ELEMENTS elements are
-# therefore allocated side by side in one array per context and dtype (mean, then var, in the
-# order their states are made), and a group whose moments lie side by side in one slab passes
-# that slab once instead of two arrays per tensor. The states are views into the slab: the
-# user, the Updater and checkpoints see ordinary arrays of the parameter's shape.
+# Every array an operator call takes costs about a microsecond in MXNet (engine dependencies,
+# shapes, the copies of the argument lists), more than the update itself of a 768-element
+# bias. The moments of parameters up to PACKED_MAX_ELEMENTS elements are therefore allocated
+# side by side in one slab per context and dtype (mean, then var, in the order their states
+# are made).
 PACKED_MAX_ELEMENTS = 1 << 16
 SLAB_ELEMENTS = 1 << 22  # 16 MiB, where param_dict does not tell what the small ones need
+
+
+def _plain(state):
+    return tuple(state)
+
+
+class PackedState(tuple):
+    """A state tuple whose mean and var lie side by side in a moment slab: ``packed`` is
+    (slab, offset of the mean, elements)."""
+
+    def __new__(cls, arrays, packed):
+        state = super().__new__(cls, arrays)
+        state.packed = packed
+        return state
+
+    def __reduce__(self):
+        return _plain, (tuple(self),)
+
+
+class PrecisionState(tuple):
+    """``(weight32, moments)`` whose master copy is a view of a master buffer: ``master_at``
+    is (buffer, offset, elements)."""
+
+    def __new__(cls, master, moments, master_at):
+        state = super().__new__(cls, (master, moments))
+        state.master_at = master_at
+        return state
+
+    def __reduce__(self):
+        return _plain, (tuple(self),)
+
+
+# The per-parameter arrays of one step, as check() unpacks a state: the master copy (the weight
+# itself without multi-precision), the moments and the optional arrays; ``packed`` and
+# ``master_at`` as the state said (None where it says nothing).
+Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum",
+                                         "packed", "master_at"])
 
 
 def legacy(array):
     """MXNet 2.0's Gluon passes ``mx.np`` arrays, and extension operators take legacy
     NDArrays only: the same memory, viewed as one (no copy). Others pass through."""
     return array.as_nd_ndarray() if type(array).__module__.startswith("mxnet.numpy") else array
+
+
+def context_of(array):
+    """An array's context (MXNet 2.0's mx.np arrays call it device, and warn on .context)."""
+    return array.device if type(array).__module__.startswith("mxnet.numpy") else array.context
 
 
 def dtype_name(dtype):
@@ -58,15 +103,15 @@ def _zeros(weight):
 
 
 class MomentSlabs:
-    """Allocates packed (mean, var) pairs of small parameters, per context and moment dtype
-    (float32, or float64 for float64 weights)."""
+    """An optimizer's allocator of packed (mean, var) pairs for small parameters, per context
+    and moment dtype. It holds only the slab it is filling; the states hold their slabs."""
 
     def __init__(self):
         self._open = {}  # (context, dtype) -> [slab, elements used]
 
     def allocate(self, weight, wanted):
-        """Zeroed (mean, var, (slab, offset, size)) views for ``weight`` (of the moments'
-        dtype); a new slab holds at least ``wanted`` elements."""
+        """Zeroed (mean, var) views for ``weight`` and their (slab, offset, size); a new slab
+        holds at least ``wanted`` elements."""
         size = weight.size
         key = (weight.context, numpy.dtype(weight.dtype))
         entry = self._open.get(key)
@@ -92,143 +137,125 @@ def slab_elements(param_dict):
     return wanted or SLAB_ELEMENTS
 
 
-class ParameterStates:
-    """Makes the states of parameters and checks them into :class:`Prepared` slots.
+def _refuse_weight(weight, describe):
+    if weight.stype != "default":
+        raise ValueError("LAMB: parameter %s has %s storage; LAMB needs dense weights (its "
+                         "trust ratio is a whole-tensor norm)" % (describe(), weight.stype))
+    if numpy.dtype(weight.dtype) not in (_FLOAT32, _FLOAT64):
+        raise ValueError("LAMB: parameter %s is %s; LAMB updates float32 and float64 weights, "
+                         "and float16/bfloat16 weights with multi_precision=True"
+                         % (describe(), dtype_name(weight.dtype)))
 
-    ``describe(index)`` names a parameter in an error. Nothing here is pickled: the slabs'
-    arrays travel as the Updater's states (views), and the cache is rebuilt on the next step.
-    """
 
-    def __init__(self, describe):
-        self.describe = describe
-        self.slabs = MomentSlabs()
-        self.flat = FlatStates()  # masters and moments of contiguous parameters
-        self.packed = {}   # id(mean) -> (mean, var, (slab, offset, size)) as allocated
-        self.checked = {}  # index -> [(weight, grad, state, Prepared)], one per device
+def _optional(weight, options):
+    """AMSGrad's max of the variance, the weight average (a copy of the weight) and the
+    gradient sum, each when its option is on."""
+    extra = []
+    if options.amsgrad:
+        extra.append(_zeros(weight))
+    if options.use_ema:
+        extra.append(weight.copy())
+    if options.gradient_accumulation_steps is not None:
+        extra.append(_zeros(weight))
+    return extra
 
-    def refuse(self, index, what):
-        raise ValueError("LAMB: parameter %s: %s" % (self.describe(index), what))
 
-    def create(self, index, weight, options, param_dict):
-        """Mean and variance (zeros, of the weight's dtype: float32 or float64), then
-        AMSGrad's max of the variance, the weight average (a copy of the weight) and the
-        gradient sum, each when its option is on. On the CPU, the mean and variance of a
-        parameter of up to PACKED_MAX_ELEMENTS elements are views into a moment slab."""
-        if weight.stype != "default":
-            raise ValueError("LAMB: parameter %s has %s storage; LAMB needs dense weights "
-                             "(its trust ratio is a whole-tensor norm)"
-                             % (self.describe(index), weight.stype))
-        if numpy.dtype(weight.dtype) not in (_FLOAT32, _FLOAT64):
-            raise ValueError(
-                "LAMB: parameter %s is %s; LAMB updates float32 and float64 weights, and "
-                "float16/bfloat16 weights with multi_precision=True"
-                % (self.describe(index), dtype_name(weight.dtype)))
-        packed = self.flat.moments(weight)  # a view of a contiguous parameter's flat buffer
-        if packed is None and 0 < weight.size <= PACKED_MAX_ELEMENTS and \
-                weight.context.device_type == "cpu":
-            # (slabs on the CPU only: the GPU's packed moments have not run on a GPU yet)
-            packed = self.slabs.allocate(weight, slab_elements(param_dict))
-        if packed is not None:
-            self.packed[id(packed[0])] = packed
-            state = list(packed[:2])
-        else:
-            state = [_zeros(weight), _zeros(weight)]
-        if options.amsgrad:
-            state.append(_zeros(weight))
-        if options.use_ema:
-            state.append(weight.copy())
-        if options.gradient_accumulation_steps is not None:
-            state.append(_zeros(weight))
-        return tuple(state)
+def create(weight, options, slabs, param_dict, describe):
+    """The state of one float32 or float64 weight (the master copy under multi-precision):
+    zero mean and variance, packed into a slab for a small parameter on the CPU, then the
+    optional arrays. ``describe()`` names the parameter in an error."""
+    _refuse_weight(weight, describe)
+    if 0 < weight.size <= PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
+        # (slabs on the CPU only: the GPU forwards take packed moments, not yet run there)
+        mean, var, packed = slabs.allocate(weight, slab_elements(param_dict))
+        return PackedState([mean, var] + _optional(weight, options), packed)
+    return tuple([_zeros(weight), _zeros(weight)] + _optional(weight, options))
 
-    def prepare(self, index, weight, grad, state, options, multi_precision):
-        """The :class:`Prepared` parameter: its :class:`Slots` (master is the weight itself
-        without multi-precision), operator views of weight and gradient, dtype and size.
-        Refuses, naming the parameter, what the operators would get wrong, before any array
-        is written.
 
-        Trainer and Updater pass the same array objects every step: a parameter whose weight,
-        gradient and state are the very objects checked before is not checked again (the
-        cache keeps them alive, so an identity cannot be reused by a new array)."""
-        entries = self.checked.setdefault(index, [])
-        for cached in entries:
-            if cached[0] is weight and cached[1] is grad and cached[2] is state:
-                return cached[3]
-        result = Prepared(legacy(weight), legacy(grad),
-                          self.check(index, weight, grad, state, options, multi_precision),
-                          numpy.dtype(weight.dtype), weight.size)
-        # One entry per device (several devices update the same index, each its own copy);
-        # an entry of the same device is an older array of this parameter.
-        device = device_key(weight.context)
-        entries[:] = [c for c in entries if device_key(c[0].context) != device]
-        entries.append((weight, grad, state, result))
-        return result
+def create_side_by_side(weights, options, multi_precision, describe):
+    """The states of parameters that are stepped as one run (contiguous parameters): every
+    mean and var in one new slab, [m0 v0 m1 v1 ...] in the order given, and under
+    multi-precision every float32 master copy in one new buffer laid out as the weights (each
+    a copy of its weight's values). ``describe(k)`` names the k-th in an error."""
+    sizes = [w.size for w in weights]
+    total = sum(sizes)
+    context = weights[0].context
+    low = [multi_precision and numpy.dtype(w.dtype) in LOW_PRECISION for w in weights]
+    masters = None
+    if any(low):
+        masters = ndarray.zeros((total,), context, dtype=numpy.float32)
+    math_dtype = _FLOAT32 if any(low) else numpy.dtype(weights[0].dtype)
+    slab = ndarray.zeros((2 * total,), context, dtype=math_dtype)
+    states, offset = [], 0
+    for k, (weight, size) in enumerate(zip(weights, sizes)):
+        master, master_at = weight, None
+        if low[k]:
+            master = masters[offset:offset + size].reshape(weight.shape)
+            ndarray.cast(weight, dtype=numpy.float32, out=master)
+            master_at = (masters, offset, size)
+        _refuse_weight(master, lambda k=k: describe(k))
+        mean = slab[2 * offset:2 * offset + size].reshape(weight.shape)
+        var = slab[2 * offset + size:2 * offset + 2 * size].reshape(weight.shape)
+        moments = PackedState([mean, var] + _optional(master, options), (slab, 2 * offset, size))
+        states.append(PrecisionState(master, moments, master_at) if low[k] else moments)
+        offset += size
+    return states
 
-    def check(self, index, weight, grad, state, options, multi_precision):
-        """The slots of a state, or ValueError naming the parameter and what is wrong."""
-        dtype = numpy.dtype(weight.dtype)
-        multi_precision = multi_precision and dtype in LOW_PRECISION
-        if dtype not in (_FLOAT32, _FLOAT64) and not multi_precision:
-            self.refuse(index, "weight is %s; LAMB updates float32 and float64 weights, and "
-                               "float16/bfloat16 weights with multi_precision=True"
-                        % dtype_name(dtype))
-        math_dtype = _FLOAT64 if dtype == _FLOAT64 else _FLOAT32  # of master copy and states
-        if grad.stype != "default" or weight.stype != "default":
-            self.refuse(index, "%s storage; LAMB needs dense weights and gradients (the trust "
-                               "ratio is a whole-tensor norm, and densifying a sparse gradient "
-                               "would decay rows it never touched)"
-                        % (grad.stype if grad.stype != "default" else weight.stype))
-        if grad.shape != weight.shape:
-            self.refuse(index, "gradient has shape %s, weight has %s" % (grad.shape, weight.shape))
-        if numpy.dtype(grad.dtype) != dtype:
-            self.refuse(index, "gradient is %s, weight is %s"
-                        % (dtype_name(grad.dtype), dtype_name(dtype)))
-        if not same_memory(grad.context, weight.context):
-            self.refuse(index, "gradient is on %s, weight on %s" % (grad.context, weight.context))
-        layout = options.state_layout
-        expected = "(%s)" % ", ".join(layout)
-        if multi_precision:
-            expected = "(weight32, %s)" % expected
-        try:
-            master, arrays = state if multi_precision else (weight, state)
-            arrays = tuple(arrays)
-        except (TypeError, ValueError):
-            self.refuse(index, "state is not %s" % expected)
-        if len(arrays) != len(layout) or not all(isinstance(a, ndarray.NDArray)
-                                                 for a in arrays + (master,)):
-            self.refuse(index, "state is not %s (made with other options?)" % expected)
-        named = dict(zip(layout, arrays))
-        packed = self.packed.get(id(named["mean"]))
-        moments_at = (packed[2] if packed is not None and packed[0] is named["mean"]
-                      and packed[1] is named["var"] else None)
-        for name, array in [("weight32", master)] + list(named.items()):
-            if (array.shape != weight.shape or numpy.dtype(array.dtype) != math_dtype
-                    or not same_memory(array.context, weight.context)):
-                self.refuse(index, "state %s is %s %s on %s, expected %s %s on %s"
-                            % (name, dtype_name(array.dtype), array.shape, array.context,
-                               math_dtype.name, weight.shape, weight.context))
-        return Slots(*(None if array is None else legacy(array) for array in (
-            master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
-            named.get("accum"))), moments_at=moments_at,
-            flat_at=flat_position(weight, grad, master))
 
-    @staticmethod
-    def packed_moments(slots):
-        """(slab, offset) where the tensors' moments lie side by side in one slab, in the
-        group's order (mxlamb_step's packed layout), else None."""
-        first = slots[0].moments_at
-        if first is None:
+def check(weight, grad, state, options, multi_precision, refuse):
+    """The :class:`Slots` of a parameter's state, or ``refuse(what)`` (which raises) naming
+    what the operators would get wrong, before any array is written."""
+    dtype = numpy.dtype(weight.dtype)
+    multi_precision = multi_precision and dtype in LOW_PRECISION
+    if dtype not in (_FLOAT32, _FLOAT64) and not multi_precision:
+        refuse("weight is %s; LAMB updates float32 and float64 weights, and float16/bfloat16 "
+               "weights with multi_precision=True" % dtype_name(dtype))
+    math_dtype = _FLOAT64 if dtype == _FLOAT64 else _FLOAT32  # of master copy and states
+    if grad.stype != "default" or weight.stype != "default":
+        refuse("%s storage; LAMB needs dense weights and gradients (the trust ratio is a "
+               "whole-tensor norm, and densifying a sparse gradient would decay rows it never "
+               "touched)" % (grad.stype if grad.stype != "default" else weight.stype))
+    if grad.shape != weight.shape:
+        refuse("gradient has shape %s, weight has %s" % (grad.shape, weight.shape))
+    if numpy.dtype(grad.dtype) != dtype:
+        refuse("gradient is %s, weight is %s" % (dtype_name(grad.dtype), dtype_name(dtype)))
+    if not same_memory(grad.context, weight.context):
+        refuse("gradient is on %s, weight on %s" % (grad.context, weight.context))
+    layout = options.state_layout
+    expected = "(%s)" % ", ".join(layout)
+    if multi_precision:
+        expected = "(weight32, %s)" % expected
+    try:
+        master, arrays = state if multi_precision else (weight, state)
+        arrays_tuple = tuple(arrays)
+    except (TypeError, ValueError):
+        refuse("state is not %s" % expected)
+    if len(arrays_tuple) != len(layout) or not all(isinstance(a, ndarray.NDArray)
+                                                   for a in arrays_tuple + (master,)):
+        refuse("state is not %s (made with other options?)" % expected)
+    named = dict(zip(layout, arrays_tuple))
+    for name, array in [("weight32", master)] + list(named.items()):
+        if (array.shape != weight.shape or numpy.dtype(array.dtype) != math_dtype
+                or not same_memory(array.context, weight.context)):
+            refuse("state %s is %s %s on %s, expected %s %s on %s"
+                   % (name, dtype_name(array.dtype), array.shape, array.context,
+                      math_dtype.name, weight.shape, weight.context))
+    return Slots(*(None if array is None else legacy(array) for array in (
+        master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
+        named.get("accum"))), packed=getattr(arrays, "packed", None),
+        master_at=getattr(state, "master_at", None) if multi_precision else None)
+
+
+def packed_run(slots):
+    """(slab, offset) where a group's moments lie side by side in one slab, in the group's
+    order (mxlamb_step's packed layout), else None."""
+    first = slots[0].packed
+    if first is None:
+        return None
+    slab, expected = first[0], first[1]
+    for s in slots:
+        at = s.packed
+        if at is None or at[0] is not slab or at[1] != expected:
             return None
-        slab, expected = first[0], first[1]
-        for s in slots:
-            at = s.moments_at
-            if at is None or at[0] is not slab or at[1] != expected:
-                return None
-            expected += 2 * at[2]
-        return slab, first[1]
-
-    def stepped(self):
-        """(index, weight, Slots) of every parameter stepped so far, one per device."""
-        for index, entries in self.checked.items():
-            for cached in entries:
-                yield index, cached[0], cached[3].slots
+        expected += 2 * at[2]
+    return slab, first[1]

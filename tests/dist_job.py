@@ -61,7 +61,7 @@ def main():
     parser.add_argument("--optimizer", choices=["lamb", "main-module"], default="lamb")
     parser.add_argument("--global-clipnorm", type=float, default=None)
     parser.add_argument("--contiguous", action="store_true",
-                        help="mxlamb.make_contiguous(trainer) before training")
+                        help="an mxlamb.contrib.ContiguousTrainer")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
@@ -73,10 +73,11 @@ def main():
     optimizer = (mxlamb.LAMB(**options) if args.optimizer == "lamb"
                  else MainModuleLAMB(**options))
     rank, workers = 0, 1
+    trainer_class = mxlamb.contrib.ContiguousTrainer if args.contiguous else gluon.Trainer
     if args.mode == "dist":
-        trainer = gluon.Trainer(params, optimizer, kvstore="dist_sync",
+        trainer = trainer_class(params, optimizer, kvstore="dist_sync",
                                 update_on_kvstore=bool(args.update_on_kvstore))
-        mxlamb.dist.prepare(trainer, GLOBAL_BATCH)
+        mxlamb.contrib.dist.prepare(trainer, GLOBAL_BATCH)
         rank, workers = trainer._kvstore.rank, trainer._kvstore.num_workers
     elif args.mode == "horovod":
         import horovod.mxnet as hvd
@@ -85,10 +86,8 @@ def main():
         hvd.broadcast_parameters(params, root_rank=0)
         trainer = hvd.DistributedTrainer(params, optimizer)
     else:
-        trainer = gluon.Trainer(params, optimizer, kvstore=None)
+        trainer = trainer_class(params, optimizer, kvstore=None)
 
-    if args.contiguous:
-        mxlamb.make_contiguous(trainer)
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     share = GLOBAL_BATCH // workers
     for data, label in batches(args.steps):
@@ -102,9 +101,9 @@ def main():
     mx.nd.waitall()
     if rank == 0:
         np.savez(args.out, **{name: p.data().asnumpy() for name, p in params.items()})
-        if args.contiguous:  # how many steps took make_contiguous' fast path
+        if args.contiguous:  # how many steps took the ContiguousTrainer's own step
             with open(str(args.out) + ".planned", "w") as f:
-                f.write(str(trainer._update.planned_steps))
+                f.write(str(trainer.fast_steps))
 
 
 if __name__ == "__main__":

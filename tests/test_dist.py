@@ -32,7 +32,7 @@ def run_job(out, *job_args, servers=1, env=None, server_command=None):
     else:
         # Through the Python API: the scheduler and servers run MXNet's own entry.
         argv = [sys.executable, "-c",
-                "import sys, mxlamb.dist as d; sys.exit(d.launch(sys.argv[1:], servers=%d, "
+                "import sys, mxlamb.contrib.dist as d; sys.exit(d.launch(sys.argv[1:], servers=%d, "
                 "timeout=120, server_command=%r))" % (servers, server_command),
                 sys.executable, JOB, "--mode", "dist", "--out", str(out)] + list(job_args)
     proc = subprocess.run(argv, env=dict(os.environ, **(env or {})), stderr=subprocess.PIPE,
@@ -61,8 +61,8 @@ def test_dist_sync_equals_single_process(tmp_path, single, servers, update_on_kv
 def test_contiguous_parameters_are_bit_identical_to_ordinary_storage(tmp_path, single,
                                                                       update_on_kvstore,
                                                                       planned):
-    """mxlamb.make_contiguous on every worker: with updates on the workers the Trainer's
-    fast path steps the flat buffers (every step: the first makes the states); with
+    """A ContiguousTrainer on every worker: with updates on the workers its own step steps
+    the flat buffers (every step: the first makes the states); with
     updates on the servers the views are pulled into. Both equal the ordinary run bit for
     bit (two workers' gradients add up the same in either order)."""
     runs = {}
@@ -80,7 +80,7 @@ def test_contiguous_parameters_are_bit_identical_to_ordinary_storage(tmp_path, s
 
 def test_update_on_workers_is_repeatable(tmp_path, single):
     # The race of the first step's weight pull with the gradient push (closed by
-    # mxlamb.dist.prepare) showed in 2 of 10 runs; a few more runs of the recipe.
+    # mxlamb.contrib.dist.prepare) showed in 2 of 10 runs; a few more runs of the recipe.
     for run in range(3):
         out = tmp_path / ("w%d.npz" % run)
         code, err = run_job(out, "--update-on-kvstore", "0", servers=2)
@@ -167,11 +167,11 @@ def test_prepare_refuses_deferred_parameters_and_bad_batch_sizes():
     net.initialize()
     trainer = gluon.Trainer(net.collect_params(), "lamb", kvstore="local")
     with pytest.raises(ValueError, match="not initialized yet"):
-        mxlamb.dist.prepare(trainer, 4)
+        mxlamb.contrib.dist.prepare(trainer, 4)
     net(mx.nd.ones((1, 2)))
     with pytest.raises(ValueError, match="batch_size must be a positive number, not 0"):
-        mxlamb.dist.prepare(trainer, 0)
-    mxlamb.dist.prepare(trainer, 4)
+        mxlamb.contrib.dist.prepare(trainer, 0)
+    mxlamb.contrib.dist.prepare(trainer, 4)
     assert trainer._optimizer.rescale_grad == 0.25
 
 

@@ -8,16 +8,16 @@ import pytest
 from mxnet import gluon
 
 import mxlamb
-from mxlamb import dispatch
+from mxlamb import engine, ops
 from mxlamb.options import WHOLE_STEP
-from mxlamb.steps import StepPlan
+from mxlamb.engine import CompiledStep
 from conftest import BUILTIN_LAMB, MXNET2, mx_array, mxnet1_only, to_f64
 from reference import ReferenceLAMB
 from stepping import LR, WD, assert_close, problem
 
 
 def count_calls(monkeypatch, *names):
-    """Counts the calls of mxlamb operators (dispatch calls them through mx.nd)."""
+    """Counts the calls of mxlamb operators (mxlamb.ops calls them through mx.nd)."""
     calls = {name: 0 for name in names}
     for name in names:
         original = getattr(mx.nd, name)
@@ -56,18 +56,18 @@ def test_the_default_is_the_whole_step_in_one_call(monkeypatch):
 
 
 def test_whole_step_batches():
-    """dispatch.batches: aggregate_num's groups as asked; for the whole step one FUSED group,
+    """engine.batches: aggregate_num's groups as asked; for the whole step one FUSED group,
     and consecutive tensors up to BATCH_ELEMENTS on the two-phase paths (a larger tensor is a
     batch of its own)."""
-    big = dispatch.BATCH_ELEMENTS
+    big = engine.BATCH_ELEMENTS
     sizes = [big // 2, big // 2, 1, big + 1, 3, 5, big]
     members = list(range(len(sizes)))
-    assert dispatch.batches(members, sizes, 3, dispatch.Path.PHASES) == [[0, 1, 2], [3, 4, 5], [6]]
-    assert dispatch.batches(members, sizes, 1, dispatch.Path.FUSED) == [[m] for m in members]
-    assert dispatch.batches(members, sizes, None, dispatch.Path.FUSED) == [members]
-    assert dispatch.batches(members, sizes, None, dispatch.Path.PHASES) == [
+    assert engine.batches(members, sizes, 3, ops.Path.PHASES) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert engine.batches(members, sizes, 1, ops.Path.FUSED) == [[m] for m in members]
+    assert engine.batches(members, sizes, None, ops.Path.FUSED) == [members]
+    assert engine.batches(members, sizes, None, ops.Path.PHASES) == [
         [0, 1], [2], [3], [4, 5], [6]]
-    assert dispatch.batches([7], [1], None, dispatch.Path.BFLOAT16) == [[7]]
+    assert engine.batches([7], [1], None, ops.Path.BFLOAT16) == [[7]]
 
 
 OPTION_SETS = [
@@ -85,7 +85,7 @@ def test_whole_step_batches_give_the_bits_of_one_tensor_per_call(monkeypatch, op
     """Batches of about 2 tensors (BATCH_ELEMENTS made small) on the two-phase paths, through
     a Trainer (the same arrays every step: the plans replay), against aggregate_num=1 and
     the float64 reference."""
-    monkeypatch.setattr(dispatch, "BATCH_ELEMENTS", 45000)
+    monkeypatch.setattr(engine, "BATCH_ELEMENTS", 45000)
     weights, grads = problem(seed=5, steps=4)
     names = {k: "p%d_weight" % k for k in range(len(weights))}  # MXNet: wd only on *_weight
     results = {}
@@ -168,12 +168,12 @@ def train(options, steps=6, dtype="float32", contexts=(mx.cpu(0),)):
 
 def count_plans(monkeypatch):
     made = [0]
-    original = StepPlan.__init__
+    original = CompiledStep.__init__
 
     def counting(self, *args):
         made[0] += 1
         original(self, *args)
-    monkeypatch.setattr(StepPlan, "__init__", counting)
+    monkeypatch.setattr(CompiledStep, "__init__", counting)
     return made
 
 
@@ -192,7 +192,7 @@ def test_replayed_plans_give_the_bits_of_planning_every_step(monkeypatch, option
     # Planned in the first step (one plan per Updater call: per parameter for
     # aggregate_num=1), replayed in the 5 others.
     assert plans == [2 if options.get("aggregate_num") == 1 else 1]
-    monkeypatch.setattr(StepPlan, "replays", lambda self, *arrays: False)
+    monkeypatch.setattr(CompiledStep, "replays", lambda self, *arrays: False)
     planned = train(options, dtype=dtype)
     assert len(replayed) == len(planned)
     for a, b in zip(replayed, planned):
@@ -205,7 +205,7 @@ def test_replayed_plans_on_two_devices(monkeypatch):
     plans = count_plans(monkeypatch)
     replayed = train(dict(), contexts=contexts)
     assert plans == [2]  # one per device
-    monkeypatch.setattr(StepPlan, "replays", lambda self, *arrays: False)
+    monkeypatch.setattr(CompiledStep, "replays", lambda self, *arrays: False)
     planned = train(dict(), contexts=contexts)
     for a, b in zip(replayed, planned):
         np.testing.assert_array_equal(a, b)
@@ -263,19 +263,19 @@ def optimizers_for_bookkeeping():
 
 
 def test_bulk_bookkeeping_is_mxnets():
-    """LAMB._count_updates, _learning_rates and _weight_decays give what MXNet's
+    """Engine.count_updates, learning_rates and weight_decays give what MXNet's
     _update_count, _get_lrs and _get_wds give (they replace them in a step), also where the
     counts differ between parameters."""
     import copy
     for opt in optimizers_for_bookkeeping():
         twin = copy.deepcopy(opt)
         for indices in ([0, 1, 2], [0, 1, 2], [1], [0, 1, 2], [2, 0]):
-            opt._count_updates(indices)
+            opt.engine.count_updates(indices)
             twin._update_count(list(indices))
             assert opt._index_update_count == twin._index_update_count
             assert opt.num_update == twin.num_update
-            assert opt._learning_rates(indices) == twin._get_lrs(indices)
-            assert opt._weight_decays(indices) == twin._get_wds(indices)
+            assert opt.engine.learning_rates(indices) == twin._get_lrs(indices)
+            assert opt.engine.weight_decays(indices) == twin._get_wds(indices)
 
 
 def test_an_overridden_get_lrs_is_called():
@@ -283,35 +283,26 @@ def test_an_overridden_get_lrs_is_called():
         def _get_lrs(self, indices):
             return [lr / 2 for lr in super()._get_lrs(indices)]
     opt = Halved(learning_rate=0.1)
-    assert opt._learning_rates([0, 1]) == [0.05, 0.05]
+    assert opt.engine.learning_rates([0, 1]) == [0.05, 0.05]
 
 
-def test_trust_ratio_tables_stay_bounded_when_groups_change(monkeypatch):
-    """Direct calls with changing subsets of parameters: the tables kept for trust_ratios()
-    stay bounded, and every parameter still reads its last step's ratio (the same as when
-    every table is kept)."""
-    def run():
-        rng = np.random.RandomState(0)
-        opt = mxlamb.LAMB(learning_rate=LR, wd=WD)
-        weights = [mx.nd.array(rng.randn(6).astype(np.float32)) for _ in range(10)]
-        states = [opt.create_state(k, w) for k, w in enumerate(weights)]
-        for _ in range(300):
-            subset = sorted(rng.choice(10, 5, replace=False))
-            grads = [mx.nd.array(rng.randn(6).astype(np.float32)) for _ in subset]
-            opt.fused_step(subset, [weights[k] for k in subset], grads,
-                           [states[k] for k in subset])
-        return opt
-
-    bounded = run()
-    assert len(bounded._last_tables) <= 65
-
-    def keep_all(self, indices, table, ratio_attrs):
-        self._last_tables.pop(indices, None)
-        self._last_tables[indices] = (table, ratio_attrs)
-    monkeypatch.setattr(mxlamb.LAMB, "_remember_table", keep_all)
-    unbounded = run()
-    assert len(unbounded._last_tables) > 65
-    ours, all_kept = bounded.trust_ratios(), unbounded.trust_ratios()
-    assert sorted(ours.keys) == sorted(all_kept.keys) == list(range(10))
-    assert (dict(zip(ours.keys, ours.values.asnumpy()))
-            == dict(zip(all_kept.keys, all_kept.values.asnumpy())))
+def test_trust_ratio_tables_stay_bounded_when_groups_change():
+    """Direct calls with changing subsets of parameters: what the engine keeps for
+    trust_ratios() stays bounded (one entry per parameter), and every parameter reads the
+    ratio of its own last step (as read right after that step)."""
+    rng = np.random.RandomState(0)
+    opt = mxlamb.LAMB(learning_rate=LR, wd=WD)
+    weights = [mx.nd.array(rng.randn(6).astype(np.float32)) for _ in range(10)]
+    states = [opt.create_state(k, w) for k, w in enumerate(weights)]
+    last = {}
+    for _ in range(300):
+        subset = sorted(rng.choice(10, 5, replace=False))
+        grads = [mx.nd.array(rng.randn(6).astype(np.float32)) for _ in subset]
+        opt.fused_step(subset, [weights[k] for k in subset], grads, [states[k] for k in subset])
+        now = opt.trust_ratios()
+        now = dict(zip(now.keys, now.values.asnumpy()))
+        last.update({k: now[k] for k in subset})
+    assert len(opt.engine.latest) == 10 and len(opt.engine.compiled) <= 10
+    ours = opt.trust_ratios()
+    assert sorted(ours.keys) == list(range(10))
+    assert dict(zip(ours.keys, ours.values.asnumpy())) == last

@@ -269,5 +269,9 @@ def test_packed_states_are_ordinary_arrays_to_their_users():
     assert to_f64(mean1).sum() == 0 and to_f64(states[0][1]).sum() == 0
     clone = pickle.loads(pickle.dumps(var1))
     np.testing.assert_array_equal(clone.asnumpy(), np.full((2, 3), 7.0, np.float32))
-    slab, offset, size = opt.param_states.packed[id(mean1)][2]
+    slab, offset, size = states[1].packed  # the state says where its moments lie
     assert (offset, size) == (10, 6) and to_f64(slab)[16:22].tolist() == [7.0] * 6
+    # A pickled (or copied) state is a plain tuple of its own arrays: it says nothing.
+    clone = pickle.loads(pickle.dumps(states[1]))
+    assert type(clone) is tuple and not hasattr(clone, "packed")
+    np.testing.assert_array_equal(clone[1].asnumpy(), np.full((2, 3), 7.0, np.float32))
