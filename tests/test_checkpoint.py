@@ -341,3 +341,44 @@ def test_a_trainer_state_pickled_by_mxlamb_0_2_resumes_bit_identically():
         trainer.step(6)
     got = np.concatenate([p.data().asnumpy().ravel() for p in net.collect_params().values()])
     np.testing.assert_array_equal(got, np.load(os.path.join(data, "mxlamb-0.2-trainer-after.npy")))
+
+
+def _v03_net_and_batches():
+    """The model and batches of tests/data/mxlamb-0.3-*: written by mxlamb 0.3 (main before
+    the engine rebuild) after 3 steps with skip_nonfinite and EMA; the .npy holds the weights
+    0.3 reached 2 steps later."""
+    mx.random.seed(0)
+    net = gluon.nn.HybridSequential(prefix="v03_")
+    with net.name_scope():
+        net.add(gluon.nn.Dense(8, in_units=4, activation="tanh"), gluon.nn.Dense(3, in_units=8))
+    net.initialize(mx.init.Xavier())
+    rng = np.random.RandomState(0)
+    x = mx.nd.array(rng.randn(5, 4))
+    y = mx.nd.array(rng.randint(0, 3, 5))
+    return net, x, y
+
+
+@mxnet1_only
+@pytest.mark.parametrize("how", ["trainer", "mxlamb"])
+def test_files_written_by_mxlamb_0_3_resume_bit_identically(how):
+    """A Trainer.save_states pickle of mxlamb 0.3 (it names 0.3's modules: mxlamb.steps'
+    StepCounters and StepCollector) and an mxlamb.save_states file of 0.3 both resume here
+    and reach 0.3's own weights two steps later, bit for bit."""
+    data = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data")
+    net, x, y = _v03_net_and_batches()
+    net.load_parameters(os.path.join(data, "mxlamb-0.3-trainer.params"))
+    trainer = gluon.Trainer(net.collect_params(), mxlamb.LAMB(
+        learning_rate=0.05, wd=0.01, skip_nonfinite=True, use_ema=True))
+    if how == "trainer":
+        trainer.load_states(os.path.join(data, "mxlamb-0.3-trainer.states"))
+    else:
+        mxlamb.load_states(trainer, os.path.join(data, "mxlamb-0.3-format2.states"))
+    assert isinstance(trainer._optimizer, mxlamb.LAMB) and trainer._optimizer.num_update == 3
+    loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
+    for _ in range(2):
+        with autograd.record():
+            loss = loss_fn(net(x), y)
+        loss.backward()
+        trainer.step(5)
+    got = np.concatenate([p.data().asnumpy().ravel() for p in net.collect_params().values()])
+    np.testing.assert_array_equal(got, np.load(os.path.join(data, "mxlamb-0.3-trainer-after.npy")))
