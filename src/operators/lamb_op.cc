@@ -66,6 +66,88 @@ bool table_rows(const char* op, const char* key, const std::vector<double>& rows
   return true;
 }
 
+namespace {
+
+DType dtype_of(const MXTensor& t) { return static_cast<DType>(static_cast<int>(t.dtype)); }
+
+// Element `at` of a flat array of `t`'s type.
+void* element(const MXTensor& t, int64_t at) {
+  return static_cast<char*>(t.data_ptr) + at * dtype_bytes(dtype_of(t));
+}
+
+}  // namespace
+
+bool decode_group(const OpTable& op, const StepAttrs& s, std::vector<MXTensor>& in,
+                  std::vector<MXTensor>* out, Group* g) {
+  const InputLayout& l = s.inputs;
+  const int n = l.num_tensors();
+  const bool phase2 = &op == &kPhase2Op;
+  // (Phase 2 takes the same attributes as phase 1; per-tensor clipping is phase 1's.)
+  if (s.clipnorm > 0 && !phase2 && !l.has(Slot::kGradSumsq)) {
+    return fail(op.name, "clipnorm needs has_stats=1 (the gradients' sums of squares)");
+  }
+  MXTensor* counts = l.array(in, Slot::kCounts);
+  MXTensor* grad_sumsq = l.array(in, Slot::kGradSumsq);
+  if (!table_rows(op.name, "count_slots", s.count_slots, counts, &g->count_slots) ||
+      !table_rows(op.name, "stat_rows", s.stat_rows, grad_sumsq, &g->stat_rows)) {
+    return false;
+  }
+  g->counts = counts != nullptr ? counts->data<double>() : nullptr;
+  g->grad_sumsq = grad_sumsq != nullptr ? grad_sumsq->data<double>() : nullptr;
+  MXTensor* control = l.array(in, Slot::kControl);
+  g->control = control != nullptr ? control->data<double>() : nullptr;
+  MXTensor* sumsq = l.array(in, Slot::kSumsq);
+  g->sumsq = sumsq != nullptr ? sumsq->data<double>() : nullptr;
+  // mxlamb_step's packed moments: m then v of each tensor, tensor after tensor; its flat
+  // arrays: tensor t is the span of flat_sizes[t] elements after tensor t - 1's in each.
+  MXTensor* moments = l.array(in, Slot::kMoments);
+  MXTensor* flat_weight = l.array(in, Slot::kFlatWeight);
+  MXTensor* flat_grad = l.array(in, Slot::kFlatGrad);
+  MXTensor* flat_model = l.array(in, Slot::kFlatModelWeight);
+  const MXTensor& first = flat_weight != nullptr ? *flat_weight : *l.array(in, Slot::kWeight, 0);
+  g->float64 = dtype_of(first) == DType::kFloat64;
+  int64_t packed = s.moments_offset;
+  int64_t at = s.flat_offset;
+  g->tensors.resize(n);
+  for (int t = 0; t < n; ++t) {
+    TensorArrays& a = g->tensors[t];
+    if (flat_weight != nullptr) {
+      a.size = s.flat_sizes[t];
+      a.weight = element(*flat_weight, at);
+      a.grad = element(*flat_grad, at);
+      a.grad_dtype = dtype_of(*flat_grad);
+      if (flat_model != nullptr) a.model = element(*flat_model, at);
+      at += a.size;
+    } else {
+      MXTensor& weight = *l.array(in, Slot::kWeight, t);
+      a.size = weight.size();
+      a.weight = weight.data_ptr;
+      if (MXTensor* grad = l.array(in, Slot::kGrad, t)) {
+        a.grad = grad->data_ptr;
+        a.grad_dtype = dtype_of(*grad);
+      }
+      if (MXTensor* model = l.array(in, Slot::kModelWeight, t)) a.model = model->data_ptr;
+    }
+    // Under multi_precision phase 2 updates the master copy in place and writes the rounded
+    // model weight to out; without it the weight goes to out.
+    a.weight_out = a.weight;
+    if (phase2) {
+      (s.multi_precision ? a.model : a.weight_out) = (*out)[t].data_ptr;
+    }
+    if (moments != nullptr) {
+      a.mean = element(*moments, packed);
+      a.var = element(*moments, packed + a.size);
+      packed += 2 * a.size;
+    } else {
+      a.mean = l.array(in, Slot::kMean, t)->data_ptr;
+      a.var = l.array(in, Slot::kVar, t)->data_ptr;
+    }
+    if (MXTensor* vmax = l.array(in, Slot::kVarMax, t)) a.vmax = vmax->data_ptr;
+    if (MXTensor* average = l.array(in, Slot::kAverage, t)) a.average = average->data_ptr;
+  }
+  return true;
+}
+
 bool parse_grad_stats(const Attrs& attrs, InputLayout* l, GradStatsParams* p) {
   AttrReader r(kGradStatsOp.name, attrs);
   if (!l->resolve(kGradStatsOp, r)) return false;
@@ -87,10 +169,6 @@ bool parse_trust_ratio(const Attrs& attrs, TrustRatioAttrs* a) {
 
 namespace {
 
-DType dtype_of(const MXTensor& t) { return static_cast<DType>(static_cast<int>(t.dtype)); }
-
-bool is_float64(const MXTensor& t) { return dtype_of(t) == DType::kFloat64; }
-
 // Whether the step applies, and the gradient multiplier before per-tensor clipping.
 struct StepControl {
   bool apply = true;
@@ -107,171 +185,107 @@ StepControl step_control(const StepAttrs& s, std::vector<MXTensor>& in) {
   return c;
 }
 
+template <typename T>
+T* as(void* p) { return static_cast<T*>(p); }
+
 // ---------------------------------------------------------------------------------- phase 1
 
 template <typename T>
-MXReturnValue phase1_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
-                                   std::vector<MXTensor>* out) {
-  const InputLayout& l = s.inputs;
-  const int n = l.num_tensors();
-  double* sumsq = (*out)[0].data<double>();
-  const StepControl control = step_control(s, *in);
-  if (!control.apply) {
-    // A skipped step touches nothing; its trust ratios read as NaN.
-    for (int i = 0; i < 2 * n; ++i) sumsq[i] = std::nan("");
-    return MX_SUCCESS;
-  }
-  if (s.clipnorm > 0 && !l.has(Slot::kGradSumsq)) {
-    fail(kPhase1Op.name, "clipnorm needs has_stats=1 (the gradients' sums of squares)");
-    return MX_FAIL;
-  }
-  MXTensor* grad_sumsq_array = l.array(*in, Slot::kGradSumsq);
-  MXTensor* counts_array = l.array(*in, Slot::kCounts);
-  std::vector<int64_t> slots, rows;
-  if (!table_rows(kPhase1Op.name, "count_slots", s.count_slots, counts_array, &slots) ||
-      !table_rows(kPhase1Op.name, "stat_rows", s.stat_rows, grad_sumsq_array, &rows)) {
-    return MX_FAIL;
-  }
-  const double* grad_sumsq = grad_sumsq_array ? grad_sumsq_array->data<double>() : nullptr;
-  double* counts = counts_array ? counts_array->data<double>() : nullptr;
+void phase1_typed(const StepAttrs& s, const Group& g, double multiplier, double* sumsq) {
+  const int n = static_cast<int>(g.tensors.size());
   std::vector<TensorCoeffs<T>> coeffs(n);
   std::vector<Phase1Span<T>> spans(n);
   for (int t = 0; t < n; ++t) {
-    const double count = counts != nullptr ? counts[slots[t]] + 1.0 : s.step_counts[t];
-    if (counts != nullptr) counts[slots[t]] = count;
+    const TensorArrays& a = g.tensors[t];
+    const double count = g.counts != nullptr ? g.counts[g.count_slots[t]] + 1.0
+                                             : s.step_counts[t];
+    if (g.counts != nullptr) g.counts[g.count_slots[t]] = count;
     const double grad_scale =
-        grad_sumsq != nullptr ? gradient_scale(control.multiplier, grad_sumsq[rows[t]], s.clipnorm)
-                              : control.multiplier;
+        g.grad_sumsq != nullptr
+            ? gradient_scale(multiplier, g.grad_sumsq[g.stat_rows[t]], s.clipnorm)
+            : multiplier;
     coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], grad_scale);
-    MXTensor& weight = *l.array(*in, Slot::kWeight, t);
-    const MXTensor& grad = *l.array(*in, Slot::kGrad, t);
-    MXTensor* var_max = l.array(*in, Slot::kVarMax, t);
-    spans[t] = Phase1Span<T>{weight.data<T>(),
-                             grad.data_ptr,
-                             l.array(*in, Slot::kMean, t)->data<T>(),
-                             l.array(*in, Slot::kVar, t)->data<T>(),
-                             var_max != nullptr ? var_max->data<T>() : nullptr,
-                             weight.size(),
-                             dtype_of(grad)};
+    spans[t] = Phase1Span<T>{as<T>(a.weight), a.grad, as<T>(a.mean), as<T>(a.var),
+                             as<T>(a.vmax), a.size, a.grad_dtype};
   }
   lamb_phase1_cpu(spans, step_coeffs<T>(s.params), coeffs, sumsq);
-  return MX_SUCCESS;
 }
 
 MXReturnValue phase1_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                              std::vector<MXTensor>* out, const OpResource&) {
   StepAttrs s;
   if (!parse_step(kPhase1Op, attrs, &s)) return MX_FAIL;
-  return is_float64((*in)[0]) ? phase1_forward_typed<double>(s, in, out)
-                              : phase1_forward_typed<float>(s, in, out);
+  double* sumsq = (*out)[0].data<double>();
+  const StepControl control = step_control(s, *in);
+  if (!control.apply) {
+    // A skipped step touches nothing; its trust ratios read as NaN.
+    for (int i = 0; i < 2 * s.inputs.num_tensors(); ++i) sumsq[i] = std::nan("");
+    return MX_SUCCESS;
+  }
+  Group g;
+  if (!decode_group(kPhase1Op, s, *in, out, &g)) return MX_FAIL;
+  if (g.float64) {
+    phase1_typed<double>(s, g, control.multiplier, sumsq);
+  } else {
+    phase1_typed<float>(s, g, control.multiplier, sumsq);
+  }
+  return MX_SUCCESS;
 }
 
 // ---------------------------------------------------------------------------------- phase 2
 
 template <typename T>
-MXReturnValue phase2_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
-                                   std::vector<MXTensor>* out) {
-  const InputLayout& l = s.inputs;
-  const int n = l.num_tensors();
-  if (!step_control(s, *in).apply) return MX_SUCCESS;  // skipped: nothing is written
-  MXTensor* counts_array = l.array(*in, Slot::kCounts);
-  std::vector<int64_t> slots;
-  if (!table_rows(kPhase2Op.name, "count_slots", s.count_slots, counts_array, &slots)) {
-    return MX_FAIL;
-  }
-  const double* counts = counts_array ? counts_array->data<double>() : nullptr;
-  const double* sumsq = l.array(*in, Slot::kSumsq)->data<double>();
+void phase2_typed(const StepAttrs& s, const Group& g) {
+  const int n = static_cast<int>(g.tensors.size());
   const StepCoeffs<T> step = step_coeffs<T>(s.params);
   std::vector<TensorCoeffs<T>> coeffs(n);
   std::vector<T> step_sizes(n);
   std::vector<Phase2Span<T>> spans(n);
   for (int t = 0; t < n; ++t) {
+    const TensorArrays& a = g.tensors[t];
     // Phase 1 has already counted this step in the device counts. The gradient multiplier
     // plays no part in phase 2.
-    const double count = counts != nullptr ? counts[slots[t]] : s.step_counts[t];
+    const double count = g.counts != nullptr ? g.counts[g.count_slots[t]] : s.step_counts[t];
     coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], s.rescale_grad);
-    step_sizes[t] = step_size(step, coeffs[t], sumsq[2 * t], sumsq[2 * t + 1],
+    step_sizes[t] = step_size(step, coeffs[t], g.sumsq[2 * t], g.sumsq[2 * t + 1],
                               s.layer_adaptation[t]);
-    T* weight = l.array(*in, Slot::kWeight, t)->data<T>();
-    MXTensor* average = l.array(*in, Slot::kAverage, t);
-    MXTensor& updated = (*out)[t];
-    spans[t] = Phase2Span<T>{weight,
-                             s.multi_precision ? weight : updated.data<T>(),
-                             s.multi_precision ? static_cast<half_t*>(updated.data_ptr) : nullptr,
-                             l.array(*in, Slot::kMean, t)->data<T>(),
-                             l.array(*in, Slot::kVar, t)->data<T>(),
-                             average != nullptr ? average->data<T>() : nullptr,
-                             l.array(*in, Slot::kWeight, t)->size()};
+    spans[t] = Phase2Span<T>{as<T>(a.weight), as<T>(a.weight_out), as<half_t>(a.model),
+                             as<T>(a.mean), as<T>(a.var), as<T>(a.average), a.size};
   }
   lamb_phase2_cpu(spans, step, coeffs, step_sizes, ema_coeffs<T>(s.ema_momentum));
-  return MX_SUCCESS;
 }
 
 MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                              std::vector<MXTensor>* out, const OpResource&) {
   StepAttrs s;
   if (!parse_step(kPhase2Op, attrs, &s)) return MX_FAIL;
-  return is_float64((*in)[0]) ? phase2_forward_typed<double>(s, in, out)
-                              : phase2_forward_typed<float>(s, in, out);
+  if (!step_control(s, *in).apply) return MX_SUCCESS;  // skipped: nothing is written
+  Group g;
+  if (!decode_group(kPhase2Op, s, *in, out, &g)) return MX_FAIL;
+  if (g.float64) {
+    phase2_typed<double>(s, g);
+  } else {
+    phase2_typed<float>(s, g);
+  }
+  return MX_SUCCESS;
 }
 
 // ------------------------------------------------------------------------ phase 1 + phase 2
 
 template <typename T>
-MXReturnValue step_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
-                                 std::vector<MXTensor>* out) {
-  const InputLayout& l = s.inputs;
-  const int n = l.num_tensors();
-  double* sumsq = (*out)[0].data<double>();
-  MXTensor* moments = l.array(*in, Slot::kMoments);
-  T* packed = moments != nullptr ? moments->data<T>() + s.moments_offset : nullptr;
-  // Flat arrays: tensor t is the span of flat_sizes[t] elements after tensor t - 1's in each.
-  MXTensor* flat_weight = l.array(*in, Slot::kFlatWeight);
-  MXTensor* flat_grad = l.array(*in, Slot::kFlatGrad);
-  MXTensor* flat_model = l.array(*in, Slot::kFlatModelWeight);
-  const bool flat = flat_weight != nullptr;
-  int64_t at = s.flat_offset;
+void step_typed(const StepAttrs& s, const Group& g, double* sumsq) {
+  const int n = static_cast<int>(g.tensors.size());
   const StepCoeffs<T> step = step_coeffs<T>(s.params);
   std::vector<TensorCoeffs<T>> coeffs(n);
   std::vector<Phase1Span<T>> first(n);
   std::vector<Phase2Span<T>> second(n);
   for (int t = 0; t < n; ++t) {
+    const TensorArrays& a = g.tensors[t];
     coeffs[t] = tensor_coeffs<T>(s.params, s.step_counts[t], s.lrs[t], s.wds[t], s.rescale_grad);
-    const MXTensor& grad = flat ? *flat_grad : *l.array(*in, Slot::kGrad, t);
-    const DType grad_type = dtype_of(grad);
-    T* weight;
-    const void* grad_data;
-    half_t* model_weight = nullptr;
-    int64_t size;
-    if (flat) {
-      size = s.flat_sizes[t];
-      weight = flat_weight->data<T>() + at;
-      grad_data = grad_type == DType::kFloat16
-                      ? static_cast<const void*>(static_cast<const half_t*>(grad.data_ptr) + at)
-                  : grad_type == DType::kFloat64
-                      ? static_cast<const void*>(static_cast<const double*>(grad.data_ptr) + at)
-                      : static_cast<const void*>(static_cast<const float*>(grad.data_ptr) + at);
-      if (flat_model != nullptr) model_weight = static_cast<half_t*>(flat_model->data_ptr) + at;
-      at += size;
-    } else {
-      weight = l.array(*in, Slot::kWeight, t)->data<T>();
-      size = l.array(*in, Slot::kWeight, t)->size();
-      grad_data = grad.data_ptr;
-      MXTensor* model = l.array(*in, Slot::kModelWeight, t);
-      if (model != nullptr) model_weight = static_cast<half_t*>(model->data_ptr);
-    }
-    T* mean;
-    T* var;
-    if (packed != nullptr) {
-      mean = packed;
-      var = packed + size;
-      packed += 2 * size;
-    } else {
-      mean = l.array(*in, Slot::kMean, t)->data<T>();
-      var = l.array(*in, Slot::kVar, t)->data<T>();
-    }
-    first[t] = Phase1Span<T>{weight, grad_data, mean, var, nullptr, size, grad_type};
-    second[t] = Phase2Span<T>{weight, weight, model_weight, mean, var, nullptr, size};
+    first[t] = Phase1Span<T>{as<T>(a.weight), a.grad, as<T>(a.mean), as<T>(a.var), nullptr,
+                             a.size, a.grad_dtype};
+    second[t] = Phase2Span<T>{as<T>(a.weight), as<T>(a.weight), as<half_t>(a.model),
+                              as<T>(a.mean), as<T>(a.var), nullptr, a.size};
   }
   lamb_step_cpu(first, second, step, coeffs,
                 [&](int t, double weight_sumsq, double update_sumsq) {
@@ -279,15 +293,21 @@ MXReturnValue step_forward_typed(const StepAttrs& s, std::vector<MXTensor>* in,
                                    s.layer_adaptation[t]);
                 },
                 sumsq);
-  return MX_SUCCESS;
 }
 
 MXReturnValue step_forward(const Attrs& attrs, std::vector<MXTensor>* in,
                            std::vector<MXTensor>* out, const OpResource&) {
   StepAttrs s;
   if (!parse_step(kStepOp, attrs, &s)) return MX_FAIL;
-  return is_float64((*in)[0]) ? step_forward_typed<double>(s, in, out)
-                              : step_forward_typed<float>(s, in, out);
+  Group g;
+  if (!decode_group(kStepOp, s, *in, out, &g)) return MX_FAIL;
+  double* sumsq = (*out)[0].data<double>();
+  if (g.float64) {
+    step_typed<double>(s, g, sumsq);
+  } else {
+    step_typed<float>(s, g, sumsq);
+  }
+  return MX_SUCCESS;
 }
 
 // ----------------------------------------------------------------------------- grad stats

@@ -48,6 +48,7 @@
 
 #include "lamb_math.h"
 #include "op_table.h"
+#include "precision.h"
 
 namespace mxlamb {
 
@@ -196,6 +197,43 @@ bool parse_step(const OpTable& op, const Attrs& attrs, StepAttrs* s);
 // count_slots), range-checked against the table's size; nothing where the call has no table.
 bool table_rows(const char* op, const char* key, const std::vector<double>& rows,
                 const MXTensor* table, std::vector<int64_t>* out);
+
+// ----------------------------------------------------------------- the group decoder
+
+// One tensor of a LAMB call, as the call's arrays hold it: the one place where mxlamb_step's
+// three layouts (per-tensor arrays, packed moments, flat arrays) and the phase operators'
+// arrays are read. The CPU forwards make kernel spans of it, the GPU forwards lamb_cuda.h's
+// tables. An array the call does not have is nullptr.
+struct TensorArrays {
+  void* weight = nullptr;      // w, or the float32 master copy under multi_precision
+  void* weight_out = nullptr;  // where the updated w goes: w itself, or phase 2's out
+  const void* grad = nullptr;  // phase 1 and mxlamb_step
+  DType grad_dtype = DType::kFloat32;
+  void* mean = nullptr;
+  void* var = nullptr;         // phase 2 under AMSGrad: the running max, as the caller passes
+  void* vmax = nullptr;        // phase 1 under AMSGrad
+  void* average = nullptr;     // the weight EMA (phase 2)
+  void* model = nullptr;       // the float16 model weight: mxlamb_step's w16, phase 2's out
+  int64_t size = 0;
+};
+
+// A decoded call: each tensor's arrays, the range-checked rows of its table inputs, and the
+// arrays after the tensors (nullptr where the call has none).
+struct Group {
+  std::vector<TensorArrays> tensors;
+  std::vector<int64_t> count_slots;  // each tensor's row of counts
+  std::vector<int64_t> stat_rows;    // each tensor's row of grad_sumsq
+  double* counts = nullptr;
+  const double* grad_sumsq = nullptr;
+  const double* control = nullptr;
+  const double* sumsq = nullptr;     // phase 2's input table
+  bool float64 = false;              // the math type is double
+};
+
+// Decodes a call of `op` (attributes already parsed into `s`); false (reported, naming the
+// operator) where a row of a table input is out of range or clipnorm has no statistics.
+bool decode_group(const OpTable& op, const StepAttrs& s, std::vector<MXTensor>& in,
+                  std::vector<MXTensor>* out, Group* g);
 
 // mxlamb_grad_stats' attributes.
 bool parse_grad_stats(const Attrs& attrs, InputLayout* l, GradStatsParams* p);

@@ -1,9 +1,10 @@
 // The LAMB operators' GPU forwards (compiled only into a build with the CUDA kernels,
 // MXLAMB_CUDA=1, which defines MXLAMB_WITH_CUDA).
 //
-// Thin glue on purpose: each forward parses its call with the CPU's own parsers (parse_step,
-// InputLayout over the tables of lamb_op.h), hands the arrays' device pointers and the host
-// values to one entry point of lamb_cuda.h on MXNet's stream and workspace, and returns. What
+// Thin glue on purpose: each forward parses and decodes its call with the CPU's own code
+// (parse_step and decode_group of lamb_op.cc, over the tables of lamb_op.h), hands the arrays'
+// device pointers and the host values to one entry point of lamb_cuda.h on MXNet's stream and
+// workspace, and returns. What
 // the C-interface tests (tests/test_cuda.py) run is what MXNet runs. Every option the CPU
 // forwards take is taken here with the CPU's semantics; the kernels take bfloat16 too, which
 // MXNet cannot hand to a library operator.
@@ -24,92 +25,52 @@ MxlambDType cuda_dtype(const MXTensor& t) { return static_cast<MxlambDType>(t.dt
 template <typename V>
 const typename V::value_type* data_or_null(const V& v) { return v.empty() ? nullptr : v.data(); }
 
-const double* device_data(std::vector<MXTensor>& in, const InputLayout& l, Slot slot) {
-  MXTensor* t = l.array(in, slot);
-  return t != nullptr ? t->data<double>() : nullptr;
-}
-
-// A LAMB call (phase 1, phase 2, step) as lamb_cuda.h takes it; the vectors own the host
-// arrays the group points to.
+// A LAMB call (phase 1, phase 2, step) as lamb_cuda.h takes it, made from the call's decoded
+// Group (decode_group, shared with the CPU forwards); the vectors own the host arrays the
+// group points to.
 struct CudaGroup {
   StepAttrs s;
+  Group decoded;
   std::vector<void*> weights, weights_out, means, vars, vmaxes, averages, lowp;
   std::vector<const void*> grads;
   std::vector<int> grad_dtypes;
-  std::vector<int64_t> sizes, count_slots, stat_rows;
+  std::vector<int64_t> sizes;
   std::vector<unsigned char> adaptation;
   MxlambCudaGroup group{};
 
-  // Reads the attributes and every tensor's arrays found by the operator's table (the
-  // packed moments of mxlamb_step included); false (reported) where the call is wrong.
-  bool read(const OpTable& op, const Attrs& attrs, std::vector<MXTensor>& in) {
+  // Reads the attributes and every tensor's arrays; false (reported) where the call is wrong.
+  bool read(const OpTable& op, const Attrs& attrs, std::vector<MXTensor>& in,
+            std::vector<MXTensor>* out) {
     if (!parse_step(op, attrs, &s)) return false;
-    const InputLayout& l = s.inputs;
-    const int n = l.num_tensors();
-    if (s.clipnorm > 0 && !l.has(Slot::kGradSumsq)) {
-      return fail(op.name, "clipnorm needs has_stats=1 (the gradients' sums of squares)");
-    }
-    if (!table_rows(op.name, "count_slots", s.count_slots, l.array(in, Slot::kCounts),
-                    &count_slots) ||
-        !table_rows(op.name, "stat_rows", s.stat_rows, l.array(in, Slot::kGradSumsq),
-                    &stat_rows)) {
-      return false;
-    }
-    MXTensor* moments = l.array(in, Slot::kMoments);
-    const int math_bytes = in[0].dtype == mxnet::ext::kFloat64 ? 8 : 4;
-    char* packed = moments != nullptr
-                       ? static_cast<char*>(moments->data_ptr) + s.moments_offset * math_bytes
-                       : nullptr;
-    // mxlamb_step's flat mode: tensor t is the span of flat_sizes[t] elements after tensor
-    // t - 1's in the flat weight, gradient and model weight (from flat_offset).
-    MXTensor* flat_weight = l.array(in, Slot::kFlatWeight);
-    MXTensor* flat_grad = l.array(in, Slot::kFlatGrad);
-    MXTensor* flat_model = l.array(in, Slot::kFlatModelWeight);
-    int64_t at = s.flat_offset;
-    for (int t = 0; t < n; ++t) {
-      int64_t size;
-      if (flat_weight != nullptr) {
-        size = s.flat_sizes[t];
-        weights.push_back(static_cast<char*>(flat_weight->data_ptr) + at * math_bytes);
-        const int grad_bytes = flat_grad->dtype == mxnet::ext::kFloat16 ? 2 : math_bytes;
-        grads.push_back(static_cast<char*>(flat_grad->data_ptr) + at * grad_bytes);
-        grad_dtypes.push_back(cuda_dtype(*flat_grad));
-        if (flat_model != nullptr) lowp.push_back(static_cast<char*>(flat_model->data_ptr) + at * 2);
-        at += size;
-      } else {
-        MXTensor& weight = *l.array(in, Slot::kWeight, t);
-        size = weight.size();
-        weights.push_back(weight.data_ptr);
-        if (MXTensor* grad = l.array(in, Slot::kGrad, t)) {
-          grads.push_back(grad->data_ptr);
-          grad_dtypes.push_back(cuda_dtype(*grad));
-        }
-        if (MXTensor* model = l.array(in, Slot::kModelWeight, t)) lowp.push_back(model->data_ptr);
+    if (!decode_group(op, s, in, out, &decoded)) return false;
+    const int n = s.inputs.num_tensors();
+    const bool phase2 = &op == &kPhase2Op;
+    for (const TensorArrays& a : decoded.tensors) {
+      weights.push_back(a.weight);
+      // (phase 2 without multi_precision writes the weights to out=, maybe the weights)
+      if (phase2 && !s.multi_precision) weights_out.push_back(a.weight_out);
+      if (a.grad != nullptr) {
+        grads.push_back(a.grad);
+        grad_dtypes.push_back(static_cast<int>(a.grad_dtype));
       }
-      sizes.push_back(size);
-      if (packed != nullptr) {  // m then v of each tensor, tensor after tensor
-        means.push_back(packed);
-        vars.push_back(packed + size * math_bytes);
-        packed += 2 * size * math_bytes;
-      } else {
-        means.push_back(l.array(in, Slot::kMean, t)->data_ptr);
-        vars.push_back(l.array(in, Slot::kVar, t)->data_ptr);
-      }
-      if (MXTensor* vmax = l.array(in, Slot::kVarMax, t)) vmaxes.push_back(vmax->data_ptr);
-      if (MXTensor* average = l.array(in, Slot::kAverage, t)) averages.push_back(average->data_ptr);
-      adaptation.push_back(s.layer_adaptation[t] ? 1 : 0);
+      means.push_back(a.mean);
+      vars.push_back(a.var);
+      if (a.vmax != nullptr) vmaxes.push_back(a.vmax);
+      if (a.average != nullptr) averages.push_back(a.average);
+      if (a.model != nullptr) lowp.push_back(a.model);
+      sizes.push_back(a.size);
     }
+    for (int t = 0; t < n; ++t) adaptation.push_back(s.layer_adaptation[t] ? 1 : 0);
     group.num_tensors = n;
-    group.math_dtype = in[0].dtype == mxnet::ext::kFloat64 ? MXLAMB_FLOAT64 : MXLAMB_FLOAT32;
+    group.math_dtype = decoded.float64 ? MXLAMB_FLOAT64 : MXLAMB_FLOAT32;
     group.lowp_dtype = MXLAMB_FLOAT16;  // MXNet's multi-precision model weights
     group.params = s.params;
     group.rescale_grad = s.rescale_grad;
     group.clipnorm = s.clipnorm;
     group.ema_momentum = s.ema_momentum;
-    group.control = device_data(in, l, Slot::kControl);
-    group.grad_sumsq = device_data(in, l, Slot::kGradSumsq);
-    MXTensor* counts = l.array(in, Slot::kCounts);
-    group.counts = counts != nullptr ? counts->data<double>() : nullptr;
+    group.control = decoded.control;
+    group.grad_sumsq = decoded.grad_sumsq;
+    group.counts = decoded.counts;
     return true;
   }
 
@@ -130,8 +91,8 @@ struct CudaGroup {
     group.lrs = data_or_null(s.lrs);
     group.wds = data_or_null(s.wds);
     group.step_counts = data_or_null(s.step_counts);
-    group.count_slots = data_or_null(count_slots);
-    group.stat_rows = data_or_null(stat_rows);
+    group.count_slots = data_or_null(decoded.count_slots);
+    group.stat_rows = data_or_null(decoded.stat_rows);
     group.layer_adaptation = data_or_null(adaptation);
     const size_t bytes = mxlamb_cuda_workspace_bytes(&group);
     void* workspace = res.alloc_gpu(static_cast<int>(bytes));
@@ -150,7 +111,7 @@ struct CudaGroup {
 MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   CudaGroup g;
-  if (!g.read(kPhase1Op, attrs, *in)) return MX_FAIL;
+  if (!g.read(kPhase1Op, attrs, *in, out)) return MX_FAIL;
   double* sumsq = (*out)[0].data<double>();
   return g.launch(res, [&](MxlambCudaGroup* group, void* ws, size_t bytes, void* stream) {
     return mxlamb_cuda_phase1(group, sumsq, ws, bytes, stream);
@@ -160,13 +121,8 @@ MXReturnValue phase1_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
 MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                  std::vector<MXTensor>* out, const OpResource& res) {
   CudaGroup g;
-  if (!g.read(kPhase2Op, attrs, *in)) return MX_FAIL;
-  // Under multi-precision the master copy is updated in place and out gets the model weight;
-  // without it the weight goes to out.
-  for (int t = 0; t < g.s.inputs.num_tensors(); ++t) {
-    (g.s.multi_precision ? g.lowp : g.weights_out).push_back((*out)[t].data_ptr);
-  }
-  const double* sumsq = g.s.inputs.array(*in, Slot::kSumsq)->data<double>();
+  if (!g.read(kPhase2Op, attrs, *in, out)) return MX_FAIL;
+  const double* sumsq = g.decoded.sumsq;
   return g.launch(res, [&](MxlambCudaGroup* group, void* ws, size_t bytes, void* stream) {
     return mxlamb_cuda_phase2(group, sumsq, ws, bytes, stream);
   });
@@ -175,7 +131,7 @@ MXReturnValue phase2_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
 MXReturnValue step_forward_gpu(const Attrs& attrs, std::vector<MXTensor>* in,
                                std::vector<MXTensor>* out, const OpResource& res) {
   CudaGroup g;
-  if (!g.read(kStepOp, attrs, *in)) return MX_FAIL;
+  if (!g.read(kStepOp, attrs, *in, out)) return MX_FAIL;
   double* sumsq = (*out)[0].data<double>();
   return g.launch(res, [&](MxlambCudaGroup* group, void* ws, size_t bytes, void* stream) {
     return mxlamb_cuda_step(group, sumsq, ws, bytes, stream);
