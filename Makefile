@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mxlamb-built
 
-.PHONY: install demo demo-mlp test test-mxnet2 test-packaging bench sanitize rss horovod clean
+.PHONY: install demo demo-mlp test test-unit test-integration test-system test-mxnet2 test-packaging bench sanitize rss horovod clean
 
 $(STAMP): setup.py setup.cfg pyproject.toml build_backend.py requirements.txt $(wildcard src/operators/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -55,6 +55,10 @@ test: $(STAMP) $(if $(HOROVOD_BUILDABLE),$(HVD_STAMP)) $(MX2_STAMP)
 	$(BIN)/python -m pytest -q
 	$(MAKE) --no-print-directory test-mxnet2
 	$(MAKE) --no-print-directory test-packaging
+
+# One tier of the 1.9.1 suite (pytest.ini's markers): unit (about a minute), integration, system.
+test-unit test-integration test-system: test-%: $(STAMP)
+	$(BIN)/python -m pytest -q -m $*
 
 test-mxnet2: $(MX2_STAMP)
 	MXLAMB_LIBRARY=$(CURDIR)/$(MX2_LIB) PYTHONPATH=$(CURDIR) $(MX2_VENV)/bin/python -m pytest -q -p no:cacheprovider

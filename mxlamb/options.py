@@ -1,6 +1,5 @@
-"""The hyper-parameters and training options, validated once, and their translation into
-operator attributes: the only place where "None", "off" and dtypes become what the operators
-read (src/operators/lamb_op.cc parses them).
+"""The hyper-parameters and training options, validated once (every bad value is a ValueError
+naming the argument and the value). :mod:`mxlamb.ops` turns them into operator attributes.
 
 :class:`Options` is frozen: LAMB's own hyper-parameters are fixed at construction (MXNet's
 ``Optimizer`` arguments, such as the learning rate, wd, rescale_grad and clip_gradient, stay
@@ -109,14 +108,6 @@ def patterns(name, value):
     return tuple(compiled)
 
 
-def joined(values):
-    """An operator's list attribute: one value when all are equal (the operator repeats it)."""
-    first = values[0]
-    if values.count(first) == len(values):
-        return repr(first)
-    return ",".join(map(repr, values))
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class Options:
     """LAMB's hyper-parameters and mxlamb's training options, validated (see LAMB's
@@ -216,81 +207,3 @@ class Options:
         if self.gradient_accumulation_steps is not None:
             names.append("accum")
         return names
-
-    # ------------------------------------------------------------ operator attributes
-
-    def group_attributes(self, num_tensors, model_dtype=None, layer_adaptation=None):
-        """The attributes of mxlamb_phase1 / mxlamb_phase2 / mxlamb_step that stay the same
-        from step to step for one group: the hyper-parameters, the model weight's dtype name
-        under multi-precision (else None) and the per-tensor layer adaptation (None when every
-        tensor adapts). :meth:`step_values` adds what changes."""
-        # An option that is off is an attribute left out (the operators' default is off).
-        attrs = {
-            "num_tensors": num_tensors,
-            "beta1": self.beta1,
-            "beta2": self.beta2,
-            "epsilon": self.epsilon,
-            "bias_correction": self.bias_correction,
-        }
-        if self.lower_bound:
-            attrs["lower_bound"] = self.lower_bound
-        if self.upper_bound:
-            attrs["upper_bound"] = self.upper_bound
-        if layer_adaptation is not None:
-            attrs["layer_adaptation"] = ",".join("1" if a else "0" for a in layer_adaptation)
-        if self.epsilon_hat:
-            attrs["epsilon_hat"] = True
-        if self.amsgrad:
-            attrs["amsgrad"] = True
-        if self.use_ema:
-            attrs["use_ema"] = True
-            attrs["ema_momentum"] = self.ema_momentum
-        if model_dtype is not None:
-            attrs["multi_precision"] = True
-            attrs["model_dtype"] = model_dtype
-        return attrs
-
-    @staticmethod
-    def step_values(lrs, wds, grad_scale, clip_gradient):
-        """The attributes that may change every step: per-tensor ``lrs`` and ``wds`` (the
-        schedule, lr_mult, wd_mult), the gradient scale and MXNet's clip_gradient (None, or
-        <= 0, for no clipping)."""
-        values = {"rescale_grad": grad_scale, "lrs": joined(lrs), "wds": joined(wds)}
-        # None, 0 (MXNet's "not given") and a negative clip_gradient do not clip; MXNet passes
-        # a bound only when it is truthy: 0 is no bound.
-        if clip_gradient is not None and clip_gradient > 0:
-            values["clip_gradient"] = clip_gradient
-        return values
-
-    def grad_stats_attributes(self, num_tensors, grad_scale):
-        """Attributes of mxlamb_grad_stats (the whole step's gradient statistics)."""
-        attrs = {"num_tensors": num_tensors, "rescale_grad": grad_scale}
-        if self.global_clipnorm is not None:
-            attrs["global_clipnorm"] = self.global_clipnorm
-        if self.may_skip:
-            attrs["skip_nonfinite"] = True
-        if self.loss_scaler is not None:
-            attrs["growth_interval"] = self.loss_scaler.growth_interval
-        return attrs
-
-    def stats_attributes(self, rows):
-        """What phase 1 and phase 2 add when they read the step's gradient statistics."""
-        attrs = {"has_stats": True, "stat_rows": ",".join(map(str, rows))}
-        if self.clipnorm is not None:
-            attrs["clipnorm"] = self.clipnorm
-        return attrs
-
-    @staticmethod
-    def counts_attributes(host_counts=None, count_slots=None):
-        """Step counts: on the host (``host_counts``, t - 1 of each tensor) or in a device
-        array (``count_slots``, where skipped steps are not counted)."""
-        if count_slots is not None:
-            return {"device_counts": True, "count_slots": ",".join(map(str, count_slots))}
-        return {"step_counts": joined([count + 1 for count in host_counts])}
-
-    @staticmethod
-    def trust_ratio_attributes(step_attrs):
-        """Attributes of mxlamb_trust_ratio for a group stepped with ``step_attrs``."""
-        return {key: step_attrs[key] for key in
-                ("num_tensors", "lower_bound", "upper_bound", "layer_adaptation")
-                if key in step_attrs}

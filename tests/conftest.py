@@ -98,3 +98,29 @@ def isa(request):
     yield request.param
     mx.nd.waitall()
     _library.native.mxlamb_set_isa(before)
+
+
+# Each test file's tier (pytest.ini's markers): `pytest -m unit`, `-m integration`,
+# `-m system`. A new file must be listed here (pytest_collection_modifyitems refuses it).
+TIERS = {
+    "unit": ["test_adamw.py", "test_cuda.py", "test_ema.py", "test_float64_options.py",
+             "test_fuzz.py", "test_golden.py", "test_gradient_options.py", "test_grouping.py",
+             "test_operators.py", "test_optimizer.py", "test_portability.py",
+             "test_validation.py"],
+    "integration": ["test_checkpoint.py", "test_compat.py", "test_contiguous.py",
+                    "test_engine.py", "test_exclusions.py", "test_import_errors.py",
+                    "test_integration.py", "test_multi_device.py", "test_mxnet2.py"],
+    "system": ["test_bert_example.py", "test_dist.py", "test_horovod.py", "test_long_run.py",
+               "test_packaging.py", "test_qemu_cpus.py"],
+}
+_TIER_OF = {name: tier for tier, names in TIERS.items() for name in names}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        name = os.path.basename(str(item.fspath))
+        tier = _TIER_OF.get(name)
+        if tier is None:
+            raise pytest.UsageError("tests/%s has no tier: add it to TIERS in tests/conftest.py"
+                                    % name)
+        item.add_marker(getattr(pytest.mark, tier))
