@@ -1,44 +1,73 @@
-"""Trainer state files that hold only arrays and plain numbers.
+"""Trainer state files that hold only arrays and plain numbers, written atomically and checked
+whole before anything is loaded.
 
 ``gluon.Trainer.save_states``/``load_states`` pickle the optimizer and its states, so loading
-a downloaded file can run arbitrary code. :func:`save_states` writes one ``mx.nd.save`` file:
-every state array under a plain key and one uint8 array holding JSON (parameter names and
-shapes, the states' nesting, step counters). :func:`load_states` reads it back with
-``mx.nd.load`` (no pickle) and refuses a file that does not fit the Trainer's parameters
-before it changes anything.
+a downloaded file can run arbitrary code, and a save killed half way leaves a broken file in
+place of the last good one. :func:`save_states` writes one ``mx.nd.save`` file: every state
+array under a plain key, one uint8 array holding JSON (what the file holds, below), and a
+digest of both. It writes a temporary file beside ``path``, flushes it to the disk, and renames
+it onto ``path``: an interrupted save leaves the previous file as it was.
 
-The optimizer's hyper-parameters are not in the file: they are the ones the Trainer was made
-with. The learning-rate schedule position (num_update) and every step count are.
+What a file (format version 3) says it holds, and :func:`load_states` checks, all of it before
+it changes anything:
+
+- the optimizer's class, and the options that shape its states: the state's arrays by name in
+  order (``mean, var[, var_max][, average][, accum]``), AMSGrad, EMA, gradient accumulation,
+  loss scaling, skipping, multi-precision;
+- the parameters (names, shapes, dtypes), and each state array's dtype and shape;
+- the counts: MXNet's update counts (the schedule's), and per device and parameter the step
+  count t of the bias correction, which counts applied updates only (read from the device
+  where steps can be skipped there);
+- a digest (BLAKE2b) of the JSON and every array, so that a corrupted file is refused.
+
+What may differ between the saving optimizer and the loading one, and what happens:
+
+- hyper-parameters that do not shape the states (learning rate, betas, epsilon, bounds, wd,
+  clipping): they are the loading optimizer's;
+- ``skip_nonfinite`` or a ``LossScaler`` on one side only: t goes on from the applied updates;
+  the count of skipped steps is kept; a loss scale is kept where both have a LossScaler, and
+  otherwise starts from the loading scaler's initial scale (or is not needed);
+- EMA on the loading side only: each average starts from the weight as loaded;
+- gradient accumulation on one side only, or another number of steps: accepted where no
+  gradient is pending in the file's sums (they start at zero);
+- everything else (another class, AMSGrad on one side only, EMA on the saving side only, a
+  pending accumulated gradient the loading side would drop or miscount, another dtype, shape
+  or structure) is a ValueError naming the path and the first difference, and nothing changes.
 
 Parameters are matched by name, or, where the names differ only in Gluon's automatic prefix
-counters (a model re-created in the same process), by position, every shape checked.
+counters (a model re-created in the same process), by position, every shape checked. Files of
+versions 1 and 2 (mxlamb 0.2 and 0.3) still load: they do not say which options made their
+states, so only each state's structure, dtypes and shapes are checked.
 
 :func:`convert_lamb` moves a run between MXNet's LAMB and mxlamb's, both ways, with its
 moments and step counts: ``Trainer.save_states`` pickles the optimizer object itself, so its
 files resume with the class that wrote them.
 """
+import hashlib
 import json
+import os
 import re
+import tempfile
 
 import numpy
 
 from mxnet import ndarray
 
-from .devices import device_key
 from .lamb import LAMB
+from .state import LOW_PRECISION, dtype_name, legacy
 
 __all__ = ["save_states", "load_states", "convert_lamb"]
 
 _FORMAT = "mxlamb-trainer-states"
-_VERSION = 2  # 2: counts per device (1: one count per parameter, still read)
+_VERSION = 3  # 3: what the states are, their dtypes, the truth of t, a digest; atomic writes
 _META = "__mxlamb_meta__"
-# Optimizer counters kept in the file, under these names: per device id, host dictionaries
-# keyed by parameter index (MXNet's own _all_index_update_counts, then LAMB's applied and
-# accumulated steps, from its StepCounters.state_dict()); and LAMB's slots of its device counts.
+_DIGEST = "__mxlamb_digest__"
+# Versions 1 and 2: counters kept under these names, per device id (2) or one per parameter
+# for every device (1), and LAMB's slots of its device counts.
 _SLOTS = "_count_slots"
-# Version 1's counters, one per parameter for every device, by the per-device name they fill.
 _V1_COUNTERS = {"_index_update_count": "_all_index_update_counts",
                 "_applied_steps": "_all_applied_steps", "_micro_steps": "_all_micro_steps"}
+_TEMPORARY = ".mxlamb-tmp-"  # path + this + pid + random: a save in progress
 
 
 def _contexts(trainer):
@@ -66,6 +95,25 @@ def _trainer_parts(trainer):
     return trainer._optimizer, trainer._updaters
 
 
+def _refuse(path, what):
+    raise ValueError("mxlamb.load_states(%r): %s; nothing was loaded" % (path, what))
+
+
+# ------------------------------------------------------------------------------ saving
+
+def _layout(optimizer):
+    """What shapes an optimizer's states (the file's "layout", compared at load)."""
+    if not isinstance(optimizer, LAMB):
+        return {"class": type(optimizer).__name__}
+    options = optimizer.options
+    return {"class": type(optimizer).__name__, "state": options.state_layout,
+            "amsgrad": options.amsgrad, "use_ema": options.use_ema,
+            "gradient_accumulation_steps": options.gradient_accumulation_steps,
+            "loss_scaler": options.loss_scaler is not None,
+            "skip_nonfinite": options.skip_nonfinite,
+            "multi_precision": bool(optimizer.multi_precision)}
+
+
 def _flatten(state, arrays, prefix):
     """Nested tuples of NDArrays -> a JSON structure of keys into ``arrays``."""
     if state is None:
@@ -79,70 +127,171 @@ def _flatten(state, arrays, prefix):
     raise ValueError("mxlamb.save_states: a state holds %r, not arrays" % (type(state),))
 
 
+def applied_counts(optimizer, contexts):
+    """t per device id and parameter index: the applied updates, from the device counts where
+    steps can be skipped there (the host's counts then include skipped steps), else the
+    host's."""
+    counters = optimizer.counters
+    applied = {d: dict(c) for d, c in counters.all_applied.items()}
+    for context in contexts:
+        counts = counters.device_counts.get(context)
+        if counts is None:
+            continue
+        values = counts.asnumpy()
+        own = applied.setdefault(context.device_id, {})
+        for index, slot in counters.count_slots.items():
+            if index in own and slot < values.shape[0]:  # (stepped on this device)
+                own[index] = int(values[slot])
+    return applied
+
+
+def _digest(blob, arrays):
+    digest = hashlib.blake2b(blob, digest_size=16)
+    for key in sorted(arrays):
+        if key in (_META, _DIGEST):
+            continue
+        array = arrays[key]
+        digest.update(key.encode())
+        digest.update(numpy.ascontiguousarray(legacy(array).asnumpy()).tobytes())
+    return digest.hexdigest()
+
+
+def _remove_abandoned_temporaries(path):
+    """Temporary files of saves to ``path`` whose process is gone (killed mid-save)."""
+    folder, base = os.path.split(os.path.abspath(path))
+    prefix = base + _TEMPORARY
+    for name in os.listdir(folder):
+        if not name.startswith(prefix):
+            continue
+        try:
+            pid = int(name[len(prefix):].split("-")[0])
+            os.kill(pid, 0)  # still running: its save is in progress
+        except (ValueError, ProcessLookupError):
+            try:
+                os.remove(os.path.join(folder, name))
+            except OSError:
+                pass
+        except PermissionError:
+            pass  # (another user's process: alive)
+
+
+def _write_atomically(path, arrays):
+    """mx.nd.save into a temporary file beside ``path``, flushed to the disk, then renamed
+    onto it (and the directory flushed): a reader sees the old file or the new one, never a
+    part of one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    _remove_abandoned_temporaries(path)
+    fd, temporary = tempfile.mkstemp(prefix=os.path.basename(path) + _TEMPORARY +
+                                     "%d-" % os.getpid(), dir=folder)
+    os.close(fd)
+    try:
+        ndarray.save(temporary, arrays)
+        fd = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(temporary, path)
+    except BaseException:
+        try:
+            os.remove(temporary)
+        except OSError:
+            pass
+        raise
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return  # (a file system that does not open directories)
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def save_states(trainer, path):
-    """Writes the Trainer's optimizer states and counters to ``path`` (no pickle)."""
+    """Writes the Trainer's optimizer states and counters to ``path`` (no pickle), atomically:
+    a save that is interrupted leaves the file that was at ``path`` before."""
     optimizer, updaters = _trainer_parts(trainer)
+    contexts = _contexts(trainer)
     arrays = {}
-    meta = {"format": _FORMAT, "version": _VERSION,
-            "optimizer": type(optimizer).__name__,
-            "params": [{"name": p.name, "shape": list(p.shape) if p.shape else None}
-                       for p in trainer._params],
-            "num_update": optimizer.num_update, "updaters": [], "counters": {}}
+    meta = {"format": _FORMAT, "version": _VERSION, "optimizer": type(optimizer).__name__,
+            "layout": _layout(optimizer),
+            "params": [{"name": p.name, "shape": list(p.shape) if p.shape else None,
+                        "dtype": dtype_name(p.dtype)} for p in trainer._params],
+            "num_update": optimizer.num_update, "updaters": [],
+            "update_counts": {str(d): {str(i): int(v) for i, v in c.items()}
+                              for d, c in optimizer._all_index_update_counts.items()}}
     for k, updater in enumerate(updaters):
         meta["updaters"].append({str(i): _flatten(s, arrays, "u%d/%s" % (k, i))
                                  for i, s in updater.states.items()})
-    per_device = {"_all_index_update_counts": optimizer._all_index_update_counts}
     if isinstance(optimizer, LAMB):
-        counters = optimizer.counters.state_dict()
-        per_device.update({"_all_applied_steps": counters["applied"],
-                           "_all_micro_steps": counters["micro"]})
-        meta["counters"][_SLOTS] = {str(i): int(v) for i, v in counters["count_slots"].items()}
-    for name, values_by_device in per_device.items():
-        meta["counters"][name] = {str(d): {str(i): int(v) for i, v in values.items()}
-                                  for d, values in values_by_device.items()}
-    if isinstance(optimizer, LAMB):
-        meta["device_counts"] = []
-        for k, context in enumerate(_contexts(trainer)):
-            step_state = optimizer.counters.step_state(optimizer.options.loss_scaler, context)
+        counters = optimizer.counters
+        meta["applied"] = {str(d): {str(i): int(v) for i, v in c.items()}
+                           for d, c in applied_counts(optimizer, contexts).items()}
+        meta["micro"] = {str(d): {str(i): int(v) for i, v in c.items()}
+                         for d, c in counters.all_micro.items()}
+        meta["step_states"] = []
+        for k, context in enumerate(contexts):
+            step_state = counters.step_state(optimizer.options.loss_scaler, context)
             if step_state is not None:
                 arrays["opt/step_state/%d" % k] = step_state
-            counts = optimizer.counters.device_counts.get(context)
-            if counts is not None:
-                arrays["opt/counts/%d" % k] = counts
-                meta["device_counts"].append(k)
+                meta["step_states"].append(k)
+    meta["arrays"] = {key: [dtype_name(a.dtype), list(a.shape)] for key, a in arrays.items()}
     blob = json.dumps(meta, sort_keys=True).encode()
     arrays[_META] = ndarray.array(numpy.frombuffer(blob, dtype=numpy.uint8), dtype=numpy.uint8)
-    ndarray.save(path, arrays)
+    digest = _digest(blob, arrays).encode()
+    arrays[_DIGEST] = ndarray.array(numpy.frombuffer(digest, dtype=numpy.uint8),
+                                    dtype=numpy.uint8)
+    _write_atomically(path, arrays)
 
 
-def _restore_counters(optimizer, meta, device_ids, index_of=int):
-    """The file's counters into ``optimizer``: per device (version 2), or one count per
-    parameter that every device of the Trainer continues from (version 1). ``index_of``: the
-    Trainer's parameter index for the file's."""
-    counters = meta["counters"]
-    if meta["version"] == 1:
-        counters = {name: {str(d): counters[flat] for d in device_ids}
-                    for flat, name in _V1_COUNTERS.items() if flat in counters}
-        counters.update({k: v for k, v in meta["counters"].items() if k == _SLOTS})
+# ----------------------------------------------------------------------------- loading
 
-    def per_device(name):
-        return {int(d): {index_of(i): int(v) for i, v in values.items()}
-                for d, values in counters.get(name, {}).items()}
+def _read(path):
+    """The file's arrays and its metadata, or a ValueError naming the path and what is wrong
+    with it (a truncated or corrupted file, another kind of file)."""
+    from mxnet.base import MXNetError
 
-    if "_all_index_update_counts" in counters:
-        optimizer._all_index_update_counts = per_device("_all_index_update_counts")
-    optimizer._all_index_update_counts.setdefault(0, {})
-    if isinstance(optimizer, LAMB):
-        optimizer.counters.load_state_dict({
-            "applied": per_device("_all_applied_steps"), "micro": per_device("_all_micro_steps"),
-            "count_slots": {index_of(i): int(v) for i, v in counters.get(_SLOTS, {}).items()}})
-        optimizer.engine.use_device(0)  # (the Updater switches to each device again)
-    else:
-        optimizer._index_update_count = optimizer._all_index_update_counts[0]
+    if not os.path.exists(path):
+        _refuse(path, "no such file")
+    try:
+        arrays = ndarray.load(path)
+    except MXNetError as err:
+        _refuse(path, "it cannot be read as an MXNet array file (truncated, or not a state "
+                "file?): %s" % str(err).strip().splitlines()[0])
+    if not isinstance(arrays, dict) or _META not in arrays:
+        _refuse(path, "not an mxlamb state file (no %s entry)" % _META)
+    blob = arrays.pop(_META).asnumpy().tobytes()
+    digest = arrays.pop(_DIGEST, None)
+    if digest is not None and digest.asnumpy().tobytes().decode(errors="replace") != \
+            _digest(blob, arrays):
+        _refuse(path, "its contents do not match their digest: the file is corrupted")
+    try:
+        meta = json.loads(blob.decode())
+    except ValueError as err:
+        _refuse(path, "its metadata is not JSON (%s)" % err)
+    if not isinstance(meta, dict):
+        _refuse(path, "its metadata is not a JSON object")
+    if meta.get("format") != _FORMAT or meta.get("version") not in (1, 2, _VERSION):
+        _refuse(path, "format %r version %r, expected %r version 1, 2 or %d"
+                % (meta.get("format"), meta.get("version"), _FORMAT, _VERSION))
+    if meta["version"] >= 3 and digest is None:
+        _refuse(path, "its digest is missing (the file was cut or altered)")
+    required = ["params", "updaters", "num_update"] + (
+        ["layout", "arrays", "update_counts"] if meta["version"] >= 3 else ["counters"])
+    for key in required:
+        if key not in meta:
+            _refuse(path, "its metadata has no %r entry" % key)
+    return arrays, meta
 
 
-def _refuse(path, what):
-    raise ValueError("mxlamb.load_states(%r): %s; nothing was loaded" % (path, what))
+def _context_of(state):
+    first = state
+    while isinstance(first, (tuple, list)):
+        first = first[0]
+    return first.context
 
 
 # Gluon 1.x names a block after its class and a per-name-scope counter ("dense3_"): the
@@ -206,89 +355,326 @@ def _match_parameters(path, saved, params, by_order):
     return mapping
 
 
+
+
+def _layout_changes(path, theirs, optimizer, micro):
+    """How a LAMB optimizer takes a version-3 file whose states were made with ``theirs``
+    (the file's layout): {"ema_from_weights", "accumulation_from_zero"}, or a refusal naming
+    the first difference that cannot be carried over. ``micro``: the file's pending
+    accumulation counts."""
+    ours = _layout(optimizer)
+    if theirs.get("class") != ours["class"]:
+        _refuse(path, "it was saved by %s, this optimizer is %s"
+                % (theirs.get("class"), ours["class"]))
+    if not isinstance(optimizer, LAMB):
+        return {}
+
+    def said(name, value):
+        return "saved with %s=%r, this optimizer has %s=%r" % (name, value, name, ours[name])
+
+    if theirs.get("amsgrad") != ours["amsgrad"]:
+        _refuse(path, said("amsgrad", theirs.get("amsgrad")) + " (the running max of the "
+                "variance cannot be made up or dropped)")
+    if theirs.get("use_ema") and not ours["use_ema"]:
+        _refuse(path, said("use_ema", True) + " (its weight averages would be lost: make the "
+                "optimizer with use_ema=True, or copy the averages into the weights first with "
+                "finalize_variable_values)")
+    pending = any(n for counts in micro.values() for n in counts.values())
+    theirs_steps = theirs.get("gradient_accumulation_steps")
+    if theirs_steps != ours["gradient_accumulation_steps"] and pending:
+        _refuse(path, said("gradient_accumulation_steps", theirs_steps) + ", and gradients are "
+                "pending in the file's sums (save at an update, or load with the same value)")
+    return {"ema_from_weights": ours["use_ema"] and not theirs.get("use_ema"),
+            "accumulation_from_zero": theirs_steps != ours["gradient_accumulation_steps"]}
+
+
+def _expected_state(optimizer, weight):
+    """(master dtype or None, {state name: dtype}) that ``optimizer`` keeps for a parameter
+    whose array on a device is ``weight``."""
+    dtype = numpy.dtype(weight.dtype)
+    multi = bool(optimizer.multi_precision) and dtype in LOW_PRECISION
+    math = numpy.dtype(numpy.float64) if dtype == numpy.float64 else numpy.dtype(numpy.float32)
+    names = optimizer.options.state_layout
+    return (numpy.dtype(numpy.float32) if multi else None), {n: math for n in names}
+
+
+def _saved_state(path, structure, names, arrays, describe):
+    """(master key or None, {name: key}) of one state in the file, from its structure and the
+    names of its arrays (the file's, or for versions 1 and 2 this optimizer's)."""
+    master = None
+    if (isinstance(structure, list) and len(structure) == 2 and isinstance(structure[1], list)
+            and isinstance(structure[0], str)):
+        master, structure = structure  # (weight32, states): multi-precision
+    if not isinstance(structure, list) or not all(isinstance(k, str) for k in structure):
+        _refuse(path, "the state of parameter %s is not a tuple of arrays" % describe())
+    if len(structure) != len(names):
+        _refuse(path, "the state of parameter %s holds %d arrays, this optimizer keeps %d (%s): "
+                "made with other options?" % (describe(), len(structure), len(names),
+                                               ", ".join(names)))
+    for key in structure + ([master] if master else []):
+        if key not in arrays:
+            _refuse(path, "array %s is missing" % key)
+    return master, dict(zip(names, structure))
+
+
+def _check_array(path, array, dtype, shape, what):
+    if numpy.dtype(array.dtype) != numpy.dtype(dtype):
+        _refuse(path, "%s is %s in the file, this optimizer keeps %s"
+                % (what, dtype_name(array.dtype), dtype_name(dtype)))
+    if len(array.shape) != len(shape) or any(
+            known and known != dim for known, dim in zip(shape, array.shape)):
+        _refuse(path, "%s has shape %s in the file, the parameter %s"
+                % (what, tuple(array.shape), tuple(shape)))
+
+
+def _rebuild(structure, arrays, context, path, shape, what):
+    """A state of another optimizer class (not mxlamb's): its arrays as saved, each shape
+    checked."""
+    if structure is None:
+        return None
+    if isinstance(structure, list):
+        return tuple(_rebuild(s, arrays, context, path, shape, what) for s in structure)
+    if structure not in arrays:
+        _refuse(path, "array %s is missing" % structure)
+    array = arrays[structure]
+    if len(array.shape) != len(shape) or any(
+            known and known != dim for known, dim in zip(shape, array.shape)):
+        _refuse(path, "%s has shape %s, the state in the file %s" % (what, shape, array.shape))
+    return array.as_in_context(context)
+
+
+def _per_device(counters, name, index_of):
+    return {int(d): {index_of(i): int(v) for i, v in values.items()}
+            for d, values in counters.get(name, {}).items()}
+
+
+def _old_counts(meta, arrays, device_ids, index_of):
+    """Versions 1 and 2: (MXNet's update counts, t, pending accumulation), per device id.
+    t is read from the device counts the file kept where it kept them (they skip skipped
+    steps; the host's include them)."""
+    counters = meta["counters"]
+    if meta["version"] == 1:
+        counters = {name: {str(d): counters[flat] for d in device_ids}
+                    for flat, name in _V1_COUNTERS.items() if flat in counters}
+        counters.update({k: v for k, v in meta["counters"].items() if k == _SLOTS})
+    updates = _per_device(counters, "_all_index_update_counts", index_of)
+    applied = _per_device(counters, "_all_applied_steps", index_of)
+    micro = _per_device(counters, "_all_micro_steps", index_of)
+    slots = {index_of(i): int(v) for i, v in counters.get(_SLOTS, {}).items()}
+    for k in meta.get("device_counts", []):
+        values = arrays["opt/counts/%d" % k].asnumpy()
+        own = applied.setdefault(device_ids[k], {})
+        for index, slot in slots.items():
+            if slot < values.shape[0] and index in own:
+                own[index] = int(values[slot])
+    return updates, applied, micro
+
+
 def load_states(trainer, path, by_order=False):
     """Restores what :func:`save_states` wrote into a Trainer over the same parameters.
 
+    Everything in the file is checked before anything changes (see the module's
+    documentation for what is checked and what may differ): a file that does not fit raises
+    ValueError naming the path and the first difference, and the Trainer is as it was.
+
     Parameters are matched by name (by position where names repeat, as MXNet 2.0's 'weight'
     and 'bias' do, and the file's names are the Trainer's in the same order). Where the names
-    differ only in Gluon's automatic prefix
-    counters (``dense3_weight`` for the saved ``dense0_weight``: a model re-created in the same
-    process), and with ``by_order=True`` whatever the names, they are matched by position
-    (in order of creation for the counters), and every pair must have the same shape.
+    differ only in Gluon's automatic prefix counters (``dense3_weight`` for the saved
+    ``dense0_weight``: a model re-created in the same process), and with ``by_order=True``
+    whatever the names, they are matched by position (in order of creation for the
+    counters), and every pair must have the same shape.
 
-    Refuses (ValueError, nothing changed) a file of another format, parameters that do not
-    match (saying which), a state of another shape, or another number of devices."""
+    The states are loaded into the optimizer's own (made as ``create_state`` makes them, or
+    the ones it has, in place), so the steps after a load run as fast as before it."""
     optimizer, updaters = _trainer_parts(trainer)
-    arrays = ndarray.load(path)
-    if not isinstance(arrays, dict) or _META not in arrays:
-        _refuse(path, "not an mxlamb state file (no %s entry)" % _META)
-    try:
-        meta = json.loads(arrays.pop(_META).asnumpy().tobytes().decode())
-    except ValueError as err:
-        _refuse(path, "its metadata is not JSON (%s)" % err)
-    if meta.get("format") != _FORMAT or meta.get("version") not in (1, _VERSION):
-        _refuse(path, "format %r version %r, expected %r version 1 or %d"
-                % (meta.get("format"), meta.get("version"), _FORMAT, _VERSION))
-    mapping = _match_parameters(path, meta["params"], trainer._params, by_order)
+    contexts = _contexts(trainer)
+    device_ids = [c.device_id for c in contexts]
+    arrays, meta = _read(path)
+    version = meta["version"]
+    params = trainer._params
+    mapping = _match_parameters(path, meta["params"], params, by_order)
     if len(meta["updaters"]) != len(updaters):
         _refuse(path, "it was saved on %d device(s), the Trainer has %d"
                 % (len(meta["updaters"]), len(updaters)))
 
     def target(key):
         """The Trainer's index for the file's parameter index ``key``."""
-        if not 0 <= int(key) < len(mapping):
-            _refuse(path, "parameter index %s in the file, which holds %d parameters"
+        try:
+            position = int(key)
+        except (TypeError, ValueError):
+            position = -1
+        if not 0 <= position < len(mapping):
+            _refuse(path, "parameter index %r in the file, which holds %d parameters"
                     % (key, len(mapping)))
-        return mapping[int(key)]
+        return mapping[position]
 
-    def rebuild(structure, index, context):
-        if structure is None:
-            return None
-        if isinstance(structure, list):
-            return tuple(rebuild(s, index, context) for s in structure)
-        if structure not in arrays:
-            _refuse(path, "array %s is missing" % structure)
-        array = arrays[structure]
-        shape = tuple(trainer._params[index].shape or ())
-        # A deferred-initialisation parameter has 0 for the dimensions it does not know yet.
-        if len(array.shape) != len(shape) or any(
-                known and known != dim for known, dim in zip(shape, array.shape)):
-            _refuse(path, "parameter %s has shape %s, the state in the file %s"
-                    % (trainer._params[index].name, shape, array.shape))
-        return array.as_in_context(context)
+    # The counts, every index checked.
+    if version >= 3:
+        updates = _per_device({"u": meta["update_counts"]}, "u", target)
+        applied = _per_device({"a": meta.get("applied", {})}, "a", target)
+        micro = _per_device({"m": meta.get("micro", {})}, "m", target)
+    else:
+        updates, applied, micro = _old_counts(meta, arrays, device_ids, target)
+    lamb = isinstance(optimizer, LAMB)
+    changes = {}
+    if version >= 3:
+        changes = _layout_changes(path, meta["layout"], optimizer, micro)
+        file_names = meta["layout"].get("state")
+    else:
+        file_names = optimizer.options.state_layout if lamb else None
 
-    restored = []
+    # Every state checked, and what each becomes.
+    plans = []  # per updater: {index: (weight, master array or None, {name: array}) or state}
     for k, (updater, saved) in enumerate(zip(updaters, meta["updaters"])):
-        context = _contexts(trainer)[k]
-        states = {}
+        context = contexts[k]
+        plan = {}
         for key, structure in saved.items():
             index = target(key)
-            states[index] = rebuild(structure, index, context)
-        restored.append(states)
-    for name, values in meta["counters"].items():  # every parameter index in them maps
-        per_device = meta["version"] != 1 and name != _SLOTS
-        for key, value in values.items():
-            for index in (value if per_device else [key]):
-                target(index)
+            param = params[index]
+            shape = tuple(param.shape or ())
+            describe = lambda param=param: param.name  # noqa: E731
+            if not lamb:
+                plan[index] = _rebuild(structure, arrays, context, path, shape,
+                                       "parameter %s" % param.name)
+                continue
+            weight = legacy(param.list_data()[k])
+            master_key, keys = _saved_state(path, structure, file_names, arrays, describe)
+            master_dtype, expected = _expected_state(optimizer, weight)
+            if (master_key is None) != (master_dtype is None):
+                _refuse(path, "parameter %s (%s) was saved %s a float32 master copy; this "
+                        "optimizer (multi_precision=%s) keeps %s" % (
+                            param.name, dtype_name(weight.dtype),
+                            "with" if master_key else "without", optimizer.multi_precision,
+                            "one" if master_dtype is not None else "none"))
+            master = None
+            if master_key is not None:
+                master = arrays[master_key]
+                _check_array(path, master, master_dtype, shape,
+                             "the master copy of parameter %s" % param.name)
+            values = {}
+            for name, key_ in keys.items():
+                if name not in expected:
+                    continue  # (accumulated sums the loading side does not keep: all zero)
+                _check_array(path, arrays[key_], expected[name], shape,
+                             "state %s of parameter %s" % (name, param.name))
+                values[name] = arrays[key_]
+            plan[index] = (weight, master, values)
+        plans.append(plan)
+    for name in ("opt/step_state/%d" % k for k in meta.get("step_states", [])):
+        if name not in arrays:
+            _refuse(path, "array %s is missing" % name)
+
     # Everything checked: now change the Trainer.
-    for updater, states in zip(updaters, restored):
-        updater.states = states
-        updater.states_synced = {i: True for i in states}
+    for k, (updater, plan) in enumerate(zip(updaters, plans)):
+        for index in [i for i in updater.states if i not in plan]:
+            del updater.states[index]
+            updater.states_synced.pop(index, None)
+        for index, entry in plan.items():
+            if not lamb:
+                updater.states[index] = entry
+            else:
+                updater.states[index] = _load_state(optimizer, index, updater.states.get(index),
+                                                    updater.states_synced.get(index, False),
+                                                    *entry, changes)
+            updater.states_synced[index] = True
     optimizer.num_update = int(meta["num_update"])
-    _restore_counters(optimizer, meta, [c.device_id for c in _contexts(trainer)], target)
-    if isinstance(optimizer, LAMB):
-        # Version 1 kept one step state (and loss scale) for all devices.
-        for k, context in enumerate(_contexts(trainer)):
-            saved = arrays.get("opt/step_state/%d" % k, arrays.get("opt/step_state"))
-            if optimizer.options.loss_scaler is not None:
-                saved = arrays.get("opt/loss_scaler", saved)
-                if saved is not None:
-                    saved.copyto(optimizer.loss_scaler.state_on(context))
-            elif saved is not None:
-                optimizer.counters.step_states[device_key(context)] = saved.as_in_context(context)
-        optimizer.counters.device_counts = {_contexts(trainer)[k]: arrays["opt/counts/%d" % k]
-                                            for k in meta.get("device_counts", [])}
+    optimizer._all_index_update_counts = {d: dict(c) for d, c in updates.items()}
+    optimizer._all_index_update_counts.setdefault(0, {})
+    if lamb:
+        _load_counts(optimizer, contexts, applied, micro, changes)
+        _load_step_states(optimizer, contexts, arrays, meta)
         optimizer.engine.reset()
+    else:
+        optimizer._index_update_count = optimizer._all_index_update_counts[0]
+
+
+def _load_state(optimizer, index, existing, synced, weight, master, values, changes):
+    """The optimizer's state for a parameter holding the file's values: ``existing`` where it
+    fits (loaded in place), else one made as create_state makes it."""
+    state = existing
+    if not (synced and _fits(optimizer, existing, weight)):
+        state = optimizer.create_state_multi_precision(index, weight)
+    own_master, moments = (state[0], state[1]) if master is not None else (None, state)
+    if master is not None:
+        master.copyto(own_master)
+    named = dict(zip(optimizer.options.state_layout, moments))
+    for name, array in named.items():
+        if name in values:
+            values[name].copyto(array)
+        elif name == "average":  # EMA from here on: the average starts from the weight
+            (own_master if own_master is not None else weight).copyto(array)
+        else:  # "accum": nothing pending
+            array[:] = 0
+    return state
+
+
+def _fits(optimizer, state, weight):
+    """Whether ``state`` is a state the optimizer would make for ``weight`` (structure, dtype,
+    shape, device)."""
+    if state is None:
+        return False
+    master_dtype, expected = _expected_state(optimizer, weight)
+    try:
+        if master_dtype is not None:
+            master, state = state
+            arrays = [(master, master_dtype)]
+        else:
+            arrays = []
+        state = tuple(state)
+    except (TypeError, ValueError):
+        return False
+    if len(state) != len(expected):
+        return False
+    arrays += list(zip(state, expected.values()))
+    return all(isinstance(a, ndarray.NDArray) and numpy.dtype(a.dtype) == dtype
+               and a.shape == weight.shape and a.context == weight.context
+               for a, dtype in arrays)
+
+
+def _load_counts(optimizer, contexts, applied, micro, changes):
+    """t from the file's applied updates, on the host and, where steps can be skipped on the
+    device, in the device counts; the pending accumulation counts."""
+    counters = optimizer.counters
+    if changes.get("accumulation_from_zero") or optimizer.options.gradient_accumulation_steps \
+            is None:
+        micro = {d: {} for d in applied}
+    counters.load_state_dict({"applied": applied, "micro": micro})
+    counters.device_counts = {}
+    if optimizer.options.may_skip:
+        for context in contexts:
+            own = applied.get(context.device_id, {})
+            if not own:
+                continue
+            indices = sorted(own, key=str)
+            counts, slots = counters.device_counts_for(indices, context)
+            values = counts.asnumpy()
+            for index, slot in zip(indices, slots):
+                values[slot] = own[index]
+            counts[:] = values
+    optimizer.engine.use_device(0)  # (the Updater switches to each device again)
+
+
+def _load_step_states(optimizer, contexts, arrays, meta):
+    """[loss scale, clean steps, skipped steps] per device: the count of skipped steps is
+    kept; the loss scale and its clean steps where both sides scale dynamically."""
+    scaler = optimizer.options.loss_scaler
+    counters = optimizer.counters
+    counters.step_states = {}
+    with_scaler = meta.get("layout", {}).get("loss_scaler", scaler is not None)
+    for k, context in enumerate(contexts):
+        saved = arrays.get("opt/step_state/%d" % k, arrays.get("opt/step_state"))
+        if scaler is not None:
+            saved = arrays.get("opt/loss_scaler", saved)  # (version 1)
+            if saved is None:
+                continue
+            state = scaler.state_on(context)
+            if with_scaler:
+                saved.copyto(state)
+            else:
+                state[2:3] = saved[2:3].as_in_context(state.context)
+        elif optimizer.options.may_skip and saved is not None:
+            state = counters.step_state(None, context, create=True)
+            state[2:3] = saved[2:3].as_in_context(state.context)
 
 
 # ------------------------------------------------------------------- MXNet's LAMB <-> mxlamb
