@@ -305,14 +305,27 @@ def _counter_key(name):
     return _COUNTER.sub("#", name), tuple(int(c) for c in _COUNTER.findall(name))
 
 
-def _match_parameters(path, saved, params, by_order):
+def _match_parameters(path, saved, params, by_order, subset=False):
     """For each saved parameter (file order), the index of the Trainer's parameter it goes to.
 
     By name where the names are the Trainer's; by position with ``by_order``; where the names
     differ only in Gluon's prefix counters, by position in creation order (a model re-created
-    in the same process counts on from the first one). Every pair must have the same shape."""
+    in the same process counts on from the first one). With ``subset``, by name, every one of
+    the Trainer's names in the file, and None for the file's others. Every pair must have the
+    same shape."""
     names = [p["name"] for p in saved]
     ours = [p.name for p in params]
+    if subset:
+        if len(set(names)) != len(names) or len(set(ours)) != len(ours):
+            _refuse(path, "subset=True matches by name, and the names repeat")
+        missing = sorted(set(ours) - set(names))
+        if missing:
+            _refuse(path, "subset=True: the Trainer's parameters %s are not in the file"
+                    % missing)
+        where = {name: i for i, name in enumerate(ours)}
+        mapping = [where.get(name) for name in names]
+        _check_shapes(path, saved, params, mapping, "by name (subset=True)")
+        return mapping
     if len(names) != len(ours):
         _refuse(path, "it holds %d parameters %s, the Trainer has %d: %s"
                 % (len(names), names, len(ours), ours))
@@ -341,8 +354,16 @@ def _match_parameters(path, saved, params, by_order):
                 "model re-created in the same process, are matched by order of creation; "
                 "load_states(..., by_order=True) matches by position, every shape checked)"
                 % (only_file, only_ours))
+    _check_shapes(path, saved, params, mapping, how)
+    return mapping
+
+
+def _check_shapes(path, saved, params, mapping, how):
     wrong = []
+    names = [p["name"] for p in saved]
     for j, i in enumerate(mapping):
+        if i is None:
+            continue
         shape = tuple(params[i].shape or ())
         theirs = tuple(saved[j]["shape"] or ())
         # A deferred-initialisation parameter has 0 for the dimensions it does not know yet.
@@ -352,7 +373,6 @@ def _match_parameters(path, saved, params, by_order):
     if wrong:
         _refuse(path, "matched %s, %d parameter(s) have another shape than their state in the "
                 "file: %s" % (how, len(wrong), "; ".join(wrong)))
-    return mapping
 
 
 
@@ -444,8 +464,13 @@ def _rebuild(structure, arrays, context, path, shape, what):
 
 
 def _per_device(counters, name, index_of):
-    return {int(d): {index_of(i): int(v) for i, v in values.items()}
-            for d, values in counters.get(name, {}).items()}
+    """{device id: {index: count}} of one counter, the file's indices mapped to the
+    Trainer's (None: a parameter the Trainer does not have, dropped)."""
+    out = {}
+    for d, values in counters.get(name, {}).items():
+        mapped = ((index_of(i), int(v)) for i, v in values.items())
+        out[int(d)] = {i: v for i, v in mapped if i is not None}
+    return out
 
 
 def _old_counts(meta, arrays, device_ids, index_of):
@@ -461,6 +486,7 @@ def _old_counts(meta, arrays, device_ids, index_of):
     applied = _per_device(counters, "_all_applied_steps", index_of)
     micro = _per_device(counters, "_all_micro_steps", index_of)
     slots = {index_of(i): int(v) for i, v in counters.get(_SLOTS, {}).items()}
+    slots.pop(None, None)
     for k in meta.get("device_counts", []):
         values = arrays["opt/counts/%d" % k].asnumpy()
         own = applied.setdefault(device_ids[k], {})
@@ -470,7 +496,7 @@ def _old_counts(meta, arrays, device_ids, index_of):
     return updates, applied, micro
 
 
-def load_states(trainer, path, by_order=False):
+def load_states(trainer, path, by_order=False, subset=False):
     """Restores what :func:`save_states` wrote into a Trainer over the same parameters.
 
     Everything in the file is checked before anything changes (see the module's
@@ -484,6 +510,10 @@ def load_states(trainer, path, by_order=False):
     whatever the names, they are matched by position (in order of creation for the
     counters), and every pair must have the same shape.
 
+    With ``subset=True`` the Trainer may hold some of the file's parameters (a Trainer over
+    the parameters that still train, when others are frozen), matched by name: the file's
+    others are left out, deliberately.
+
     The states are loaded into the optimizer's own (made as ``create_state`` makes them, or
     the ones it has, in place), so the steps after a load run as fast as before it."""
     optimizer, updaters = _trainer_parts(trainer)
@@ -492,7 +522,7 @@ def load_states(trainer, path, by_order=False):
     arrays, meta = _read(path)
     version = meta["version"]
     params = trainer._params
-    mapping = _match_parameters(path, meta["params"], params, by_order)
+    mapping = _match_parameters(path, meta["params"], params, by_order, subset)
     if len(meta["updaters"]) != len(updaters):
         _refuse(path, "it was saved on %d device(s), the Trainer has %d"
                 % (len(meta["updaters"]), len(updaters)))
@@ -530,6 +560,8 @@ def load_states(trainer, path, by_order=False):
         plan = {}
         for key, structure in saved.items():
             index = target(key)
+            if index is None:
+                continue  # (subset=True: a parameter the Trainer does not have)
             param = params[index]
             shape = tuple(param.shape or ())
             describe = lambda param=param: param.name  # noqa: E731
@@ -584,6 +616,9 @@ def load_states(trainer, path, by_order=False):
         _load_counts(optimizer, contexts, applied, micro, changes)
         _load_step_states(optimizer, contexts, arrays, meta)
         optimizer.engine.reset()
+        for updater, plan in zip(updaters, plans):  # (the EMA read-outs find them now)
+            for index, (weight, _, _) in plan.items():
+                optimizer.engine.remember(index, weight, updater.states[index])
     else:
         optimizer._index_update_count = optimizer._all_index_update_counts[0]
 

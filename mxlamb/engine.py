@@ -95,7 +95,9 @@ class Engine:
         self.expected = {}   # device -> indices the Updater's current call brings
         self.pending = {}    # device -> {index: item} of a whole step being collected
         self.sequence = itertools.count()  # orders the groups' runs
+        self.call_lrs = None  # this step's learning rates where MXNet reads them per parameter
         self.latest = {}     # index -> the GroupPlan that last stepped it (trust_ratios())
+        self.states = {}     # (device, index) -> (model weight, Slots) last compiled or loaded
 
     def use_device(self, device_id):
         """Switches every step count to those of ``device_id``, as MXNet's Updater does before
@@ -105,10 +107,13 @@ class Engine:
 
     # ------------------------------------------------------------------ whole steps
 
-    def begin_call(self, updater, indices, weights):
+    def begin_call(self, updater, indices, weights, module_devices=None):
         """MXNet's Updater begins a call with ``indices`` (all of them: it may then call
         update once per dtype or per aggregate_num). With an option that needs the whole step,
-        refuses a step that leaves out a parameter that has a state on this device."""
+        refuses a step that leaves out a parameter that stepped before on this device: one
+        with a state in this Updater that is (Gluon) one of the Trainer's parameters, (the
+        Module API, ``module_devices`` devices) one of this device's keys, or (an Updater of
+        one's own) on this device."""
         options = self.optimizer.options
         if not options.needs_whole_step or not weights:
             return
@@ -116,17 +121,27 @@ class Engine:
         self.expected[device] = set(indices)
         self.pending[device] = collections.OrderedDict()
         states = updater.states
-        # (The Module API keeps every device's states in one Updater: only this device's.)
-        missing = [i for i in set(states).difference(indices) if states[i] is not None
-                   and device_key(_context_of(states[i])) == device]
+        others = set(states).difference(indices)
+        param_dict = self.optimizer.param_dict
+        if param_dict:  # a Gluon Trainer: each device has an Updater of its own
+            missing = [i for i in others if i in param_dict]
+        elif module_devices:  # one Updater for every device; keys index * devices + device
+            missing = [i for i in others if isinstance(i, int)
+                       and i % module_devices == indices[0] % module_devices]
+        else:
+            missing = [i for i in others if states[i] is not None
+                       and updater.states_synced.get(i, False)
+                       and device_key(_context_of(states[i])) == device]
         if missing:
             describe = self.optimizer._describe
             raise RuntimeError(
                 "LAMB: %s needs the gradients of every parameter in each step, but "
                 "parameter(s) %s, which stepped before, got none in this step (frozen with "
                 "grad_req='null', or skipped by Trainer.step(ignore_stale_grad=True)); nothing "
-                "of the step was applied. To train on without them, make a new Trainer over "
-                "the parameters that still train" % (options.whole_step_reason, ", ".join(
+                "of the step was applied. To train on without them: mxlamb.save_states(trainer, "
+                "path), a new Trainer over the parameters that still train, and "
+                "mxlamb.load_states(new_trainer, path, subset=True)" % (
+                    options.whole_step_reason, ", ".join(
                     describe(i) for i in sorted(missing, key=str))))
 
     def collect(self, items):
@@ -146,9 +161,10 @@ class Engine:
 
     # ------------------------------------------------------------------------- a step
 
-    def step(self, indices, weights, grads, states, group_size):
+    def step(self, indices, weights, grads, states, group_size, per_parameter=False):
         """One step of the tensors of one device, in operator groups of ``group_size``
-        consecutive tensors (None: the fastest grouping of the whole step)."""
+        consecutive tensors (None: the fastest grouping of the whole step);
+        ``per_parameter``: see count_updates."""
         opt = self.optimizer
         options = opt.options
         if not weights:
@@ -156,7 +172,7 @@ class Engine:
         # Counts are per device (MXNet's Updater switches them too; a direct call may not).
         context = legacy(weights[0]).context
         self.use_device(context.device_id)
-        self.count_updates(indices)
+        self.count_updates(indices, per_parameter)
         params = list(map(opt.param_dict.get, indices))
         key = (context.device_typeid, context.device_id, indices[0], group_size)
         compiled = self.compiled.get(key)
@@ -198,6 +214,7 @@ class Engine:
             def refuse(what, index=index):
                 raise ValueError("LAMB: parameter %s: %s" % (opt._describe(index), what))
             slots = check(weight, grad, state, opt.options, opt.multi_precision, refuse)
+            self.states[(device_key(legacy(weight).context), index)] = (legacy(weight), slots)
             if weight.size > 0:
                 items.append((index, legacy(weight), legacy(grad), slots))
                 dtypes[index], sizes[index] = numpy.dtype(weight.dtype), weight.size
@@ -240,7 +257,8 @@ class Engine:
         wds = self.weight_decays(indices)
         if group.excluded:
             wds = [0.0 if row in group.excluded else wd for row, wd in enumerate(wds)]
-        lrs = self.learning_rates(indices)
+        lrs = (self.learning_rates(indices) if self.call_lrs is None
+               else [self.call_lrs[i] for i in indices])
         if group.call.device_counts:
             counts, count_slots = opt.counters.device_counts_for(indices, group.context)
             table = group.call(lrs, wds, grad_scale, opt.clip_gradient, counts=counts,
@@ -271,15 +289,28 @@ class Engine:
     # _update_count, _get_lrs and _get_wds (which a subclass may override: then they are
     # called), without a Python loop over the tensors where no per-parameter value differs.
 
-    def count_updates(self, indices):
-        """Optimizer._update_count(indices)."""
+    def count_updates(self, indices, per_parameter=False):
+        """Optimizer._update_count(indices).
+
+        Where the counts differ (a parameter frozen for a while, say) and a schedule reads
+        num_update, MXNet's LAMB reads the schedule for each parameter right after counting
+        it, in order (``per_parameter``: MXNet 1.x, and 2.0's ``step``; 2.0's ``fused_step``
+        counts the whole call first): then each parameter's learning rate of this step is
+        kept in ``call_lrs``."""
         opt = self.optimizer
+        self.call_lrs = None
         counts = opt._index_update_count
         values = list(map(counts.get, indices))
         if (values and values[0] is not None and values.count(values[0]) == len(values)
                 and type(opt)._update_count is Optimizer._update_count):
             counts.update(dict.fromkeys(indices, values[0] + 1))
             opt.num_update = max(values[0] + 1, opt.num_update)
+        elif per_parameter and opt.lr_scheduler is not None:
+            lrs = {}
+            for index in indices:  # (rare: counts that differ)
+                opt._update_count(index)
+                lrs[index] = opt._get_lr(index)
+            self.call_lrs = lrs
         else:
             opt._update_count(list(indices))
 
@@ -317,16 +348,22 @@ class Engine:
         return {index: (group, group.indices.index(index))
                 for index, group in self.latest.items()}
 
+    def remember(self, index, weight, state):
+        """Records a parameter's state on ``weight``'s device as the one its next steps use
+        (what mxlamb.load_states loads): the EMA read-outs find it before any step."""
+        opt = self.optimizer
+
+        def refuse(what):
+            raise ValueError("LAMB: parameter %s: %s" % (opt._describe(index), what))
+        weight = legacy(weight)
+        slots = check(weight, weight, state, opt.options, opt.multi_precision, refuse)
+        self.states[(device_key(weight.context), index)] = (weight, slots)
+
     def stepped(self):
-        """(index, model weight, Slots) of every parameter of the last compiled step on each
-        device that stepped it, newest first."""
-        seen = set()
-        compiled = sorted(self.compiled.items(), key=lambda kv: -kv[1].last_run)
-        for (typeid, device_id, _, _), step in compiled:
-            for index, weight, _, slots in step.items:
-                if (typeid, device_id, index) not in seen:
-                    seen.add((typeid, device_id, index))
-                    yield index, weight, slots
+        """(index, model weight, Slots) of every parameter whose state the engine knows (from
+        its compiled steps, or loaded), one per device."""
+        for (_, index), (weight, slots) in self.states.items():
+            yield index, weight, slots
 
 
 def _context_of(state):

@@ -22,6 +22,7 @@ from .engine import Engine, cast_into, copy_average
 from .options import (OPTIMIZER_KWARGS, TRAINING_OPTIONS, WHOLE_STEP, Options, aggregation,
                       flag, number, warn_trap)
 from . import ops, state
+from ._library import mxnet_version_number
 
 __all__ = ["LAMB", "TrustRatios"]
 
@@ -29,6 +30,11 @@ TrustRatios = collections.namedtuple("TrustRatios", ["keys", "values"])
 TrustRatios.__doc__ = """Per-parameter trust ratios of the last step: ``keys`` (parameter
 names, or indices where no name is known) and ``values`` (a float64 NDArray in that order;
 NaN for a skipped step, 1 where layer adaptation is off)."""
+
+# How MXNet's own LAMB reads a schedule where parameters' counts differ: 1.x counts and reads
+# it parameter by parameter in every path; 2.0's fused_step counts the whole call first.
+_SCHEDULE_PER_PARAMETER = mxnet_version_number() < 20000
+
 
 def _as_list(x):
     return list(x) if isinstance(x, (list, tuple)) else [x]
@@ -84,12 +90,13 @@ class LAMB(Optimizer):
         it), which mxlamb cuts as is fastest: the plain step in one ``mxlamb_step`` call (the
         operator works back to back per cache-sized batch), the two-phase options path in
         batches of consecutive tensors of about a million elements. MXNet's LAMB defaults to
-        4; every grouping gives bit-identical results here, so the default is the fastest
-        one (a step of 200 small tensors in groups of 4 costs about 5 times as much, most of
-        it MXNet's cost per operator call). One exception is MXNet's own: with an
-        ``lr_scheduler`` and parameters of different update counts, its Updater counts each
-        call's updates before reading the schedule, so the learning rate of a call depends on
-        the grouping (in MXNet's LAMB too).
+        45 (1.9.1) or 4 (2.0); every grouping gives bit-identical results here, so the
+        default is the fastest one (a step of 200 small tensors in groups of 4 costs about 5
+        times as much, most of it MXNet's cost per operator call). Where parameters' update
+        counts differ and an ``lr_scheduler`` reads num_update, the schedule is read as
+        MXNet's own LAMB reads it: parameter by parameter as each is counted (MXNet 1.x, and
+        2.0's ``step``), or once after counting the whole call (2.0's ``fused_step``; there
+        the learning rate then depends on the grouping, in MXNet's LAMB too).
     use_fused_step : bool, default True
         Whether ``update`` (MXNet's Updater, Trainer) calls go to ``fused_step`` (else
         ``step``).
@@ -277,7 +284,7 @@ class LAMB(Optimizer):
 
     def step(self, indices, weights, grads, states):
         """Per-tensor update: phase 1 then phase 2 for one tensor at a time."""
-        self.engine.step(indices, weights, grads, states, group_size=1)
+        self.engine.step(indices, weights, grads, states, group_size=1, per_parameter=True)
 
     def fused_step(self, indices, weights, grads, states):
         """Multi-tensor update: groups of ``aggregate_num`` tensors per operator call (one
@@ -287,7 +294,8 @@ class LAMB(Optimizer):
             group_size = None
         else:
             group_size = int(max(1, min(self.aggregate_num, len(indices))))
-        self.engine.step(indices, weights, grads, states, group_size=group_size)
+        self.engine.step(indices, weights, grads, states, group_size=group_size,
+                         per_parameter=_SCHEDULE_PER_PARAMETER)
 
     # ------------------------------------------------------------------------- 1.x API
 
@@ -336,9 +344,12 @@ class LAMB(Optimizer):
             caller = sys._getframe(1)
             updater = caller.f_locals.get("self")
             if isinstance(updater, Updater) and updater.optimizer is self:
+                module = caller.f_back  # the Module API's one Updater for all devices
+                module_devices = (module.f_locals.get("num_device") if module is not None
+                                  and module.f_code.co_name == "_update_params" else None)
                 try:
                     self.engine.begin_call(updater, list(caller.f_locals["indices"]),
-                                           caller.f_locals["weights"])
+                                           caller.f_locals["weights"], module_devices)
                 except Exception as error:  # noqa: BLE001 (as update does)
                     if not in_kvstore_callback():
                         raise
@@ -418,6 +429,12 @@ class LAMB(Optimizer):
         targets, stepped = [], {}
         for index, weight, slots in self.engine.stepped():
             stepped.setdefault(index, []).append((weight, slots))
+        if not stepped:
+            raise ValueError(
+                "LAMB: this optimizer knows no weight averages yet: it has not stepped since its "
+                "states were made or loaded (Trainer.load_states puts the pickled optimizer in "
+                "place, which has not stepped here): take a step first, or load the states with "
+                "mxlamb.load_states")
         for index, entries in stepped.items():
             param = self.param_dict.get(index)
             if wanted is not None and id(param) not in wanted:

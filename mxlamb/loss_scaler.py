@@ -1,4 +1,8 @@
 """Dynamic loss scaling for float16 training, on the device (no host synchronisation)."""
+import copy
+import uuid
+import warnings
+import weakref
 
 import numpy
 
@@ -9,6 +13,10 @@ from .devices import device_key
 from .options import count_or_none, number
 
 __all__ = ["LossScaler"]
+
+# The scalers of this process, by token: an optimizer unpickled here (Trainer.load_states)
+# gets back the very scaler the user holds, not a copy whose scale the user's would not see.
+_LIVE = weakref.WeakValueDictionary()
 
 
 class LossScaler:
@@ -42,6 +50,11 @@ class LossScaler:
         ctx = ctx or _context.current_context()
         self._initial = ndarray.array([float(init_scale), 0.0, 0.0], ctx=ctx, dtype=numpy.float64)
         self._states = {}  # device_key(context) -> that device's state
+        self._register()
+
+    def _register(self):
+        self._token = uuid.uuid4().hex
+        _LIVE[self._token] = self
 
     @property
     def state(self):
@@ -68,6 +81,18 @@ class LossScaler:
         if "state" in fields:  # pickled by mxlamb 0.2: one state
             fields["_initial"], fields["_states"] = fields.pop("state"), {}
         self.__dict__.update(fields)
+        if "_token" not in fields:
+            self._register()
+
+    def __reduce__(self):
+        return _restore, (self._token, self.growth_interval, self._initial, dict(self._states))
+
+    def __deepcopy__(self, memo):
+        clone = LossScaler.__new__(LossScaler)
+        clone.__dict__.update({k: copy.deepcopy(v, memo) for k, v in self.__dict__.items()
+                               if k != "_token"})
+        clone._register()
+        return clone
 
     def scale_loss(self, loss):
         """``loss * scale`` (in the loss's type), recorded by autograd like any product."""
@@ -86,3 +111,30 @@ class LossScaler:
     def __repr__(self):
         return "LossScaler(loss_scale=%g, growth_interval=%d)" % (self.loss_scale,
                                                                   self.growth_interval)
+
+
+def _restore(token, growth_interval, initial, states):
+    """A pickled LossScaler: the live one of this process with the saved values (the one the
+    user scales the loss with), or, in another process, a new one."""
+    scaler = _LIVE.get(token)
+    if scaler is not None:
+        initial.copyto(scaler._initial)
+        for key, saved in states.items():
+            own = scaler._states.get(key)
+            if own is None:
+                scaler._states[key] = saved
+            else:
+                saved.copyto(own)
+        return scaler
+    others = len(_LIVE)
+    scaler = LossScaler.__new__(LossScaler)
+    scaler.growth_interval, scaler._initial, scaler._states = growth_interval, initial, states
+    scaler._register()
+    if others:
+        warnings.warn(
+            "mxlamb.LossScaler: a pickled LossScaler was loaded (Trainer.load_states?) beside "
+            "one made in this process: the optimizer now scales with the loaded one, "
+            "trainer._optimizer.loss_scaler; scale the loss with that one, or resume with "
+            "mxlamb.load_states, which keeps your optimizer and its scaler", UserWarning,
+            stacklevel=2)
+    return scaler

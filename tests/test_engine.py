@@ -7,7 +7,7 @@ import pytest
 from mxnet import autograd, gluon
 
 import mxlamb
-from conftest import MXNET2
+from conftest import MXNET2, mxnet1_only
 from reference import ReferenceLAMB, ReferenceStep
 from stepping import ATOL, RTOL
 
@@ -133,3 +133,46 @@ def test_names_set_after_construction_are_the_ones_used():
     np.testing.assert_allclose(after_one, ref.weight[0], RTOL, ATOL)
     ref.step(0, np.full(4, 0.5), LR, 0.0)
     np.testing.assert_allclose(weight.asnumpy(), ref.weight[0], RTOL, ATOL)
+
+
+@mxnet1_only  # (MXNet 2.0's Trainer names its parameters 'weight', 'bias', ...: no subset)
+def test_the_refusal_of_a_frozen_parameter_says_how_to_train_on_and_that_works(tmp_path):
+    """The way out the refusal names (found adversarially: 'make a new Trainer' alone lost
+    the states, and load_states refused the smaller Trainer): save, a Trainer over the
+    parameters that still train, load with subset=True. The steps after it match the float64
+    reference, whose global norm then covers the parameters that train (t goes on)."""
+    first, second = dense(4, 5, seed=0), dense(3, 4, seed=1)
+    net = gluon.nn.Sequential() if MXNET2 else gluon.nn.Sequential(prefix="frz_")
+    net.add(first, second)
+    params = {"net": net, "list": None}
+    opt = mxlamb.LAMB(learning_rate=LR, wd=WD, global_clipnorm=0.5)
+    trainer = gluon.Trainer(net.collect_params(), opt)
+    params["list"] = list(trainer._params)
+    ref = ReferenceStep(ReferenceLAMB(), global_clipnorm=0.5)
+    for k, w in enumerate(weights(params["list"])):
+        ref.init(k, w)
+    x = input_of((2, 5))
+    for seed in (1, 2):
+        ref.step(dict(enumerate(step(params, trainer, x, seed))), LR, WD)
+    for p in first.collect_params().values():
+        p.grad_req = "null"
+    with autograd.record():
+        loss = net(x).sum()
+    loss.backward()
+    with pytest.raises(RuntimeError, match=r"mxlamb.load_states\(new_trainer, path, "
+                                           r"subset=True\)"):
+        trainer.step(1)
+    path = str(tmp_path / "states")
+    mxlamb.save_states(trainer, path)
+    training = [p for p in params["list"] if p.grad_req != "null"]
+    kept = [params["list"].index(p) for p in training]
+    trainer2 = gluon.Trainer(training, mxlamb.LAMB(learning_rate=LR, wd=WD,
+                                                   global_clipnorm=0.5))
+    mxlamb.load_states(trainer2, path, subset=True)
+    params2 = {"net": net, "list": list(trainer2._params)}
+    order = [kept[training.index(p)] for p in params2["list"]]  # (the new Trainer's order)
+    for seed in (3, 4):
+        grads = step(params2, trainer2, x, seed)
+        ref.step({order[k]: g for k, g in enumerate(grads)}, LR, WD)
+        for k, w in enumerate(weights(params2["list"])):
+            np.testing.assert_allclose(w, ref.inner.weight[order[k]], RTOL, ATOL)

@@ -26,7 +26,7 @@ from mxnet.base import _LIB
 from mxnet.ndarray import ndarray as _nd
 
 from .._library import native
-from ..lamb import LAMB
+from ..lamb import _SCHEDULE_PER_PARAMETER, LAMB
 from ..options import WHOLE_STEP
 from ..ops import FlatGroup, Path, choose_path
 from ..state import check, context_of, legacy
@@ -41,8 +41,13 @@ native.mxlamb_fresh_grads.restype = ctypes.c_int
 native.mxlamb_fresh_grads.argtypes = [ctypes.c_void_p, ctypes.c_void_p,
                                       ctypes.POINTER(ctypes.c_void_p), ctypes.c_int,
                                       ctypes.c_int]
+native.mxlamb_first_written.restype = ctypes.c_int
+native.mxlamb_first_written.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_void_p),
+                                        ctypes.POINTER(ctypes.c_longlong), ctypes.c_int]
 _GET_GRAD_STATE = ctypes.cast(_LIB.MXNDArrayGetGradState, ctypes.c_void_p).value
 _SET_GRAD_STATE = ctypes.cast(_LIB.MXNDArraySetGradState, ctypes.c_void_p).value
+_WAIT_TO_READ = ctypes.cast(_LIB.MXNDArrayWaitToRead, ctypes.c_void_p).value
 
 
 def _is_np(array):
@@ -91,9 +96,51 @@ def _written_before(param):
     return False
 
 
+class LeftGradients:
+    """The gradient arrays the parameters had before they were moved, zeroed and watched: a
+    block hybridized with static_shape=True that ran backward before (with another trainer,
+    say, its gradients since zeroed: nothing else shows it) keeps writing into them, and its
+    parameters would train on stale gradients. :meth:`check` refuses a step after such a
+    write."""
+
+    def __init__(self, arrays):
+        self.arrays = [(name, legacy(a)) for name, a in arrays if a.size > 0]
+        for _, array in self.arrays:
+            array[:] = 0
+        self.handles = (ctypes.c_void_p * len(self.arrays))(
+            *[a.handle.value for _, a in self.arrays])
+        pointers = []
+        for _, array in self.arrays:  # (the arrays are this object's now: they stay put)
+            pointer = ctypes.c_void_p()
+            _LIB.MXNDArrayGetData(array.handle, ctypes.byref(pointer))
+            pointers.append(pointer.value)
+        self.data = (ctypes.c_void_p * len(self.arrays))(*pointers)
+        self.bytes = (ctypes.c_longlong * len(self.arrays))(
+            *[a.size * numpy.dtype(a.dtype).itemsize for _, a in self.arrays])
+
+    def check(self):
+        written = native.mxlamb_first_written(_WAIT_TO_READ, self.handles, self.data,
+                                              self.bytes, len(self.arrays))
+        if written < 0:
+            raise RuntimeError("mxlamb.contrib.ContiguousTrainer: MXNet failed to read a "
+                               "gradient array")
+        if written == len(self.arrays):
+            return
+        name = self.arrays[written][0]
+        for _, array in self.arrays:
+            array[:] = 0  # (watched again from here)
+        raise RuntimeError(
+            "mxlamb.contrib.ContiguousTrainer: the gradient of parameter %r was written into "
+            "the array it had before the trainer was made, not into the trainer's: a block "
+            "hybridized with static_shape=True ran backward (and a trainer stepped) before the "
+            "trainer was made, and writes where it bound then (hybridizing it again does not "
+            "change that). Nothing of this step was applied. Make the ContiguousTrainer before "
+            "the first backward pass, or train this network with gluon.Trainer" % name)
+
+
 def _flatten(params):
     """Moves the weights and gradients of the small ``params`` into flat buffers; returns
-    the FlatBuffers, one per context and dtype."""
+    the FlatBuffers, one per context and dtype, and the LeftGradients."""
     members = {}  # (context, dtype) -> [(param, context position)], in parameter order
     for param in params:
         if param.grad_req == "null" or getattr(param, "_stype", "default") != "default" \
@@ -114,6 +161,8 @@ def _flatten(params):
                 members.setdefault((context_of(data), numpy.dtype(data.dtype)), []).append(
                     (param, j))
     buffers = [FlatBuffers(group) for group in members.values()]
+    left = LeftGradients([(param.name, param._grad[j]) for group in members.values()
+                          for param, j in group])
     for buffers_ in buffers:
         for k, (param, j) in enumerate(zip(buffers_.params, buffers_.positions)):
             data, grad = list(param._data), list(param._grad)
@@ -122,7 +171,7 @@ def _flatten(params):
     for param in {p for b in buffers for p in b.params}:
         # The views are the variables autograd writes the gradients into.
         autograd.mark_variables(param._data, param._grad, param.grad_req)
-    return buffers
+    return buffers, left
 
 
 class ContiguousTrainer(gluon.Trainer):
@@ -146,11 +195,12 @@ class ContiguousTrainer(gluon.Trainer):
 
     def __init__(self, params, optimizer, optimizer_params=None, **kwargs):
         super().__init__(params, optimizer, optimizer_params, **kwargs)
-        self._buffers = _flatten(self._params)
+        self._buffers, self._left_gradients = _flatten(self._params)
         self._fast = None
         self.fast_steps = 0
 
     def _update(self, ignore_stale_grad=False):
+        self._left_gradients.check()
         fast = self._fast
         if fast is None or not fast.holds(self):
             fast = self._fast = _FastStep.make(self)
@@ -348,7 +398,7 @@ class _FastStep:
         for device_id, by_dtype in self.devices:
             engine.use_device(device_id)  # as the Updater does
             for indices, groups in by_dtype:
-                engine.count_updates(indices)
+                engine.count_updates(indices, per_parameter=_SCHEDULE_PER_PARAMETER)
                 for group in groups:
                     engine.run_group(group, grad_scale, None)
                 optimizer.counters.count_applied([i for g in groups for i in g.indices])

@@ -164,8 +164,8 @@ __attribute__((visibility("default"))) void mxlamb_set_num_threads(int n) {
 
 // Gluon's Trainer checks, for every parameter array, that backward has written its gradient
 // since the last step (MXNet's fresh_out_grad flag), and clears the flag: two ctypes calls per
-// array, each about as dear as the update of a 768-element bias. mxlamb/contiguous.py reads
-// and clears the flags of a whole model in one call. `get` and `set` are MXNet's own
+// array, each about as dear as the update of a 768-element bias. ContiguousTrainer reads
+// and clears the flags of a whole model in one call (mxlamb/contrib/contiguous.py). `get` and `set` are MXNet's own
 // MXNDArrayGetGradState and MXNDArraySetGradState (passed from Python: libmxnet is loaded
 // with RTLD_LOCAL). Returns the position of the first array whose gradient is stale, n when
 // every one is fresh (then, with `clear`, every flag is cleared), or -1 where MXNet failed.
@@ -185,6 +185,30 @@ __attribute__((visibility("default"))) int mxlamb_fresh_grads(MxlambGetGradState
     for (int i = 0; i < n; ++i) {
       if (set(handles[i], 0) != 0) return -1;
     }
+  }
+  return n;
+}
+}  // extern "C"
+
+// A ContiguousTrainer keeps the gradient arrays its parameters had before, zeroed: a block
+// hybridized with static_shape=True that ran backward before the trainer was made writes into
+// them still. This finds such a write in one call: after waiting for the arrays' pending
+// writes (MXNet's MXNDArrayWaitToRead, `wait`), the position of the first array (of n: handle,
+// data and length in bytes) holding a byte that is not zero, n where none does, or -1 where
+// MXNet failed.
+extern "C" {
+typedef int (*MxlambWaitToRead)(void* handle);
+
+__attribute__((visibility("default"))) int mxlamb_first_written(MxlambWaitToRead wait,
+                                                                void** handles,
+                                                                void* const* data,
+                                                                const long long* bytes, int n) {
+  for (int i = 0; i < n; ++i) {
+    if (wait(handles[i]) != 0) return -1;
+    const unsigned char* c = static_cast<const unsigned char*>(data[i]);
+    unsigned char any = 0;
+    for (long long b = 0; b < bytes[i]; ++b) any |= c[b];  // (no early exit: it vectorises)
+    if (any != 0) return i;
   }
   return n;
 }
