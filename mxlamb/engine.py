@@ -135,13 +135,13 @@ class Engine:
         if missing:
             describe = self.optimizer._describe
             raise RuntimeError(
-                "LAMB: %s needs the gradients of every parameter in each step, but "
+                "%s: %s needs the gradients of every parameter in each step, but "
                 "parameter(s) %s, which stepped before, got none in this step (frozen with "
                 "grad_req='null', or skipped by Trainer.step(ignore_stale_grad=True)); nothing "
                 "of the step was applied. To train on without them: mxlamb.save_states(trainer, "
                 "path), a new Trainer over the parameters that still train, and "
                 "mxlamb.load_states(new_trainer, path, subset=True)" % (
-                    options.whole_step_reason, ", ".join(
+                    type(self.optimizer).__name__, options.whole_step_reason, ", ".join(
                     describe(i) for i in sorted(missing, key=str))))
 
     def collect(self, items):
@@ -212,7 +212,8 @@ class Engine:
         items, dtypes, sizes = [], {}, {}
         for index, weight, grad, state in zip(indices, weights, grads, states):
             def refuse(what, index=index):
-                raise ValueError("LAMB: parameter %s: %s" % (opt._describe(index), what))
+                raise ValueError("%s: parameter %s: %s" % (type(opt).__name__,
+                                                            opt._describe(index), what))
             slots = check(weight, grad, state, opt.options, opt.multi_precision, refuse)
             self.states[(device_key(legacy(weight).context), index)] = (legacy(weight), slots)
             if weight.size > 0:
@@ -354,7 +355,8 @@ class Engine:
         opt = self.optimizer
 
         def refuse(what):
-            raise ValueError("LAMB: parameter %s: %s" % (opt._describe(index), what))
+            raise ValueError("%s: parameter %s: %s" % (type(opt).__name__, opt._describe(index),
+                                                        what))
         weight = legacy(weight)
         slots = check(weight, weight, state, opt.options, opt.multi_precision, refuse)
         self.states[(device_key(weight.context), index)] = (weight, slots)

@@ -253,7 +253,8 @@ class LAMB(Optimizer):
         variance of a parameter of up to 65,536 elements are views into a shared moment slab
         (see :mod:`mxlamb.state`)."""
         return state.create(state.legacy(weight), self.options, self.slabs, self.param_dict,
-                            lambda: self._describe(index))
+                            lambda: "%s: parameter %s" % (type(self).__name__,
+                                                          self._describe(index)))
 
     def create_state_multi_precision(self, index, weight):
         """``(weight32, create_state(index, weight32))`` for a float16/bfloat16 weight under
@@ -278,7 +279,8 @@ class LAMB(Optimizer):
         in one new slab and every float32 master copy in one new buffer, in the order given."""
         weights = [state.legacy(w) for w in weights]
         return state.create_side_by_side(weights, self.options, self.multi_precision,
-                                         lambda k: self._describe(indices[k]))
+                                         lambda k: "%s: parameter %s" % (
+                                             type(self).__name__, self._describe(indices[k])))
 
     # ------------------------------------------------------------------------- 2.0 API
 
@@ -317,11 +319,12 @@ class LAMB(Optimizer):
             if self.options.needs_whole_step:
                 if in_kvstore_callback():
                     raise ValueError(
-                        "LAMB: %s needs every gradient of a step before the first update, but "
+                        "%s: %s needs every gradient of a step before the first update, but "
                         "the kvstore updates each parameter as its gradient arrives and sends it "
                         "back at once (update_on_kvstore=True); use "
                         "gluon.Trainer(..., update_on_kvstore=False) (Module API: set "
-                        "MXNET_UPDATE_ON_KVSTORE=0)" % self.options.whole_step_reason)
+                        "MXNET_UPDATE_ON_KVSTORE=0)" % (type(self).__name__,
+                                                        self.options.whole_step_reason))
                 items = self.engine.collect(items) if items else items
                 if not items:
                     return
@@ -383,18 +386,15 @@ class LAMB(Optimizer):
         return 0 if step_state is None else int(step_state[2].asscalar())
 
     def trust_ratios(self):
-        """The trust ratios of the last step as :class:`TrustRatios` (no host sync until the
-        values are read)."""
-        keys, parts = [], []
-        by_table = collections.OrderedDict()
+        """The trust ratios of the last step as :class:`TrustRatios`, in parameter order (no
+        host sync until the values are read)."""
+        keys, parts, ratios = [], [], {}
         newest = self.engine.newest_groups()
-        for index, (group, row) in sorted(newest.items(), key=lambda kv: str(kv[0])):
-            by_table.setdefault(id(group), (group, []))[1].append((index, row))
-        for group, rows in by_table.values():
-            ratios = ops.trust_ratios(group.last[1], group.call.ratio_attrs)
-            for index, row in rows:
-                keys.append(self._name_of(index))
-                parts.append(ratios[row:row + 1])
+        for index, (group, row) in sorted(newest.items(), key=_index_order):
+            if id(group) not in ratios:
+                ratios[id(group)] = ops.trust_ratios(group.last[1], group.call.ratio_attrs)
+            keys.append(self._name_of(index))
+            parts.append(ratios[id(group)][row:row + 1])
         values = (ndarray.concat(*parts, dim=0) if parts
                   else ndarray.empty((0,), dtype=numpy.float64))
         return TrustRatios(keys, values)
@@ -422,7 +422,7 @@ class LAMB(Optimizer):
     def _ema_targets(self, params):
         """(model weight, Slots) of every parameter with an average, or of ``params``."""
         if not self.options.use_ema:
-            raise ValueError("LAMB: weight averages need use_ema=True")
+            raise ValueError("%s: weight averages need use_ema=True" % type(self).__name__)
         if hasattr(params, "values"):
             params = list(params.values())
         wanted = None if params is None else {id(p) for p in params}
@@ -431,10 +431,10 @@ class LAMB(Optimizer):
             stepped.setdefault(index, []).append((weight, slots))
         if not stepped:
             raise ValueError(
-                "LAMB: this optimizer knows no weight averages yet: it has not stepped since its "
+                "%s: this optimizer knows no weight averages yet: it has not stepped since its "
                 "states were made or loaded (Trainer.load_states puts the pickled optimizer in "
                 "place, which has not stepped here): take a step first, or load the states with "
-                "mxlamb.load_states")
+                "mxlamb.load_states" % type(self).__name__)
         for index, entries in stepped.items():
             param = self.param_dict.get(index)
             if wanted is not None and id(param) not in wanted:
@@ -465,6 +465,12 @@ for _name in [f.name for f in dataclasses.fields(Options)
               if f.name not in ("layer_adaptation", "epsilon_hat", "amsgrad")]:
     setattr(LAMB, _name, property(lambda self, _n=_name: getattr(self.options, _n)))
 del _name
+
+
+def _index_order(item):
+    """Parameters in index order (integers by value, other keys after them, as text)."""
+    index = item[0]
+    return (0, index, "") if isinstance(index, int) else (1, 0, str(index))
 
 
 def _check_optimizer_kwargs(kwargs):

@@ -139,11 +139,11 @@ def slab_elements(param_dict):
 
 def _refuse_weight(weight, describe):
     if weight.stype != "default":
-        raise ValueError("LAMB: parameter %s has %s storage; LAMB needs dense weights (its "
-                         "trust ratio is a whole-tensor norm)" % (describe(), weight.stype))
+        raise ValueError("%s has %s storage; it needs dense weights (LAMB's trust ratio is a "
+                         "whole-tensor norm)" % (describe(), weight.stype))
     if numpy.dtype(weight.dtype) not in (_FLOAT32, _FLOAT64):
-        raise ValueError("LAMB: parameter %s is %s; LAMB updates float32 and float64 weights, "
-                         "and float16/bfloat16 weights with multi_precision=True"
+        raise ValueError("%s is %s; it updates float32 and float64 weights, and "
+                         "float16/bfloat16 weights with multi_precision=True"
                          % (describe(), dtype_name(weight.dtype)))
 
 
@@ -232,7 +232,8 @@ def check(weight, grad, state, options, multi_precision, refuse):
         refuse("state is not %s" % expected)
     if len(arrays_tuple) != len(layout) or not all(isinstance(a, ndarray.NDArray)
                                                    for a in arrays_tuple + (master,)):
-        refuse("state is not %s (made with other options?)" % expected)
+        refuse("state is not %s (made with other options, or for a weight of another dtype: "
+               "Parameter.cast?)" % expected)
     named = dict(zip(layout, arrays_tuple))
     for name, array in [("weight32", master)] + list(named.items()):
         if (array.shape != weight.shape or numpy.dtype(array.dtype) != math_dtype

@@ -361,3 +361,52 @@ def test_step_counts_go_on_right_whatever_skips_at_save_and_at_load(tmp_path, sa
                                        err_msg="%s -> %s, step %d" % (saved, loading, step))
     if loading != "plain":  # the skipped step is still counted
         assert trainer._optimizer.skipped_steps == expected_skipped
+
+
+def test_weight_averages_are_read_out_after_a_load(tmp_path):
+    """Regression (found adversarially): after mxlamb.load_states the EMA read-outs looked for
+    the averages where only a step would have put them, and silently changed nothing. Now
+    finalize_variable_values copies the loaded averages; after Trainer.load_states (the
+    pickled optimizer, which has not stepped here) they refuse, saying so."""
+    path = str(tmp_path / "s")
+    net, trainer = saved_run(path, {"use_ema": True, "ema_momentum": 0.5})
+    saved = {i: s[2].asnumpy() for i, s in trainer._updaters[0].states.items()}
+    resumed = net_of(seed=8)
+    trainer = gluon.Trainer(resumed.collect_params(), mxlamb.LAMB(
+        learning_rate=LR, wd=WD, use_ema=True, ema_momentum=0.5))
+    mxlamb.load_states(trainer, path)
+    trainer._optimizer.finalize_variable_values()
+    for index, param in enumerate(trainer._params):
+        np.testing.assert_array_equal(param.data().asnumpy(), saved[index])
+    trainer.save_states(path + ".pickle")
+    trainer.load_states(path + ".pickle")
+    with pytest.raises(ValueError, match="knows no weight averages yet.*mxlamb.load_states"):
+        trainer._optimizer.finalize_variable_values()
+
+
+def test_a_loss_scaler_stays_the_users_through_trainer_states(tmp_path):
+    """Regression (found adversarially): Trainer.save_states/load_states gave the optimizer an
+    unpickled copy of the LossScaler, while the user went on scaling the loss with the
+    original (8 against 64: 14.6% off). In its own process the scaler unpickles as the very
+    object, with the saved values; elsewhere beside another scaler, a warning says which one
+    the optimizer uses."""
+    scaler = mxlamb.LossScaler(init_scale=8.0, growth_interval=2)
+    net = net_of()
+    trainer = gluon.Trainer(net.collect_params(), mxlamb.LAMB(learning_rate=LR,
+                                                              loss_scaler=scaler))
+    fixed_step(net, trainer, 0)
+    trainer.save_states(str(tmp_path / "p"))
+    fixed_step(net, trainer, 1)  # the scale grows to 16 after two clean steps
+    assert scaler.loss_scale == 16.0
+    trainer.load_states(str(tmp_path / "p"))
+    assert trainer._optimizer.loss_scaler is scaler and scaler.loss_scale == 8.0
+    import pickle
+    blob = pickle.dumps(trainer._optimizer)
+    del trainer
+    # As if the file were loaded in a new process, where the user made a new scaler:
+    mxlamb.loss_scaler._LIVE.pop(scaler._token)
+    scaler._register()
+    with pytest.warns(UserWarning, match="a pickled LossScaler was loaded .*beside one made in "
+                                         "this process.*trainer._optimizer.loss_scaler"):
+        optimizer = pickle.loads(blob)
+    assert optimizer.loss_scaler is not scaler and optimizer.loss_scaler.loss_scale == 8.0

@@ -14,9 +14,10 @@ from stepping import ATOL, RTOL
 LR, WD = 0.05, 0.1
 
 
-def dense(units, in_units, seed):
+def dense(units, in_units, seed, prefix=None):
     mx.random.seed(seed)
-    layer = gluon.nn.Dense(units, in_units=in_units)
+    layer = (gluon.nn.Dense(units, in_units=in_units) if MXNET2 or prefix is None
+             else gluon.nn.Dense(units, in_units=in_units, prefix=prefix))
     layer.initialize(mx.init.Uniform(0.5))
     return layer
 
@@ -176,3 +177,82 @@ def test_the_refusal_of_a_frozen_parameter_says_how_to_train_on_and_that_works(t
         ref.step({order[k]: g for k, g in enumerate(grads)}, LR, WD)
         for k, w in enumerate(weights(params2["list"])):
             np.testing.assert_allclose(w, ref.inner.weight[order[k]], RTOL, ATOL)
+
+
+def test_a_schedule_read_where_counts_differ_is_mxnets_lambs():
+    """Regression (found adversarially): gradual unfreezing with an lr_scheduler. MXNet's LAMB
+    reads the schedule for each parameter as it counts it (1.x always; 2.0 in step); mxlamb
+    counted the whole call first, and a layer unfrozen late got a later learning rate (50% off
+    on a bias). Side by side with MXNet's own LAMB, to float32 rounding."""
+    from conftest import BUILTIN_LAMB
+
+    def run(make):  # (fixed names: the Trainer's order, which the schedule follows, too)
+        first, second = dense(4, 5, seed=0, prefix="a_"), dense(3, 4, seed=1, prefix="b_")
+        net = gluon.nn.Sequential() if MXNET2 else gluon.nn.Sequential(prefix="sch_")
+        net.add(first, second)
+        for p in first.collect_params().values():
+            p.grad_req = "null"  # frozen at first
+        trainer = gluon.Trainer(net.collect_params(), make())
+        x = input_of((2, 5))
+        for s in range(5):
+            if s == 3:
+                for p in first.collect_params().values():
+                    p.grad_req = "write"
+            with autograd.record():
+                loss = (net(x) * float(s + 1)).sum()
+            loss.backward()
+            trainer.step(1)
+        return [p.data().asnumpy() for p in trainer._params]
+
+    def schedule():
+        return mx.lr_scheduler.FactorScheduler(step=1, factor=0.5, base_lr=0.1)
+    fused = [True] if not MXNET2 else [False]  # (2.0's fused_step counts the call first)
+    for use_fused_step in fused:
+        ours = run(lambda: mxlamb.LAMB(learning_rate=0.1, lr_scheduler=schedule(),
+                                       use_fused_step=use_fused_step))
+        theirs = run(lambda: BUILTIN_LAMB(learning_rate=0.1, lr_scheduler=schedule(),
+                                          use_fused_step=use_fused_step)
+                     if MXNET2 else BUILTIN_LAMB(learning_rate=0.1, lr_scheduler=schedule()))
+        for a, b in zip(ours, theirs):
+            np.testing.assert_allclose(a, b, 1e-5, 1e-6)
+
+
+@mxnet1_only
+@pytest.mark.parametrize("contexts", [[mx.cpu(0), mx.cpu(1)], [mx.cpu(0), mx.cpu(0)]])
+def test_the_module_api_with_a_whole_step_option_on_two_devices(tmp_path, contexts):
+    """Regression (found adversarially): the Module API keeps every device's states in one
+    Updater; with global_clipnorm the check for a missing parameter counted the other
+    device's states as this one's (after load_optimizer_states, or with one context twice)
+    and refused every step. The run equals MXNet's LAMB (the clip norm never binds)."""
+    import os
+    from conftest import BUILTIN_LAMB
+
+    data = mx.sym.Variable("data")
+    symbol = mx.sym.SoftmaxOutput(mx.sym.FullyConnected(data, num_hidden=3, name="fc"),
+                                  name="softmax")
+
+    def run(optimizer):
+        mx.random.seed(0)
+        mod = mx.mod.Module(symbol, context=contexts)
+        mod.bind(data_shapes=[("data", (8, 6))], label_shapes=[("softmax_label", (8,))])
+        mod.init_params(mx.init.Xavier())
+        mod.init_optimizer(kvstore=None, optimizer=optimizer)
+        rng = np.random.RandomState(0)
+        for s in range(4):
+            batch = mx.io.DataBatch([mx.nd.array(rng.randn(8, 6))],
+                                    [mx.nd.array(np.arange(8) % 3)])
+            mod.forward_backward(batch)
+            mod.update()
+            if s == 1:
+                path = str(tmp_path / ("opt%d" % id(optimizer)))
+                mod.save_optimizer_states(path)
+                mod.load_optimizer_states(path)
+        return mod.get_params()[0]["fc_weight"].asnumpy()
+
+    os.environ["MXNET_UPDATE_ON_KVSTORE"] = "0"
+    try:
+        ours = run(mxlamb.LAMB(learning_rate=0.01, global_clipnorm=1e9))
+        theirs = run(BUILTIN_LAMB(learning_rate=0.01))
+    finally:
+        del os.environ["MXNET_UPDATE_ON_KVSTORE"]
+    np.testing.assert_allclose(ours, theirs, RTOL, ATOL)

@@ -407,7 +407,8 @@ class _FastStep:
 
 def _checked(optimizer, index, weight, grad, state):
     def refuse(what):
-        raise ValueError("LAMB: parameter %s: %s" % (optimizer._describe(index), what))
+        raise ValueError("%s: parameter %s: %s" % (type(optimizer).__name__,
+                                                    optimizer._describe(index), what))
     return check(weight, grad, state, optimizer.options, optimizer.multi_precision, refuse)
 
 
