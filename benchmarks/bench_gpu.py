@@ -99,8 +99,7 @@ def mxlamb_step(lib, params, grads, means, variances, model_weights, stages):
                   means=ptrs(means), vars=ptrs(variances),
                   weights_lowp=ptrs(model_weights) if model_weights else None,
                   sizes=keep["sizes"], lrs=keep["lrs"], wds=keep["wds"], step_counts=counts,
-                  params=LambParams(BETA1, BETA2, EPS), rescale_grad=1.0, clipnorm=-1.0,
-                  ema_momentum=0.99)
+                  params=LambParams(BETA1, BETA2, EPS), rescale_grad=1.0, clipnorm=-1.0)
     nbytes = lib.mxlamb_cuda_workspace_bytes(ctypes.byref(group))
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     sumsq = torch.zeros((n, 2), dtype=torch.float64, device="cuda")

@@ -179,30 +179,53 @@ class Engine:
         if compiled is None or not compiled.replays(indices, weights, grads, states, params):
             compiled = self.compiled[key] = self.compile(indices, weights, grads, states, params,
                                                          group_size)
+        before = None  # (each tensor's applied updates before this call: for the EMA)
+        if options.use_ema:
+            before = dict(zip((item[0] for item in compiled.items),
+                              opt.counters.host_counts([item[0] for item in compiled.items])))
         items, grad_scale = accumulate(compiled.items, opt.counters,
                                        options.gradient_accumulation_steps,
                                        opt.rescale_grad / (options.loss_scale_factor or 1.0))
-        if not items:
-            return
-        groups = (compiled.groups if items is compiled.items
-                  else self.group(items, compiled, group_size))
-        stats = None
-        if options.needs_whole_step:
-            step_state = opt.counters.step_state(options.loss_scaler, items[0][1].context,
-                                                 create=True)
-            stats = ops.grad_stats(options, [item[2] for item in items], grad_scale, step_state)
-        for group in groups:
-            self.run_group(group, grad_scale, stats)
-        compiled.last_run = groups[-1].last[0]
-        opt.counters.count_applied([item[0] for item in items])
-        if options.gradient_accumulation_steps is None and not options.use_ema:
-            return
-        for index, weight, _, slots in items:
-            if slots.accum is not None:
-                slots.accum[:] = 0
-            if (options.use_ema and options.ema_overwrite_frequency is not None
-                    and opt.counters.applied[index] % options.ema_overwrite_frequency == 0):
-                copy_average(slots, weight)
+        if items:
+            groups = (compiled.groups if items is compiled.items
+                      else self.group(items, compiled, group_size))
+            stats = None
+            if options.needs_whole_step:
+                step_state = opt.counters.step_state(options.loss_scaler, items[0][1].context,
+                                                     create=True)
+                stats = ops.grad_stats(options, [item[2] for item in items], grad_scale,
+                                       step_state)
+            for group in groups:
+                self.run_group(group, grad_scale, stats)
+            compiled.last_run = groups[-1].last[0]
+            opt.counters.count_applied([item[0] for item in items])
+            for _, _, _, slots in items:
+                if slots.accum is not None:
+                    slots.accum[:] = 0
+        if options.use_ema:
+            self.average(compiled.items, items, before)
+
+    def average(self, called, updated, before):
+        """The weight averages after a call, as Keras keeps them: phase 2 moved those of the
+        tensors updated (from their first update, which sets them to the weights); the others
+        (a call that only accumulates) move towards the weights too, and Keras' overwrite
+        frequency counts the updates the call belongs to: after the call that completes
+        update k, or any call on the way to it, the weights become the averages where k is
+        a multiple of ema_overwrite_frequency."""
+        options = self.optimizer.options
+        begin = self.optimizer.counters.begin
+        if len(updated) != len(called):
+            done = {item[0] for item in updated}
+            for index, weight, _, slots in called:
+                if index not in done:
+                    first = before[index] == begin  # never updated: the average is the weight
+                    ops.ema_towards(slots.average, slots.master,
+                                    0.0 if first else options.ema_momentum)
+        frequency = options.ema_overwrite_frequency
+        if frequency is not None:
+            for index, weight, _, slots in called:
+                if (before[index] - begin + 1) % frequency == 0:
+                    copy_average(slots, weight)
 
     def compile(self, indices, weights, grads, states, params, group_size):
         """Checks every parameter's state (refusing, naming the parameter, what the operators
@@ -249,7 +272,8 @@ class Engine:
         """A GroupPlan, its exclusions derived from the parameters' names now."""
         excluded, layer_adaptation = self.exclusions(indices)
         call = ops.GroupCall(path, self.optimizer.options, dtype, self.optimizer.multi_precision,
-                             weights, grads, slots, layer_adaptation, stat_rows, flat)
+                             weights, grads, slots, layer_adaptation, stat_rows, flat,
+                             first_step=self.optimizer.counters.begin + 1)
         return GroupPlan(tuple(indices), context, excluded, call, [None, None])
 
     def run_group(self, group, grad_scale, stats):

@@ -27,7 +27,8 @@ from mxnet import ndarray
 from ._library import native  # noqa: F401  (loads the operators into mxnet.ndarray)
 from .state import BFLOAT16, LOW_PRECISION, packed_run
 
-__all__ = ["Path", "choose_path", "GroupCall", "FlatGroup", "grad_stats", "trust_ratios"]
+__all__ = ["Path", "choose_path", "GroupCall", "FlatGroup", "grad_stats", "trust_ratios",
+           "ema_towards"]
 
 
 class Path(enum.Enum):
@@ -101,9 +102,10 @@ class GroupCall:
     tensor: sums of squares of the weight and of the raw update)."""
 
     def __init__(self, path, options, dtype, multi_precision, weights, grads, slots,
-                 layer_adaptation=None, stat_rows=None, flat=None):
+                 layer_adaptation=None, stat_rows=None, flat=None, first_step=1):
         self.path = path
         self.device_counts = options.may_skip
+        self.decoupled = options.decoupled_weight_decay
         model_dtype = None
         if multi_precision and dtype in LOW_PRECISION and path is not Path.BFLOAT16:
             model_dtype = numpy.dtype(dtype).name
@@ -117,6 +119,8 @@ class GroupCall:
                 attrs["clipnorm"] = options.clipnorm
         if self.device_counts:
             attrs["device_counts"] = True
+        if options.use_ema:  # (the step count of a tensor's first update: see lamb_math.h)
+            attrs["ema_first_step"] = first_step
         self.attrs = attrs
         self._lists = {}  # attribute -> (values, string) of the last step: reused while equal
         if path is Path.FUSED:
@@ -172,13 +176,19 @@ class GroupCall:
 
     def __call__(self, lrs, wds, grad_scale, clip_gradient, step_counts=None, counts=None,
                  count_slots=None, stats=None):
-        """One step: per-tensor ``lrs`` and ``wds``; the gradient multiplier ``grad_scale``;
+        """One step: per-tensor ``lrs`` and ``wds`` (decoupled, Keras', where the options say
+        so: then they go to attribute decays, and MXNet's wds are 0); the gradient multiplier
+        ``grad_scale``;
         MXNet's ``clip_gradient`` (None, 0 or negative: no clipping, as MXNet passes it only
         when truthy); the step counts t per tensor (``step_counts``), or the device's
         ``counts`` array and each tensor's row in it (``count_slots``); ``stats``, the step's
         (grad_sumsq, control) from :func:`grad_stats`."""
-        attrs = dict(self.attrs, rescale_grad=grad_scale, lrs=self._list("lrs", lrs),
-                     wds=self._list("wds", wds))
+        if self.decoupled:
+            attrs = dict(self.attrs, rescale_grad=grad_scale, lrs=self._list("lrs", lrs),
+                         wds="0.0", decays=self._list("decays", wds))
+        else:
+            attrs = dict(self.attrs, rescale_grad=grad_scale, lrs=self._list("lrs", lrs),
+                         wds=self._list("wds", wds))
         if clip_gradient is not None and clip_gradient > 0:
             attrs["clip_gradient"] = clip_gradient
         if counts is not None:
@@ -222,3 +232,9 @@ def trust_ratios(table, ratio_attrs):
     """mxlamb_trust_ratio: the ratios a group's phase 2 multiplied lr by, from its table."""
     return ndarray.mxlamb_trust_ratio(table, **ratio_attrs)
 
+
+
+def ema_towards(average, weight, momentum):
+    """An average's step towards the weight without an update (Keras moves the averages at
+    every call, also those that only accumulate a gradient): avg = mu avg + (1 - mu) w."""
+    ndarray.elemwise_add(average * momentum, weight * (1.0 - momentum), out=average)

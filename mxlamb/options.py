@@ -112,7 +112,8 @@ def patterns(name, value):
 class Options:
     """LAMB's hyper-parameters and mxlamb's training options, validated (see LAMB's
     docstring for each). ``layer_adaptation``, ``epsilon_hat`` and ``amsgrad`` are what AdamW
-    changes: no trust ratio, Keras' placement of epsilon, AMSGrad's max of the variance."""
+    changes: no trust ratio, Keras' placement of epsilon, AMSGrad's max of the variance;
+    ``decoupled_weight_decay`` and ``exclude_parameters`` what mxlamb.keras adds."""
 
     beta1: float = 0.9
     beta2: float = 0.999
@@ -134,6 +135,11 @@ class Options:
     layer_adaptation: bool = True
     epsilon_hat: bool = False
     amsgrad: bool = False
+    # Keras' weight_decay: MXNet's wd (with wd_mult and the exclusions) applied decoupled,
+    # w <- w - w * wd * lr before the step, outside the trust ratio (mxlamb.keras).
+    decoupled_weight_decay: bool = False
+    # Gluon Parameters excluded from weight decay by identity (Keras' var_list).
+    exclude_parameters: tuple = ()
 
     @classmethod
     def validated(cls, beta1, beta2, epsilon, lower_bound, upper_bound, bias_correction,

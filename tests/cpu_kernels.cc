@@ -21,7 +21,8 @@ void step(const MxlambCudaGroup& g, double* sumsq) {
   std::vector<Phase1Span<T>> first(n);
   std::vector<Phase2Span<T>> second(n);
   for (int t = 0; t < n; ++t) {
-    coeffs[t] = tensor_coeffs<T>(g.params, g.step_counts[t], g.lrs[t], g.wds[t], g.rescale_grad);
+    coeffs[t] = tensor_coeffs<T>(g.params, g.step_counts[t], g.lrs[t], g.wds[t], g.rescale_grad,
+                                 g.decays != nullptr ? g.decays[t] : 0.0);
     T* w = static_cast<T*>(g.weights[t]);
     T* m = static_cast<T*>(g.means[t]);
     T* v = static_cast<T*>(g.vars[t]);
@@ -42,7 +43,7 @@ void step(const MxlambCudaGroup& g, double* sumsq) {
     const bool adapt = g.layer_adaptation == nullptr || g.layer_adaptation[t] != 0;
     sizes[t] = step_size(s, coeffs[t], sumsq[2 * t], sumsq[2 * t + 1], adapt);
   }
-  lamb_phase2_cpu(second, s, coeffs, sizes, ema_coeffs<T>(g.ema_momentum));
+  lamb_phase2_cpu(second, s, coeffs, sizes);
 }
 
 }  // namespace

@@ -22,12 +22,15 @@ class LambParams(ctypes.Structure):
     _fields_ = [("beta1", ctypes.c_double), ("beta2", ctypes.c_double),
                 ("epsilon", ctypes.c_double), ("clip_gradient", ctypes.c_double),
                 ("lower_bound", ctypes.c_double), ("upper_bound", ctypes.c_double),
-                ("bias_correction", ctypes.c_bool), ("epsilon_hat", ctypes.c_bool)]
+                ("bias_correction", ctypes.c_bool), ("epsilon_hat", ctypes.c_bool),
+                ("ema_momentum", ctypes.c_double), ("ema_first_step", ctypes.c_double)]
 
     def __init__(self, beta1=0.9, beta2=0.999, epsilon=1e-6, clip_gradient=None,
-                 lower_bound=None, upper_bound=None, bias_correction=True, epsilon_hat=False):
+                 lower_bound=None, upper_bound=None, bias_correction=True, epsilon_hat=False,
+                 ema_momentum=0.99, ema_first_step=1.0):
         super().__init__(beta1, beta2, epsilon, clip_gradient or -1.0, lower_bound or -1.0,
-                         upper_bound or -1.0, bias_correction, epsilon_hat)
+                         upper_bound or -1.0, bias_correction, epsilon_hat, ema_momentum,
+                         ema_first_step)
 
 
 class GradStatsParams(ctypes.Structure):
@@ -50,11 +53,12 @@ class Group(ctypes.Structure):
                 ("grad_dtypes", ctypes.POINTER(ctypes.c_int)),
                 ("means", PP), ("vars", PP), ("vmaxes", PP), ("averages", PP),
                 ("weights_lowp", PP), ("sizes", INT64S),
-                ("lrs", DOUBLES), ("wds", DOUBLES), ("step_counts", DOUBLES),
+                ("lrs", DOUBLES), ("wds", DOUBLES), ("decays", DOUBLES),
+                ("step_counts", DOUBLES),
                 ("count_slots", INT64S), ("stat_rows", INT64S),
                 ("layer_adaptation", ctypes.POINTER(ctypes.c_ubyte)),
                 ("params", LambParams), ("rescale_grad", ctypes.c_double),
-                ("clipnorm", ctypes.c_double), ("ema_momentum", ctypes.c_double),
+                ("clipnorm", ctypes.c_double),
                 ("control", P), ("grad_sumsq", P), ("counts", P)]
 
 

@@ -120,8 +120,11 @@ class ModelLibrary:
             ib1 = 1 / (1 - p.beta1 ** count) if p.bias_correction else 1.0
             ib2 = 1 / (1 - p.beta2 ** count) if p.bias_correction else 1.0
             eps = p.epsilon * np.sqrt(ib2) if p.epsilon_hat else p.epsilon
+            decay = g.decays[t] if g.decays else 0.0
+            momentum = 0.0 if count == p.ema_first_step else p.ema_momentum
             out.append(dict(ib1=T(ib1), ib2=T(ib2), eps=T(eps), scale=T(scale),
-                            wd=T(g.wds[t]), lr=g.lrs[t]))
+                            wd=T(g.wds[t]), lr=g.lrs[t], decay=T(decay), decay_lr=T(g.lrs[t]),
+                            ema=(T(momentum), T(1 - momentum))))
         return T, out
 
     def _skipped(self, g):
@@ -129,6 +132,10 @@ class ModelLibrary:
 
     def _u(self, T, p, c, w, m, v):
         return (m * c["ib1"]) / (np.sqrt(v * c["ib2"]) + c["eps"]) + c["wd"] * w
+
+    @staticmethod
+    def _decayed(w, c):
+        return w - w * c["decay"] * c["decay_lr"] if c["decay"] != 0 else w
 
     def _phase1(self, g, sumsq, coeffs):
         T, cs = coeffs
@@ -143,7 +150,7 @@ class ModelLibrary:
                 out[2 * t: 2 * t + 2] = 0.0
                 continue
             c = cs[t]
-            w = self._at(g.weights, t, n)
+            w = self._decayed(self._at(g.weights, t, n), c)
             grad = _widen(self._at(g.grads, t, n), g.grad_dtypes[t]).astype(T)
             m, v = self._at(g.means, t, n), self._at(g.vars, t, n)
             gs = grad * c["scale"]
@@ -177,15 +184,16 @@ class ModelLibrary:
             ratio = 1.0 if r1 == 0 or r2 == 0 else r1 / r2
             adapt = not g.layer_adaptation or g.layer_adaptation[t]
             step = T(c["lr"] * ratio if adapt else c["lr"])
-            w = self._at(g.weights, t, n)
+            weight = self._at(g.weights, t, n)
+            w = self._decayed(weight, c)
             vmax = self._at(g.vmaxes, t, n)
             v = vmax if vmax is not None else self._at(g.vars, t, n)
             w_new = w - step * self._u(T, p, c, w, self._at(g.means, t, n), v)
-            out = self._at(g.weights_out, t, n) if g.weights_out else w
+            out = self._at(g.weights_out, t, n) if g.weights_out else weight
             out[:] = w_new
             avg = self._at(g.averages, t, n)
             if avg is not None:
-                avg[:] = T(g.ema_momentum) * avg + T(1 - g.ema_momentum) * w_new
+                avg[:] = c["ema"][0] * avg + c["ema"][1] * w_new
             lowp = self._at(g.weights_lowp, t, n)
             if lowp is not None:
                 lowp[:] = (bfloat16_bits(w_new) if g.lowp_dtype == BFLOAT16

@@ -80,17 +80,22 @@ class ReferenceStep:
         clipnorm:         g_i *= min(1, c / ||g_i||)
         skip_nonfinite:   a step with any non-finite g_i changes nothing (and is counted)
         exclusions:       wd 0 / trust ratio 1 for names matching the patterns
-        EMA:              avg = mu avg + (1 - mu) w after each applied step
+        decoupled:        Keras' weight_decay: w = w - w wd lr before the step (its norm is
+                          the trust ratio's ||w||), and no wd inside u
+        EMA:              avg = mu avg + (1 - mu) w after each applied step; the first
+                          applied step sets avg = w (Keras' momentum 0 at its first step)
     """
 
     def __init__(self, inner, global_clipnorm=None, clipnorm=None, loss_scale=1.0,
-                 skip_nonfinite=False, ema_momentum=None, no_decay=(), no_adaptation=()):
+                 skip_nonfinite=False, ema_momentum=None, no_decay=(), no_adaptation=(),
+                 decoupled=False):
         self.inner = inner
+        self.decoupled = decoupled
         self.global_clipnorm, self.clipnorm = global_clipnorm, clipnorm
         self.loss_scale, self.skip_nonfinite = loss_scale, skip_nonfinite
         self.ema_momentum = ema_momentum
         self.no_decay, self.no_adaptation = set(no_decay), set(no_adaptation)
-        self.average, self.skipped = {}, 0
+        self.average, self.skipped, self.updates = {}, 0, {}
 
     def init(self, key, weight):
         self.inner.init(key, weight)
@@ -117,13 +122,17 @@ class ReferenceStep:
         try:
             for k, v in g.items():
                 decay = 0.0 if k in self.no_decay else wd
+                if self.decoupled:
+                    self.inner.weight[k] = self.inner.weight[k] - self.inner.weight[k] * decay * lr
+                    decay = 0.0
                 if k in self.no_adaptation:
                     u = self.inner.raw_update(k, v, decay)
                     self.inner.weight[k] = self.inner.weight[k] - lr * u
                 else:
                     self.inner.step(k, v, lr, decay)
+                self.updates[k] = self.updates.get(k, 0) + 1
                 if self.ema_momentum is not None:
-                    mu = self.ema_momentum
+                    mu = self.ema_momentum if self.updates[k] > 1 else 0.0
                     self.average[k] = mu * self.average[k] + (1 - mu) * self.inner.weight[k]
         finally:
             self.inner.rescale_grad = saved

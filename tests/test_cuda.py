@@ -170,7 +170,7 @@ def test_interface_refuses_bad_arguments(cuda_lib):
         g = Group(num_tensors=1, math_dtype=FLOAT32, lowp_dtype=0, weights=ptrs, grads=ptrs,
                   grad_dtypes=c_array(ctypes.c_int, [FLOAT32]), means=ptrs, vars=ptrs,
                   sizes=sizes, lrs=doubles, wds=doubles, step_counts=doubles,
-                  params=LambParams(), rescale_grad=1.0, clipnorm=-1.0, ema_momentum=0.99)
+                  params=LambParams(), rescale_grad=1.0, clipnorm=-1.0)
         for key, value in changes.items():
             setattr(g, key, value)
         return g
@@ -215,7 +215,7 @@ def test_interface_refuses_bad_arguments(cuda_lib):
 # drives the CPU kernels with (the statistics' multiplier is summed in another order on each
 # side, so with it the moments would not be comparable bit for bit).
 CPU_CONFIGS = ["plain", "mxnet_options", "no_bias_correction", "amsgrad", "ema", "exclusions",
-               "adamw", "keras_epsilon", "one_call_step"]
+               "adamw", "keras_epsilon", "one_call_step", "decoupled"]
 
 
 class CpuKernels:
@@ -269,7 +269,7 @@ def test_gpu_tests_run_on_the_numpy_model():
     env = dict(os.environ, MXLAMB_CUDA_MODEL="1")
     subprocess.check_call([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            os.path.abspath(__file__), "-k",
-                           "((plain or everything or adamw or dynamic) and float or per_tensor "
+                           "((plain or everything or adamw or dynamic or decoupled) and float or per_tensor "
                            "or trust_ratio or skipped or graph or bit_identical or grid) "
                            "and not without_mxnet"],
                           env=env, cwd=ROOT)
@@ -308,6 +308,7 @@ CONFIGS = {
     "exclusions": dict(wd=0.01, excluded=(1, 3)),
     "adamw": dict(adamw=True, wd=0.01),
     "keras_epsilon": dict(epsilon_hat=True, wd=0.01),
+    "decoupled": dict(decoupled=True, wd=0.05, excluded=(1,), ema=0.9),
     "one_call_step": dict(one_call=True, wd=0.01, clip_gradient=0.3),
     "everything": dict(amsgrad=True, ema=0.9, global_clipnorm=50.0, clipnorm=5.0, wd=0.01,
                        growth_interval=2, loss_scale=8.0, nonfinite_step=2,
@@ -334,6 +335,10 @@ class Trainer:
         self.wds = wds or [cfg.get("wd", 0.0)] * n
         self.excluded = set(cfg.get("excluded", ()))
         self.wds = [0.0 if k in self.excluded else wd for k, wd in enumerate(self.wds)]
+        # Keras' weight_decay: the same values as decays, and MXNet's wds 0.
+        self.decays = self.wds if cfg.get("decoupled") else None
+        if self.decays is not None:
+            self.wds = [0.0] * n
         self.adapt = [0 if cfg.get("adamw") or k in self.excluded else 1 for k in range(n)]
         self.t0 = t0 or [0] * n
 
@@ -393,6 +398,7 @@ class Trainer:
         return ReferenceStep(inner, global_clipnorm=cfg.get("global_clipnorm"),
                              clipnorm=cfg.get("clipnorm"), loss_scale=cfg.get("loss_scale", 1.0),
                              skip_nonfinite=skip, ema_momentum=cfg.get("ema"),
+                             decoupled=cfg.get("decoupled", False),
                              no_decay=self.excluded, no_adaptation=self.excluded)
 
     # ----------------------------------------------------------------------------- device
@@ -415,6 +421,7 @@ class Trainer:
             weights_lowp=self.ptrs(self.weights_lowp),
             sizes=c_array(ctypes.c_int64, self.sizes), lrs=c_array(ctypes.c_double, self.lrs),
             wds=c_array(ctypes.c_double, self.wds),
+            decays=c_array(ctypes.c_double, self.decays),
             step_counts=c_array(ctypes.c_double,
                                 [self.ref.inner.t[k] + 1 for k in range(n)]),
             count_slots=c_array(ctypes.c_int64, self.slots),
@@ -423,9 +430,10 @@ class Trainer:
             params=LambParams(epsilon=1e-7 if adamw else 1e-6,
                               clip_gradient=cfg.get("clip_gradient"), lower_bound=lower,
                               upper_bound=upper, bias_correction=cfg.get("bias_correction", True),
-                              epsilon_hat=adamw or cfg.get("epsilon_hat", False)),
+                              epsilon_hat=adamw or cfg.get("epsilon_hat", False),
+                              ema_momentum=cfg.get("ema", 0.99),
+                              ema_first_step=1.0 + (min(self.t0) if self.t0 else 0)),
             rescale_grad=cfg.get("rescale_grad", 1.0), clipnorm=cfg.get("clipnorm") or -1.0,
-            ema_momentum=cfg.get("ema", 0.99),
             control=self.dev.ptr(self.control) if self.stats else None,
             grad_sumsq=self.dev.ptr(self.grad_sumsq) if self.stats else None,
             counts=self.dev.ptr(self.counts) if self.counts is not None else None)
@@ -564,6 +572,10 @@ def test_cuda_matches_the_reference(gpu_lib, dtype, config):
     trainer.check_reference()
     sumsq = DEVICE.host(trainer.sumsq).reshape(-1, 2)
     for k, w in enumerate(before):
+        if trainer.decays is not None:  # the norm of the decayed weight (Keras' weight_decay),
+            T = trainer.math            # which the kernels round to the math type
+            w = w.astype(T)
+            w = (w - w * T(trainer.decays[k]) * T(trainer.lrs[k])).astype(np.float64)
         np.testing.assert_allclose(sumsq[k, 0], np.sum(w * w), rtol=1e-13, atol=0)
 
 

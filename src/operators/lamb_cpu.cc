@@ -49,8 +49,7 @@ void lamb_phase1_cpu(const std::vector<Phase1Span<T>>& tensors, const StepCoeffs
 
 template <typename T>
 void lamb_phase2_cpu(const std::vector<Phase2Span<T>>& tensors, const StepCoeffs<T>& step,
-                     const std::vector<TensorCoeffs<T>>& coeffs, const std::vector<T>& step_sizes,
-                     const EmaCoeffs<T>& ema) {
+                     const std::vector<TensorCoeffs<T>>& coeffs, const std::vector<T>& step_sizes) {
   const PhaseKernels<T>& k = active_kernels().phases<T>();
   const ChunkPlan plan(sizes_of(tensors));
   for_each_chunk(plan, [&](int64_t, const Chunk& chunk) {
@@ -63,7 +62,7 @@ void lamb_phase2_cpu(const std::vector<Phase2Span<T>>& tensors, const StepCoeffs
     part.var = whole.var + chunk.begin;
     if (whole.average != nullptr) part.average = whole.average + chunk.begin;
     part.n = chunk.end - chunk.begin;
-    k.phase2(part, step, coeffs[chunk.tensor], step_sizes[chunk.tensor], ema);
+    k.phase2(part, step, coeffs[chunk.tensor], step_sizes[chunk.tensor]);
   });
 }
 
@@ -76,11 +75,11 @@ template void lamb_phase1_cpu<double>(const std::vector<Phase1Span<double>>&,
 template void lamb_phase2_cpu<float>(const std::vector<Phase2Span<float>>&,
                                       const StepCoeffs<float>&,
                                       const std::vector<TensorCoeffs<float>>&,
-                                      const std::vector<float>&, const EmaCoeffs<float>&);
+                                      const std::vector<float>&);
 template void lamb_phase2_cpu<double>(const std::vector<Phase2Span<double>>&,
                                        const StepCoeffs<double>&,
                                        const std::vector<TensorCoeffs<double>>&,
-                                       const std::vector<double>&, const EmaCoeffs<double>&);
+                                       const std::vector<double>&);
 
 void grad_sumsq_cpu(const std::vector<GradSpan>& grads, double* out) {
   const KernelTable& k = active_kernels();

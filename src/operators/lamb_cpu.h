@@ -16,11 +16,10 @@ void lamb_phase1_cpu(const std::vector<Phase1Span<T>>& tensors, const StepCoeffs
                      const std::vector<TensorCoeffs<T>>& coeffs, double* sumsq);
 
 // Phase 2 for every tensor: w <- w - step_sizes[t] * u (step_size() of lamb_math.h), and the
-// weight EMA where a span has one.
+// weight EMA where a span has one (each tensor's EMA coefficients).
 template <typename T>
 void lamb_phase2_cpu(const std::vector<Phase2Span<T>>& tensors, const StepCoeffs<T>& step,
-                     const std::vector<TensorCoeffs<T>>& coeffs, const std::vector<T>& step_sizes,
-                     const EmaCoeffs<T>& ema);
+                     const std::vector<TensorCoeffs<T>>& coeffs, const std::vector<T>& step_sizes);
 
 // Phase 1 then phase 2, back to back per batch of consecutive tensors small enough for the
 // batch's arrays to stay in the last-level cache between the two passes (a larger tensor is a
@@ -63,7 +62,7 @@ void lamb_step_cpu(const std::vector<Phase1Span<T>>& phase1,
     for (size_t t = first; t < last; ++t) {
       step_sizes[t - first] = step_size_of(static_cast<int>(t), sumsq[2 * t], sumsq[2 * t + 1]);
     }
-    lamb_phase2_cpu(p2, step, c, step_sizes, EmaCoeffs<T>{});
+    lamb_phase2_cpu(p2, step, c, step_sizes);
     first = last;
   }
 }

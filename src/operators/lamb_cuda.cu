@@ -63,7 +63,7 @@ struct TensorEntry {
   void* lowp;
   int64_t n;
   int64_t first_chunk;
-  double lr, wd, step_count;
+  double lr, wd, decay, step_count;
   int64_t count_slot, stat_row;
   int grad_dtype;
   int flags;
@@ -315,7 +315,7 @@ __global__ void coeffs_kernel(const TensorEntry* table, int n, CoeffsArgs a,
     const double scale =
         a.grad_sumsq != nullptr ? gradient_scale(multiplier, a.grad_sumsq[e.stat_row], a.clipnorm)
                                 : multiplier;
-    coeffs[t] = tensor_coeffs<T>(a.params, count, e.lr, e.wd, scale);
+    coeffs[t] = tensor_coeffs<T>(a.params, count, e.lr, e.wd, scale, e.decay);
   }
   if (!advance) return;
   __syncthreads();
@@ -354,6 +354,7 @@ __device__ __forceinline__ void phase1_chunk(const TensorEntry& e, int64_t begin
     if (vmax != nullptr) load(vmax, i, count, vector, vm);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
+      w[k] = decayed(w[k], c);  // (the weight itself without decoupled decay)
       u[k] = vmax != nullptr ? phase1_element(w[k], g[k], &m[k], &v[k], &vm[k], s, c)
                              : phase1_element(w[k], g[k], &m[k], &v[k], s, c);
       if (k < count) {
@@ -417,8 +418,7 @@ __global__ void norms_kernel(const TensorEntry* table, int n, const double* cont
 
 template <typename T, typename L>
 __device__ __forceinline__ void phase2_chunk(const TensorEntry& e, int64_t begin, int64_t end,
-                                             const TensorCoeffs<T>& c, T step,
-                                             const EmaCoeffs<T>& ema) {
+                                             const TensorCoeffs<T>& c, T step) {
   const T* weight = static_cast<const T*>(e.weight);
   T* weight_out = static_cast<T*>(e.weight_out);
   const T* mean = static_cast<const T*>(e.mean);
@@ -434,8 +434,8 @@ __device__ __forceinline__ void phase2_chunk(const TensorEntry& e, int64_t begin
     if (average != nullptr) load(average, i, count, vector, avg);
 #pragma unroll
     for (int k = 0; k < kVec; ++k) {
-      w[k] = phase2_element(w[k], m[k], v[k], c, step);
-      if (average != nullptr) avg[k] = moving_average(avg[k], w[k], ema);
+      w[k] = phase2_element(decayed(w[k], c), m[k], v[k], c, step);
+      if (average != nullptr) avg[k] = moving_average(avg[k], w[k], c.ema);
     }
     store(weight_out, i, count, vector, w);
     if (average != nullptr) store(average, i, count, vector, avg);
@@ -451,7 +451,7 @@ __device__ __forceinline__ void phase2_chunk(const TensorEntry& e, int64_t begin
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
     phase2_kernel(ChunkArgs a, StepCoeffs<T> step, const TensorCoeffs<T>* coeffs,
-                  const double* sumsq, EmaCoeffs<T> ema, int lowp_dtype) {
+                  const double* sumsq, int lowp_dtype) {
   if (skipped(a.control)) return;
   for (int64_t c = blockIdx.x; c < a.num_chunks; c += gridDim.x) {
     const int t = tensor_of(a.first_chunk, a.num_tensors, c);
@@ -461,11 +461,11 @@ __global__ void __launch_bounds__(kBlock)
     const int64_t begin = (c - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
     if (e.lowp == nullptr) {
-      phase2_chunk<T, void>(e, begin, end, tc, size, ema);
+      phase2_chunk<T, void>(e, begin, end, tc, size);
     } else if (lowp_dtype == MXLAMB_BFLOAT16) {
-      phase2_chunk<T, __nv_bfloat16>(e, begin, end, tc, size, ema);
+      phase2_chunk<T, __nv_bfloat16>(e, begin, end, tc, size);
     } else {
-      phase2_chunk<T, __half>(e, begin, end, tc, size, ema);
+      phase2_chunk<T, __half>(e, begin, end, tc, size);
     }
   }
 }
@@ -583,6 +583,7 @@ cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
     first_chunk += chunks_of(e->n);
     e->lr = g.lrs != nullptr ? g.lrs[t] : 0.0;
     e->wd = g.wds != nullptr ? g.wds[t] : 0.0;
+    e->decay = g.decays != nullptr ? g.decays[t] : 0.0;
     e->step_count = g.step_counts != nullptr ? g.step_counts[t] : 1.0;
     e->count_slot = g.count_slots != nullptr ? g.count_slots[t] : 0;
     e->stat_row = g.stat_rows != nullptr ? g.stat_rows[t] : 0;
@@ -673,8 +674,7 @@ cudaError_t run_group(const MxlambCudaGroup& g, int stages, double* sumsq, const
   }
   const int grid = grid_for(phase2_kernel<T>, l.num_chunks);
   if ((stages & kPhase2) && grid > 0) {
-    phase2_kernel<T><<<grid, kBlock, 0, stream>>>(a, step, coeffs, sumsq,
-                                                   ema_coeffs<T>(g.ema_momentum), g.lowp_dtype);
+    phase2_kernel<T><<<grid, kBlock, 0, stream>>>(a, step, coeffs, sumsq, g.lowp_dtype);
     if (cudaError_t err = cudaGetLastError()) return err;
   }
   return cudaSuccess;

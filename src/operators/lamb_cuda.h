@@ -10,7 +10,7 @@
  * waits for the device, so a whole step can be captured in a CUDA graph.
  *
  * Every option of the CPU operators is here, with the CPU's semantics (lamb_op.cc): AMSGrad,
- * the weight EMA, the gradient statistics (per-tensor multipliers and the skip of a non-finite
+ * decoupled weight decay, the weight EMA (its momentum in params), the gradient statistics (per-tensor multipliers and the skip of a non-finite
  * step, from mxlamb_cuda_grad_stats' control and grad_sumsq), device step counts, per-tensor
  * lr, wd, step count and layer adaptation, Keras' epsilon, float64 weights. The host passes the
  * double hyper-parameters and per-tensor host values; each tensor's coefficients are made on
@@ -68,6 +68,7 @@ struct MxlambCudaGroup {
   const int64_t* sizes;         /* elements per tensor; NULL: all 0 (trust-ratio read-out) */
   const double* lrs;
   const double* wds;
+  const double* decays;         /* decoupled weight decay (Keras') per tensor; NULL: none */
   const double* step_counts;    /* the host's t (>= 1) per tensor, where counts is NULL */
   const int64_t* count_slots;   /* each tensor's row of counts */
   const int64_t* stat_rows;     /* each tensor's row of grad_sumsq */
@@ -75,7 +76,6 @@ struct MxlambCudaGroup {
   mxlamb::LambParams params;
   double rescale_grad;          /* the gradient multiplier where control is NULL */
   double clipnorm;              /* per-tensor clipping (needs grad_sumsq); <= 0: off */
-  double ema_momentum;
   const double* control;        /* (2,) [multiplier, apply] from mxlamb_cuda_grad_stats */
   const double* grad_sumsq;     /* (P,) from mxlamb_cuda_grad_stats */
   double* counts;               /* applied-step counts: phase 1 adds 1, phase 2 reads */

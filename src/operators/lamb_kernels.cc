@@ -58,12 +58,20 @@ MXLAMB_INLINE void accumulate_squares(const T* x, double* acc) {
   }
 }
 
-template <bool kAmsgrad, typename T>
+// kDecay: the tensor's decay is decoupled (Keras' weight_decay); the weight is read through
+// decayed(). A template parameter, so that the plain loops are what they were.
+template <bool kDecay, typename T>
+MXLAMB_INLINE T weight_at(const T* __restrict__ w, int64_t i, const TensorCoeffs<T>& tensor) {
+  return kDecay ? decayed(w[i], tensor) : w[i];
+}
+
+template <bool kAmsgrad, bool kDecay, typename T>
 MXLAMB_INLINE T phase1_at(int64_t i, T grad, const T* __restrict__ w, T* __restrict__ m,
                           T* __restrict__ v, T* __restrict__ v_max, const StepCoeffs<T>& step,
                           const TensorCoeffs<T>& tensor) {
-  if (kAmsgrad) return phase1_element(w[i], grad, &m[i], &v[i], &v_max[i], step, tensor);
-  return phase1_element(w[i], grad, &m[i], &v[i], step, tensor);
+  const T weight = weight_at<kDecay>(w, i, tensor);
+  if (kAmsgrad) return phase1_element(weight, grad, &m[i], &v[i], &v_max[i], step, tensor);
+  return phase1_element(weight, grad, &m[i], &v[i], step, tensor);
 }
 
 // Block conversions between a storage type and float, kSumLanes values at a time. The generic
@@ -131,7 +139,7 @@ MXLAMB_INLINE void narrow_block<half_t>(const float* src, half_t* dst) {
 #endif
 
 // T is the math type, GradT the gradient's storage type (T itself, or float16 for float). kAmsgrad is a template parameter so that the plain loop has no per-element branch.
-template <typename T, typename GradT, bool kAmsgrad>
+template <typename T, typename GradT, bool kAmsgrad, bool kDecay>
 void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor,
                  double* weight_sumsq, double* update_sumsq) {
   const T* __restrict__ w = s.weight;
@@ -142,22 +150,32 @@ void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const Tensor
   double acc_w[kSumLanes] = {};
   double acc_u[kSumLanes] = {};
   T u[kSumLanes];
+  T w_decayed[kSumLanes];  // (kDecay: the weights whose norm is taken)
 
   const int64_t body = s.n - s.n % kSumLanes;
   for (int64_t i = 0; i < body; i += kSumLanes) {
     if constexpr (std::is_same<GradT, T>::value) {
       const T* g_math = reinterpret_cast<const T*>(g);
       for (int lane = 0; lane < kSumLanes; ++lane) {
-        u[lane] = phase1_at<kAmsgrad>(i + lane, g_math[i + lane], w, m, v, v_max, step, tensor);
+        u[lane] = phase1_at<kAmsgrad, kDecay>(i + lane, g_math[i + lane], w, m, v, v_max, step,
+                                              tensor);
       }
     } else {
       float g_block[kSumLanes];
       widen_block(g + i, g_block);
       for (int lane = 0; lane < kSumLanes; ++lane) {
-        u[lane] = phase1_at<kAmsgrad>(i + lane, g_block[lane], w, m, v, v_max, step, tensor);
+        u[lane] = phase1_at<kAmsgrad, kDecay>(i + lane, g_block[lane], w, m, v, v_max, step,
+                                              tensor);
       }
     }
-    accumulate_squares(w + i, acc_w);
+    if constexpr (kDecay) {
+      for (int lane = 0; lane < kSumLanes; ++lane) {
+        w_decayed[lane] = weight_at<kDecay>(w, i + lane, tensor);
+      }
+      accumulate_squares(w_decayed, acc_w);
+    } else {
+      accumulate_squares(w + i, acc_w);
+    }
     accumulate_squares(u, acc_u);
   }
   // The tail continues the same lane pattern with zeros in the unused lanes (0^2 adds nothing).
@@ -165,8 +183,9 @@ void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const Tensor
     T w_tail[kSumLanes] = {};
     T u_tail[kSumLanes] = {};
     for (int64_t i = body; i < s.n; ++i) {
-      w_tail[i - body] = w[i];
-      u_tail[i - body] = phase1_at<kAmsgrad>(i, to_float(g[i]), w, m, v, v_max, step, tensor);
+      w_tail[i - body] = weight_at<kDecay>(w, i, tensor);
+      u_tail[i - body] = phase1_at<kAmsgrad, kDecay>(i, to_float(g[i]), w, m, v, v_max, step,
+                                                     tensor);
     }
     accumulate_squares(w_tail, acc_w);
     accumulate_squares(u_tail, acc_u);
@@ -177,9 +196,8 @@ void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const Tensor
 
 // LowT: the storage type of the model weight written beside the master copy (float16, math
 // type float), or T itself where there is none.
-template <typename T, typename LowT, bool kEma>
-void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size,
-                 const EmaCoeffs<T>& ema) {
+template <typename T, typename LowT, bool kEma, bool kDecay>
+void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
   constexpr bool kLowp = !std::is_same<LowT, T>::value;
   const T* w = s.weight;  // may alias w_out: no __restrict__
   T* w_out = s.weight_out;
@@ -188,9 +206,10 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
   const T* __restrict__ v = s.var;
   T* __restrict__ avg = s.average;
   auto element = [&](int64_t i) {
-    const T updated = phase2_element(w[i], m[i], v[i], tensor, step_size);
+    const T updated = phase2_element(weight_at<kDecay>(w, i, tensor), m[i], v[i], tensor,
+                                     step_size);
     w_out[i] = updated;
-    if (kEma) avg[i] = moving_average(avg[i], updated, ema);
+    if (kEma) avg[i] = moving_average(avg[i], updated, tensor.ema);
     return updated;
   };
   int64_t body = 0;
@@ -227,13 +246,22 @@ double grad_sumsq_span(const GradSpan& s) {
   return sum_lanes(acc);
 }
 
+template <typename T, typename GradT, bool kAmsgrad>
+void phase1_decay(const Phase1Span<T>& s, const StepCoeffs<T>& step,
+                  const TensorCoeffs<T>& tensor, double* weight_sumsq, double* update_sumsq) {
+  if (tensor.decoupled) {
+    return phase1_span<T, GradT, kAmsgrad, true>(s, step, tensor, weight_sumsq, update_sumsq);
+  }
+  return phase1_span<T, GradT, kAmsgrad, false>(s, step, tensor, weight_sumsq, update_sumsq);
+}
+
 template <typename T, typename GradT>
 void phase1_typed(const Phase1Span<T>& s, const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor,
                   double* weight_sumsq, double* update_sumsq) {
   if (s.var_max != nullptr) {
-    return phase1_span<T, GradT, true>(s, step, tensor, weight_sumsq, update_sumsq);
+    return phase1_decay<T, GradT, true>(s, step, tensor, weight_sumsq, update_sumsq);
   }
-  return phase1_span<T, GradT, false>(s, step, tensor, weight_sumsq, update_sumsq);
+  return phase1_decay<T, GradT, false>(s, step, tensor, weight_sumsq, update_sumsq);
 }
 
 void phase1(const Phase1Span<float>& s, const StepCoeffs<float>& step,
@@ -252,23 +280,27 @@ void phase1_f64(const Phase1Span<double>& s, const StepCoeffs<double>& step,
   return phase1_typed<double, double>(s, step, tensor, weight_sumsq, update_sumsq);
 }
 
+template <typename T, typename LowT, bool kEma>
+void phase2_decay(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
+  if (tensor.decoupled) return phase2_span<T, LowT, kEma, true>(s, tensor, step_size);
+  return phase2_span<T, LowT, kEma, false>(s, tensor, step_size);
+}
+
 template <typename T, typename LowT>
-void phase2_typed(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size,
-                  const EmaCoeffs<T>& ema) {
-  if (s.average != nullptr) return phase2_span<T, LowT, true>(s, tensor, step_size, ema);
-  return phase2_span<T, LowT, false>(s, tensor, step_size, ema);
+void phase2_typed(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
+  if (s.average != nullptr) return phase2_decay<T, LowT, true>(s, tensor, step_size);
+  return phase2_decay<T, LowT, false>(s, tensor, step_size);
 }
 
 void phase2(const Phase2Span<float>& s, const StepCoeffs<float>&, const TensorCoeffs<float>& tensor,
-            float step_size, const EmaCoeffs<float>& ema) {
-  if (s.model_weight == nullptr) return phase2_typed<float, float>(s, tensor, step_size, ema);
-  return phase2_typed<float, half_t>(s, tensor, step_size, ema);
+            float step_size) {
+  if (s.model_weight == nullptr) return phase2_typed<float, float>(s, tensor, step_size);
+  return phase2_typed<float, half_t>(s, tensor, step_size);
 }
 
 void phase2_f64(const Phase2Span<double>& s, const StepCoeffs<double>&,
-                const TensorCoeffs<double>& tensor, double step_size,
-                const EmaCoeffs<double>& ema) {
-  return phase2_typed<double, double>(s, tensor, step_size, ema);
+                const TensorCoeffs<double>& tensor, double step_size) {
+  return phase2_typed<double, double>(s, tensor, step_size);
 }
 
 double grad_sumsq(const GradSpan& s) {

@@ -55,10 +55,10 @@ using Phase1Fn = void (*)(const Phase1Span<T>& span, const StepCoeffs<T>& step,
                           const TensorCoeffs<T>& tensor, double* weight_sumsq,
                           double* update_sumsq);
 // Phase 2 on a span: w <- w - step_size * u, u recomputed from mean and var.
-// With span.average set, also avg <- mu avg + (1 - mu) w.
+// With span.average set, also avg <- mu avg + (1 - mu) w (the tensor's EMA coefficients).
 template <typename T>
 using Phase2Fn = void (*)(const Phase2Span<T>& span, const StepCoeffs<T>& step,
-                          const TensorCoeffs<T>& tensor, T step_size, const EmaCoeffs<T>& ema);
+                          const TensorCoeffs<T>& tensor, T step_size);
 // sum(grad^2) of a span, in double (same lanes and order as the phase-1 sums).
 using GradSumsqFn = double (*)(const GradSpan& span);
 

@@ -6,6 +6,7 @@
 // nothing else computes a moment, a raw update, a trust ratio or a coefficient.
 //
 // Stages, named after the paper:
+//   (Keras)  w <- w - w * decay * lr  (decoupled decay) -> decayed
 //   phase 1  g = clip(grad_scale * grad)              -> scaled_grad
 //            m = b1 m + (1-b1) g,  v = b2 v + (1-b2) g^2   -> update_moments
 //            (AMSGrad: v' = max(v', v), used in place of v) -> amsgrad_var
@@ -14,7 +15,7 @@
 //   norms    r1 = ||w|| (clamped to [lower, upper]), r2 = ||u||
 //   phase 2  w <- w - lr * trust_ratio(r1, r2) * u      -> apply_update, step_size
 //            u recomputed and applied to one element      -> phase2_element
-//            avg <- mu avg + (1 - mu) w  (weight EMA)     -> moving_average
+//            avg <- mu avg + (1 - mu) w  (weight EMA)     -> moving_average, ema_of
 //
 // grad_scale is rescale_grad times whatever the step's gradient statistics ask for (loss
 // unscaling, global and per-tensor norm clipping, 1/N for accumulated gradients): see
@@ -54,6 +55,8 @@ struct LambParams {
   double upper_bound = -1.0;    // <= 0: ||w|| not clamped from above
   bool bias_correction = true;
   bool epsilon_hat = false;     // Keras' epsilon, see step_epsilon
+  double ema_momentum = 0.99;   // the weight EMA's (where the caller keeps one)
+  double ema_first_step = 1.0;  // the step count t of a tensor's first update, see ema_of
 };
 
 // Hyper-parameters shared by every tensor of one step.
@@ -69,6 +72,13 @@ struct StepCoeffs {
   double upper_bound;
 };
 
+// Exponential moving average of the weights, after the update: avg = mu avg + (1 - mu) w.
+template <typename T>
+struct EmaCoeffs {
+  T momentum;
+  T one_minus_momentum;  // from double
+};
+
 // Per-tensor values: they differ inside one group (lr_mult, wd_mult, per-index step counts,
 // per-tensor gradient clipping).
 template <typename T>
@@ -77,8 +87,14 @@ struct TensorCoeffs {
   T inv_bias2;   // 1 / (1 - beta2^t), from double; 1 when bias correction is off
   T epsilon;     // see step_epsilon
   T grad_scale;  // see gradient_scale
-  T wd;
+  T wd;          // weight decay inside u (MXNet's): scaled by the trust ratio
   double lr;     // kept in double: step_size forms lr * trust_ratio in double, rounds once
+  // Decoupled weight decay (Keras'): w <- w - w * decay * decay_lr before the step; see
+  // decayed. decoupled is false where decay is 0, and w is then read as it is.
+  T decay;
+  T decay_lr;
+  bool decoupled;
+  EmaCoeffs<T> ema;  // this step's, see ema_of
 };
 
 // Bias correction 1 / (1 - beta^t) in double (1 when off).
@@ -100,11 +116,20 @@ MXLAMB_HD StepCoeffs<T> step_coeffs(const LambParams& p) {
                        static_cast<T>(p.clip_gradient), p.lower_bound, p.upper_bound};
 }
 
-// One tensor's coefficients at its step count (the t of beta^t, >= 1), with its lr, wd and
-// gradient multiplier (gradient_scale).
+// The EMA of a tensor's update with step count t: the first update (t = ema_first_step, the
+// count the tensor starts from plus one) sets the average to the weights (momentum 0, as Keras
+// does); every later one moves it by the momentum.
+template <typename T>
+MXLAMB_HD EmaCoeffs<T> ema_of(const LambParams& p, double step_count) {
+  const double momentum = step_count == p.ema_first_step ? 0.0 : p.ema_momentum;
+  return EmaCoeffs<T>{static_cast<T>(momentum), static_cast<T>(1.0 - momentum)};
+}
+
+// One tensor's coefficients at its step count (the t of beta^t, >= 1), with its lr, wd,
+// gradient multiplier (gradient_scale) and decoupled decay (0: none).
 template <typename T>
 MXLAMB_HD TensorCoeffs<T> tensor_coeffs(const LambParams& p, double step_count, double lr,
-                                        double wd, double grad_scale) {
+                                        double wd, double grad_scale, double decay = 0.0) {
   const double inv_bias2 = inverse_bias(p.beta2, step_count, p.bias_correction);
   TensorCoeffs<T> c;
   c.inv_bias1 = static_cast<T>(inverse_bias(p.beta1, step_count, p.bias_correction));
@@ -113,6 +138,10 @@ MXLAMB_HD TensorCoeffs<T> tensor_coeffs(const LambParams& p, double step_count, 
   c.grad_scale = static_cast<T>(grad_scale);
   c.wd = static_cast<T>(wd);
   c.lr = lr;
+  c.decay = static_cast<T>(decay);
+  c.decay_lr = static_cast<T>(lr);
+  c.decoupled = decay != 0.0;
+  c.ema = ema_of<T>(p, step_count);
   return c;
 }
 
@@ -196,6 +225,14 @@ MXLAMB_HD void update_moments(T g, T* mean, T* var, const StepCoeffs<T>& s) {
 template <typename T>
 MXLAMB_HD T amsgrad_var(T var_max, T var) { return var <= var_max ? var_max : var; }
 
+// The weight a step starts from: with decoupled decay (Keras' weight_decay) the decayed
+// weight w - w * decay * lr, in Keras' order of operations; it is the weight whose norm the
+// trust ratio takes and the one the update is applied to. Without, the weight itself.
+template <typename T>
+MXLAMB_HD T decayed(T weight, const TensorCoeffs<T>& t) {
+  return t.decoupled ? weight - weight * t.decay * t.decay_lr : weight;
+}
+
 // Epsilon is added outside the square root, and weight decay is part of u (as in MXNet), so
 // it is scaled by the trust ratio too.
 template <typename T>
@@ -260,22 +297,10 @@ MXLAMB_HD T apply_update(T weight, T update, T step) {
 }
 
 // Phase 2 of one element: the updated weight, from u recomputed out of the updated moments
-// (var: the running max under AMSGrad).
+// (var: the running max under AMSGrad). `weight` is decayed(w) where decay is decoupled.
 template <typename T>
 MXLAMB_HD T phase2_element(T weight, T mean, T var, const TensorCoeffs<T>& t, T step) {
   return apply_update(weight, raw_update(weight, mean, var, t), step);
-}
-
-// Exponential moving average of the weights, after the update: avg = mu avg + (1 - mu) w.
-template <typename T>
-struct EmaCoeffs {
-  T momentum;
-  T one_minus_momentum;  // from double
-};
-
-template <typename T>
-MXLAMB_HD EmaCoeffs<T> ema_coeffs(double momentum) {
-  return EmaCoeffs<T>{static_cast<T>(momentum), static_cast<T>(1.0 - momentum)};
 }
 
 template <typename T>

@@ -33,9 +33,11 @@ bool parse_step(const OpTable& op, const Attrs& attrs, StepAttrs* s) {
   s->multi_precision = r.flag("multi_precision");
   s->rescale_grad = r.number("rescale_grad", s->rescale_grad);
   s->clipnorm = r.number("clipnorm", s->clipnorm);
-  s->ema_momentum = r.number("ema_momentum", s->ema_momentum);
+  p.ema_momentum = r.number("ema_momentum", p.ema_momentum);
+  p.ema_first_step = r.number("ema_first_step", p.ema_first_step);
   s->lrs = r.numbers("lrs", n);
   s->wds = r.numbers("wds", n);
+  s->decays = r.given("decays") ? r.numbers("decays", n) : std::vector<double>(n, 0.0);
   s->layer_adaptation = r.flags("layer_adaptation", n);
   if (l.has(Slot::kCounts)) {
     s->count_slots = r.numbers("count_slots", n);
@@ -204,7 +206,7 @@ void phase1_typed(const StepAttrs& s, const Group& g, double multiplier, double*
         g.grad_sumsq != nullptr
             ? gradient_scale(multiplier, g.grad_sumsq[g.stat_rows[t]], s.clipnorm)
             : multiplier;
-    coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], grad_scale);
+    coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], grad_scale, s.decays[t]);
     spans[t] = Phase1Span<T>{as<T>(a.weight), a.grad, as<T>(a.mean), as<T>(a.var),
                              as<T>(a.vmax), a.size, a.grad_dtype};
   }
@@ -246,13 +248,14 @@ void phase2_typed(const StepAttrs& s, const Group& g) {
     // Phase 1 has already counted this step in the device counts. The gradient multiplier
     // plays no part in phase 2.
     const double count = g.counts != nullptr ? g.counts[g.count_slots[t]] : s.step_counts[t];
-    coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], s.rescale_grad);
+    coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], s.rescale_grad,
+                                 s.decays[t]);
     step_sizes[t] = step_size(step, coeffs[t], g.sumsq[2 * t], g.sumsq[2 * t + 1],
                               s.layer_adaptation[t]);
     spans[t] = Phase2Span<T>{as<T>(a.weight), as<T>(a.weight_out), as<half_t>(a.model),
                              as<T>(a.mean), as<T>(a.var), as<T>(a.average), a.size};
   }
-  lamb_phase2_cpu(spans, step, coeffs, step_sizes, ema_coeffs<T>(s.ema_momentum));
+  lamb_phase2_cpu(spans, step, coeffs, step_sizes);
 }
 
 MXReturnValue phase2_forward(const Attrs& attrs, std::vector<MXTensor>* in,
@@ -281,7 +284,8 @@ void step_typed(const StepAttrs& s, const Group& g, double* sumsq) {
   std::vector<Phase2Span<T>> second(n);
   for (int t = 0; t < n; ++t) {
     const TensorArrays& a = g.tensors[t];
-    coeffs[t] = tensor_coeffs<T>(s.params, s.step_counts[t], s.lrs[t], s.wds[t], s.rescale_grad);
+    coeffs[t] = tensor_coeffs<T>(s.params, s.step_counts[t], s.lrs[t], s.wds[t], s.rescale_grad,
+                                 s.decays[t]);
     first[t] = Phase1Span<T>{as<T>(a.weight), a.grad, as<T>(a.mean), as<T>(a.var), nullptr,
                              a.size, a.grad_dtype};
     second[t] = Phase2Span<T>{as<T>(a.weight), as<T>(a.weight), as<half_t>(a.model),

@@ -26,7 +26,10 @@
 // w is the float32 or float64 weight, or under multi_precision the float32 master copy (then
 // g is the float16 or float32 gradient, phase 2 updates the master in place and writes the
 // rounded float16 model weight to out, and mxlamb_step updates w16). Per-tensor values (lrs,
-// wds, step_counts, layer_adaptation, stat_rows, count_slots) are comma-separated lists.
+// wds, decays, step_counts, layer_adaptation, stat_rows, count_slots) are comma-separated lists.
+// decays is Keras' decoupled weight decay (w <- w - w * decay * lr before the step, outside the
+// trust ratio), where wds is MXNet's (inside u); ema_first_step is the step count t of a
+// tensor's first update, whose average is the weight itself (lamb_math.h's ema_of).
 //
 // The optional arrays, each switched on by an attribute:
 //   amsgrad=1           vmax per tensor (phase 1 updates it; phase 2 gets it as its v)
@@ -179,11 +182,11 @@ struct StepAttrs {
   bool multi_precision = false;
   double rescale_grad = 1.0;
   double clipnorm = -1.0;            // per-tensor gradient clipping (needs has_stats); <= 0: off
-  double ema_momentum = 0.99;
   int64_t moments_offset = 0;        // where the packed moments begin
   int64_t flat_offset = 0;           // where tensor 0 begins in the flat arrays
   std::vector<int64_t> flat_sizes;   // each tensor's elements, where the arrays are flat
   std::vector<double> lrs, wds;
+  std::vector<double> decays;        // decoupled weight decay per tensor (Keras'); all 0: off
   std::vector<double> step_counts;   // the host's counts, where the device keeps none
   std::vector<double> stat_rows;     // each tensor's row of grad_sumsq
   std::vector<double> count_slots;   // each tensor's row of counts

@@ -67,7 +67,6 @@ struct CudaGroup {
     group.params = s.params;
     group.rescale_grad = s.rescale_grad;
     group.clipnorm = s.clipnorm;
-    group.ema_momentum = s.ema_momentum;
     group.control = decoded.control;
     group.grad_sumsq = decoded.grad_sumsq;
     group.counts = decoded.counts;
@@ -90,6 +89,7 @@ struct CudaGroup {
     group.sizes = data_or_null(sizes);
     group.lrs = data_or_null(s.lrs);
     group.wds = data_or_null(s.wds);
+    group.decays = data_or_null(s.decays);
     group.step_counts = data_or_null(s.step_counts);
     group.count_slots = data_or_null(decoded.count_slots);
     group.stat_rows = data_or_null(decoded.stat_rows);
