@@ -331,8 +331,8 @@ GOLDEN = {
     "global_clipnorm-step": ("6d7d725c5acb2cef", "9bcc0c0b1298892d", "e9d2a887953533d5"),
     "clipnorm-fused": ("603a24e3456d9373", "43731ac2684ccd5b", "01febd702b8f71d9"),
     "clipnorm-step": ("603a24e3456d9373", "43731ac2684ccd5b", "01febd702b8f71d9"),
-    "ema-fused": ("8a15ffada683e124", "7a2fd9cceae42294", "1440118ecdaf6947"),
-    "ema-step": ("8a15ffada683e124", "7a2fd9cceae42294", "1440118ecdaf6947"),
+    "ema-fused": ("45782a9b2da0ff91", "1f21b1d3caa1e551", "e7c13b45d89d36ae"),
+    "ema-step": ("45782a9b2da0ff91", "1f21b1d3caa1e551", "e7c13b45d89d36ae"),
     "accumulation-fused": ("448206d380c3eab4", "96ceb3de9b17426b", "91110bca90421eda"),
     "accumulation-step": ("448206d380c3eab4", "96ceb3de9b17426b", "91110bca90421eda"),
     "loss_scale_factor-fused": ("6773eaa293228d0f", "88d42f8d36bbf504", "2222a4a418814c81"),
@@ -349,7 +349,7 @@ GOLDEN = {
     "adamw-amsgrad-step": ("f062320b41880120", "00e37c13cfb003c8", "75c1e662dd67088d"),
     "adamw-amsgrad-fp16-mp-fused": ("c864fb371a277163", "cea59bea0158b189", "75c1e662dd67088d"),
     "adamw-amsgrad-fp16-mp-step": ("c864fb371a277163", "cea59bea0158b189", "75c1e662dd67088d"),
-    "trainer-fp32-skip-ema-accum": ("22e1591b4c5b9530", "6ac7e6da056f76a4", "b8ccc53139e4ac0a"),
+    "trainer-fp32-skip-ema-accum": ("22e1591b4c5b9530", "de449ebaaa648d40", "b8ccc53139e4ac0a"),
     "trainer-fp16-mp-loss_scaler": ("91728a5dc6934bcf", "b073ddcb8825b4a2", "9b71bca7e878cb08"),
 }
 
