@@ -92,3 +92,10 @@ rss: $(STAMP)
 
 clean:
 	rm -rf build dist mxlamb/libmxlamb.so *.egg-info $(MX2_VENV)
+
+# Re-record tests/data/keras_trajectories.npz from the real Keras 3 Lamb/AdamW (JAX, CPU) in .venv-keras.
+.PHONY: keras-reference
+keras-reference:
+	test -x .venv-keras/bin/python || $(PYTHON) -m venv .venv-keras
+	.venv-keras/bin/python -m pip install -q keras==3.15.1 'jax[cpu]' numpy
+	KERAS_BACKEND=jax .venv-keras/bin/python tests/keras_reference/record.py --out tests/data/keras_trajectories.npz

@@ -33,11 +33,11 @@ from .adamw import AdamW
 from .checkpoint import convert_lamb, load_states, save_states
 from .lamb import LAMB, TrustRatios
 from .loss_scaler import LossScaler
-from . import contrib
+from . import contrib, keras
 from .contrib import dist
 
 __all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states",
-           "convert_lamb", "ContiguousTrainer", "contrib", "dist"]
+           "convert_lamb", "ContiguousTrainer", "contrib", "dist", "keras"]
 
 # Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point.
 Optimizer.opt_registry["lamb"] = LAMB

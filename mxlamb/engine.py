@@ -304,7 +304,9 @@ class Engine:
         for row, index in enumerate(indices):
             name = opt._name_of(index)
             name = name if isinstance(name, str) else ""
-            if any(p.search(name) for p in options.exclude_from_weight_decay):
+            param = opt.param_dict.get(index)
+            if (any(p.search(name) for p in options.exclude_from_weight_decay)
+                    or any(param is p for p in options.exclude_parameters)):
                 excluded.add(row)
             adapt.append(options.layer_adaptation and not any(
                 p.search(name) for p in options.exclude_from_layer_adaptation))

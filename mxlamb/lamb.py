@@ -106,9 +106,14 @@ class LAMB(Optimizer):
     clipnorm : float or None
         Clip each gradient to this L2 norm (after global_clipnorm).
     use_ema, ema_momentum, ema_overwrite_frequency : bool, float in [0, 1), int or None
-        Keep ``avg = ema_momentum * avg + (1 - ema_momentum) * w`` after every applied step;
-        every ``ema_overwrite_frequency`` applied steps the weights are replaced by it. See
-        :meth:`finalize_variable_values` and :meth:`averaged_weights`.
+        Keras' weight average: a parameter's first update sets it to the weights, every
+        later call moves it, ``avg = ema_momentum * avg + (1 - ema_momentum) * w`` (also a
+        call that only accumulates a gradient), and the weights are replaced by it after the
+        calls that belong to every ``ema_overwrite_frequency``-th update (as Keras counts
+        them). See :meth:`finalize_variable_values` and :meth:`averaged_weights`. (The
+        options named after Keras mean what Keras means; mxlamb's LAMB keeps MXNet's meanings
+        for MXNet's own arguments, ``wd`` inside the trust ratio among them: for Keras'
+        decoupled ``weight_decay`` use :class:`mxlamb.keras.Lamb`.)
     gradient_accumulation_steps : int or None
         Sum gradients over N calls and apply one update with their mean on every N-th; the
         learning-rate schedule sees every call, the bias-correction count t only updates.
@@ -145,6 +150,8 @@ class LAMB(Optimizer):
     arXiv:1904.00962.
     """
 
+    _ema_momentum_closed = False  # (ema_momentum in [0, 1): mxlamb.keras takes 1 too)
+
     def __init__(self, learning_rate=0.001, beta1=0.9, beta2=0.999, epsilon=1e-6,
                  lower_bound=None, upper_bound=None, bias_correction=True,
                  aggregate_num=numpy.inf,
@@ -166,7 +173,8 @@ class LAMB(Optimizer):
             beta1, beta2, epsilon, lower_bound, upper_bound, bias_correction, global_clipnorm,
             clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
             gradient_accumulation_steps, loss_scale_factor, loss_scaler, skip_nonfinite,
-            exclude_from_weight_decay, exclude_from_layer_adaptation)
+            exclude_from_weight_decay, exclude_from_layer_adaptation,
+            ema_momentum_closed=self._ema_momentum_closed)
         groups = aggregation(aggregate_num)
         use_fused_step = flag("use_fused_step", use_fused_step)
         _check_optimizer_kwargs(kwargs)

@@ -145,7 +145,8 @@ class Options:
     def validated(cls, beta1, beta2, epsilon, lower_bound, upper_bound, bias_correction,
                   global_clipnorm, clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
                   gradient_accumulation_steps, loss_scale_factor, loss_scaler, skip_nonfinite,
-                  exclude_from_weight_decay, exclude_from_layer_adaptation, **adamw):
+                  exclude_from_weight_decay, exclude_from_layer_adaptation,
+                  ema_momentum_closed=False, **adamw):
         """Options from the user's arguments, or ValueError naming the argument and value."""
         from .loss_scaler import LossScaler
 
@@ -170,7 +171,8 @@ class Options:
             global_clipnorm=positive_or_none("global_clipnorm", global_clipnorm),
             clipnorm=positive_or_none("clipnorm", clipnorm),
             use_ema=flag("use_ema", use_ema),
-            ema_momentum=number("ema_momentum", ema_momentum, 0.0, 1.0, high_open=True),
+            ema_momentum=number("ema_momentum", ema_momentum, 0.0, 1.0,
+                                high_open=not ema_momentum_closed),
             ema_overwrite_frequency=count_or_none("ema_overwrite_frequency",
                                                   ema_overwrite_frequency),
             gradient_accumulation_steps=count_or_none("gradient_accumulation_steps",

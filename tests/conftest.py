@@ -103,7 +103,7 @@ def isa(request):
 # Each test file's tier (pytest.ini's markers): `pytest -m unit`, `-m integration`,
 # `-m system`. A new file must be listed here (pytest_collection_modifyitems refuses it).
 TIERS = {
-    "unit": ["test_adamw.py", "test_cuda.py", "test_ema.py", "test_float64_options.py",
+    "unit": ["test_adamw.py", "test_cuda.py", "test_keras.py", "test_ema.py", "test_float64_options.py",
              "test_fuzz.py", "test_golden.py", "test_gradient_options.py", "test_grouping.py",
              "test_operators.py", "test_optimizer.py", "test_portability.py",
              "test_validation.py"],

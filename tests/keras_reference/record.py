@@ -18,7 +18,11 @@ Output: numpy.savez_compressed with
     "<case>/weight/<s>/<k>"         variable k after step s
     "<case>/average/<s>/<k>"        its moving average after step s (only with use_ema)
     "<case>/lr"                     float(opt.learning_rate) read before each apply(), (steps,)
-    "<case>/iterations"             int(opt.iterations) after each apply(), (steps,)
+    "<case>/iterations"             int(opt._iterations) after each apply(), (steps,): every call
+                                    counts, accumulating or not
+    "<case>/iterations_public"      int(opt.iterations) after each apply(): the same, floor-divided
+                                    by gradient_accumulation_steps where that is set (what update
+                                    steps use for bias correction and EMA)
 """
 import argparse
 import io
@@ -164,14 +168,15 @@ def record_case(index, name, kind, kwargs, exclude, extra, arrays):
     for k, value in enumerate(inits):
         arrays[f"{name}/init/{k}"] = value
     grad_rng = np.random.RandomState(seed + 10000)
-    lrs, iterations = [], []
+    lrs, iterations, public_iterations = [], [], []
     for s in range(steps):
         grads = _gradients(grad_rng, s, grad_scale, extra.get("all_zero", False))
         if loss_scale is not None:
             grads = [(g * np.float32(loss_scale)).astype(np.float32) for g in grads]
         lrs.append(float(opt.learning_rate))
         opt.apply([g.copy() for g in grads], variables)
-        iterations.append(int(np.asarray(opt.iterations)))
+        iterations.append(int(np.asarray(opt._iterations)))
+        public_iterations.append(int(np.asarray(opt.iterations)))
         for k, g in enumerate(grads):
             arrays[f"{name}/grad/{s}/{k}"] = g
         for k, v in enumerate(variables):
@@ -184,6 +189,7 @@ def record_case(index, name, kind, kwargs, exclude, extra, arrays):
                     opt._model_variables_moving_average[k].value, dtype=np.float32)
     arrays[f"{name}/lr"] = np.asarray(lrs, dtype=np.float64)
     arrays[f"{name}/iterations"] = np.asarray(iterations, dtype=np.int64)
+    arrays[f"{name}/iterations_public"] = np.asarray(public_iterations, dtype=np.int64)
 
     meta = {"name": name, "optimizer": kind, "kwargs": kwargs, "exclude": exclude,
             "names": names, "steps": steps, "use_ema": use_ema,
