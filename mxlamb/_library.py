@@ -114,8 +114,28 @@ def _load():
     isa_error = lib.mxlamb_isa_error().decode()
     if isa_error:
         raise ImportError("mxlamb: " + isa_error)
-    library.load(LIBRARY_PATH, verbose=False)
+    before = len(getattr(library, "loaded_libs", ()))
+    try:
+        library.load(LIBRARY_PATH, verbose=False)
+    finally:
+        for holder in getattr(library, "loaded_libs", ())[before:]:
+            holder.__class__ = _MXlibKeptOpen
     return lib
+
+
+class _MXlibKeptOpen(getattr(library, "MXlib", object)):
+    """MXNet 2.0's holder of mxlamb's library, whose __del__ leaves the library loaded.
+
+    MXlib.__del__ runs ``ctypes.CDLL("libdl.so").dlclose(handle)`` at interpreter exit. Only
+    libdl.so.2 exists (glibc 2.34+ ships no libdl.so, even with libc6-dev), so every script
+    ended with "Exception ignored in: <function MXlib.__del__> ... OSError: libdl.so"
+    (issue 25). The dlclose would not unload the library anyway (the ctypes.CDLL in _load
+    holds it open until the process ends), and MXNet 1.x has no holder and never closes it.
+    Only mxlamb's own holder gets this class; other libraries' are left as MXNet made them.
+    """
+
+    def __del__(self):
+        pass
 
 
 native = _load()

@@ -1,6 +1,10 @@
 """MXNet 2.0 (``make test-mxnet2``): Gluon 2.0 with ``mx.np`` arrays and the 2.0 optimizer API
 (``step`` / ``fused_step`` called by the Trainer itself). Every other test module runs on 2.0
 too, except those marked MXNet 1.x only."""
+import os
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
@@ -313,3 +317,23 @@ def test_gluon2_mxlamb_save_states_restores_states_and_counts(tmp_path):
     for x, y in batches[3:]:
         step(x, y)
     assert_identical(after, snapshot(net, trainer))
+
+
+def test_import_leaves_no_libdl_noise_at_exit():
+    """Issue 25: MXNet 2.0's MXlib.__del__ opened "libdl.so" at exit, which glibc 2.34+ does
+    not ship, and every script that imported mxlamb ended with "Exception ignored in:
+    <function MXlib.__del__> ... OSError: libdl.so". mxlamb's holder now keeps the library
+    loaded (it stayed loaded anyway); holders of other libraries are left as MXNet made them."""
+    from mxlamb import _library
+    from mxnet import library
+    ours = [h for h in library.loaded_libs if isinstance(h, _library._MXlibKeptOpen)]
+    assert len(ours) == 1
+    assert all(type(h) is library.MXlib for h in library.loaded_libs if h not in ours)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(mxlamb.__file__)))
+    env = dict(os.environ, MXLAMB_LIBRARY=_library.LIBRARY_PATH,
+               PYTHONPATH=os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, "-c", "import mxlamb"], env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "libdl" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
