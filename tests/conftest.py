@@ -108,7 +108,7 @@ TIERS = {
              "test_operators.py", "test_optimizer.py", "test_portability.py",
              "test_validation.py"],
     "integration": ["test_checkpoint.py", "test_checkpoint_safety.py", "test_compat.py", "test_contiguous.py",
-                    "test_engine.py", "test_exclusions.py", "test_import_errors.py",
+                    "test_docs.py", "test_engine.py", "test_exclusions.py", "test_import_errors.py",
                     "test_integration.py", "test_multi_device.py", "test_mxnet2.py"],
     "system": ["test_bert_example.py", "test_dist.py", "test_horovod.py", "test_long_run.py",
                "test_packaging.py", "test_qemu_cpus.py"],
