@@ -17,7 +17,12 @@ micro-batch split across them, kvstore 'device' with update_on_kvstore=False, ea
 loss its share of the micro-batch's loss, so that the curves equal one device's (with
 ``--dropout 0``; dropout draws other masks on other devices).
 
-Writes ``loss_curves.png`` and ``losses.json`` to ``--out-dir``.
+Writes to ``--out-dir``:
+- ``loss_curves.png``: the masked-LM and next-sentence losses of each optimizer against the
+  step, each curve a moving average over 9 steps (not smoothed if there are fewer steps);
+- ``losses.json``: the raw per-step losses, ``{"args": {...}, "histories": {optimizer:
+  {"mlm": [...], "nsp": [...], "seconds": ...}}}``, one value per optimizer step (the mean over
+  its accumulated micro-batches).
 """
 import argparse
 import collections
@@ -182,27 +187,39 @@ def pretrain(name, vocab, data, args):
     return history
 
 
-def plot(histories, path, args):
+SMOOTHING_STEPS = 9  # the plotted curves are moving averages over this many steps
+
+
+def moving_average(values, width=SMOOTHING_STEPS):
+    """Centred moving average over ``width`` steps (the ends padded with the end values);
+    ``values`` unchanged when there are fewer than ``width``."""
+    values = np.asarray(values)
+    if len(values) < width:
+        return values
+    kernel = np.ones(width) / width
+    return np.convolve(np.pad(values, (width // 2, width // 2), mode="edge"), kernel, "valid")
+
+
+def loss_figure(histories, args):
+    """The two panels of loss_curves.png (masked LM, next sentence) as a matplotlib figure."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    def smooth(values, width=9):
-        values = np.asarray(values)
-        if len(values) < width:
-            return values
-        kernel = np.ones(width) / width
-        return np.convolve(np.pad(values, (width // 2, width // 2), mode="edge"), kernel, "valid")
-
+    steps = len(next(iter(histories.values()))["mlm"])
+    smoothing = ("moving average over %d steps" % SMOOTHING_STEPS
+                 if steps >= SMOOTHING_STEPS else "not smoothed")
     figure, axes = plt.subplots(1, 2, figsize=(11, 4))
     for name, history in histories.items():
         # mxlamb and MXNet's LAMB compute the same update: mxlamb's curve is dashed on top.
         style = {"linestyle": "--", "linewidth": 2.2, "zorder": 3} if name == "mxlamb" else {}
         for axis, key in zip(axes, ("mlm", "nsp")):
-            axis.plot(np.arange(1, len(history[key]) + 1), smooth(history[key]), label=name,
-                      **style)
-    axes[0].set_title("masked LM loss")
-    axes[1].set_title("next-sentence loss")
+            axis.plot(np.arange(1, len(history[key]) + 1), moving_average(history[key]),
+                      label=name, **style)
+    axes[0].set_title("masked LM loss (%s)" % smoothing)
+    axes[0].set_ylabel("cross-entropy per masked token")
+    axes[1].set_title("next-sentence loss (%s)" % smoothing)
+    axes[1].set_ylabel("cross-entropy per sentence pair")
     for axis in axes:
         axis.set_xlabel("optimizer step")
         axis.grid(alpha=0.3)
@@ -210,7 +227,13 @@ def plot(histories, path, args):
     figure.suptitle("tiny BERT (2 layers, 128 units), batch %d x %d accumulated, peak lr %g "
                     "(Adam %g)" % (args.batch_size, args.accumulate, args.lr, args.adam_lr))
     figure.tight_layout()
+    return figure
+
+
+def plot(histories, path, args):
+    figure = loss_figure(histories, args)
     figure.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
     plt.close(figure)
 
 
@@ -226,7 +249,10 @@ def main(argv=None):
     parser.add_argument("--warmup-ratio", type=float, default=0.1)
     parser.add_argument("--optimizers", default=",".join(OPTIMIZERS),
                         help="comma-separated, from %s" % ", ".join(OPTIMIZERS))
-    parser.add_argument("--out-dir", default="bert_out")
+    parser.add_argument("--out-dir", default="bert_out",
+                        help="where loss_curves.png (the curves, moving averages over %d "
+                             "steps) and losses.json (the per-step losses) go"
+                             % SMOOTHING_STEPS)
     parser.add_argument("--devices", type=int, default=1,
                         help="CPU contexts to split each micro-batch across")
     parser.add_argument("--dropout", type=float, default=0.1)
@@ -256,7 +282,9 @@ def main(argv=None):
         print("%-10s last-10%% mean: masked LM %.3f, next sentence %.3f (%.1f s)"
               % (name, np.mean(history["mlm"][-tail:]), np.mean(history["nsp"][-tail:]),
                  history["seconds"]))
-    print("loss curves: %s" % os.path.join(args.out_dir, "loss_curves.png"))
+    print("loss curves: %s, per-step losses: %s"
+          % (os.path.join(args.out_dir, "loss_curves.png"),
+             os.path.join(args.out_dir, "losses.json")))
     return histories
 
 
