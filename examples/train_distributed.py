@@ -55,7 +55,7 @@ def main():
                                 update_on_kvstore=bool(args.update_on_kvstore))
         # Before the first step: rank 0's initial weights everywhere, the optimizer (with
         # the gradient scale of this batch size) on the servers.
-        mxlamb.dist.prepare(trainer, args.global_batch_size)
+        mxlamb.contrib.dist.prepare(trainer, args.global_batch_size)
         rank, workers = trainer._kvstore.rank, trainer._kvstore.num_workers
     if args.global_batch_size % workers:
         raise SystemExit("--global-batch-size %d does not split over %d workers"
@@ -65,8 +65,8 @@ def main():
     # trainer divides by the number of ranks itself: step(this worker's share).
     step_size = share if args.backend == "horovod" else args.global_batch_size
 
-    x_train, y_train = rings(8192, seed=0)
-    x_test, y_test = rings(1024, seed=1)
+    x_train, y_train = rings(8192, np.random.RandomState(0))
+    x_test, y_test = rings(1024, np.random.RandomState(1))
     loss_fn = gluon.loss.SoftmaxCrossEntropyLoss()
     batches = len(x_train) // args.global_batch_size
     bar = tqdm(range(args.epochs), desc="worker %d/%d" % (rank, workers), unit="epoch",

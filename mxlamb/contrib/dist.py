@@ -7,7 +7,7 @@ Launch a job on this machine (scheduler, servers and workers as processes on 127
 and in ``train.py``, before the first forward pass with ``autograd.record()``::
 
     trainer = gluon.Trainer(net.collect_params(), 'lamb', {...}, kvstore='dist_sync')
-    mxlamb.dist.prepare(trainer, batch_size)   # the batch_size you pass to trainer.step
+    mxlamb.contrib.dist.prepare(trainer, batch_size)   # the batch_size you pass to trainer.step
 
 What the launcher does that MXNet's own servers do not:
 
@@ -79,7 +79,7 @@ def launch(command, workers=2, servers=1, port=None, env=None, timeout=None, log
     ``server_command`` runs the scheduler and servers with another command instead (with the
     role in ``DMLC_ROLE``), such as MXNet's own ``python -c "import mxnet"``."""
     if workers < 1 or servers < 1:
-        raise ValueError("mxlamb.dist.launch: workers=%r and servers=%r must both be >= 1"
+        raise ValueError("mxlamb.contrib.dist.launch: workers=%r and servers=%r must both be >= 1"
                          % (workers, servers))
     port = port or _free_port()
     processes = []
@@ -119,10 +119,10 @@ def launch(command, workers=2, servers=1, port=None, env=None, timeout=None, log
                 time.sleep(0.05)
             stragglers = [name for name, proc in processes if proc.poll() is None]
             if stragglers:
-                print("mxlamb.dist: %s did not stop after the workers finished; killed"
+                print("mxlamb.contrib.dist: %s did not stop after the workers finished; killed"
                       % ", ".join(stragglers), file=log)
             return 0
-        print("mxlamb.dist: %s failed with exit code %s; stopping the job"
+        print("mxlamb.contrib.dist: %s failed with exit code %s; stopping the job"
               % failure, file=log)
         return failure[1]
     finally:
@@ -197,10 +197,10 @@ def prepare(trainer, batch_size):
 
     deferred = [param.name for param in trainer._params if param._deferred_init]
     if deferred:
-        raise ValueError("mxlamb.dist.prepare: parameters %s are not initialized yet (deferred "
+        raise ValueError("mxlamb.contrib.dist.prepare: parameters %s are not initialized yet (deferred "
                          "shape inference); run one forward pass first" % ", ".join(deferred))
     if not isinstance(batch_size, numbers.Real) or not batch_size > 0:
-        raise ValueError("mxlamb.dist.prepare: batch_size must be a positive number, not %r"
+        raise ValueError("mxlamb.contrib.dist.prepare: batch_size must be a positive number, not %r"
                          % (batch_size,))
     if not trainer._kv_initialized:
         trainer._check_and_rescale_grad(trainer._scale / batch_size)
