@@ -1,10 +1,11 @@
 """mxlamb: the LAMB optimizer for Apache MXNet on multi-tensor C++ operators.
 
 ``import mxlamb`` loads the operator library and makes ``'lamb'`` mean :class:`mxlamb.LAMB`
-(and ``'adamw'`` :class:`mxlamb.AdamW`) for ``mx.optimizer.create``, ``gluon.Trainer`` and the
-Module API. MXNet's own class stays at ``mxnet.optimizer.optimizer.LAMB``.
+(and, on MXNet 1.x, ``'adamw'`` :class:`mxlamb.AdamW`) for ``mx.optimizer.create``,
+``gluon.Trainer`` and the Module API. MXNet's own class stays at
+``mxnet.optimizer.optimizer.LAMB``; MXNet 2.0's own ``'adamw'`` is left as it is.
 """
-__version__ = "0.3.0"  # the one version number (setup.cfg reads it)
+__version__ = "0.4.0.dev0"  # the one version number (setup.cfg reads it)
 
 # mxlamb leaves MXNet to the user (a dependency would replace mxnet-cu112, mxnet-mkl or a 2.0
 # beta with the CPU mxnet): say so where it is missing, and name the numpy that MXNet needs.
@@ -39,9 +40,14 @@ from .contrib import dist
 __all__ = ["LAMB", "AdamW", "LossScaler", "TrustRatios", "save_states", "load_states",
            "convert_lamb", "ContiguousTrainer", "contrib", "dist", "keras"]
 
-# Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point.
+# Optimizer.register would warn about replacing MXNet's 'lamb'; replacing it is the point: the
+# same arguments mean the same update. 'adamw' is mxlamb's only where MXNet has none (1.x).
+# MXNet 2.0's own AdamW means other things under the same arguments (wd 0 by default and
+# scaled by the bias-corrected rate, epsilon 1e-6, correct_bias), so it keeps its name there:
+# mxlamb.AdamW is then asked for by class, never swapped in behind a name.
 Optimizer.opt_registry["lamb"] = LAMB
-Optimizer.opt_registry["adamw"] = AdamW
+if "adamw" not in Optimizer.opt_registry:
+    Optimizer.opt_registry["adamw"] = AdamW
 
 
 def __getattr__(name):

@@ -5,7 +5,7 @@ import pytest
 from mxnet import gluon
 
 import mxlamb
-from conftest import TOLERANCE, mxnet1_only
+from conftest import MXNET2, TOLERANCE, mxnet1_only
 from reference import ReferenceAdamW, ReferenceStep
 from stepping import assert_close, problem, run_updater, train_alongside
 
@@ -37,10 +37,17 @@ def test_adamw_matches_the_keras_formula(amsgrad, dtype, aggregate_num):
         assert not np.allclose(plain.weight[1], ref.weight[1], rtol=1e-4)
 
 
-def test_adamw_is_registered_and_has_keras_defaults():
-    opt = mx.optimizer.create("adamw")
-    assert isinstance(opt, mxlamb.AdamW)
+def test_adamw_has_keras_defaults_and_its_name_only_where_mxnet_has_none():
+    opt = mxlamb.AdamW()
     assert (opt.epsilon, opt.wd, opt.amsgrad) == (1e-7, 0.004, False)
+    registered = mx.optimizer.create("adamw")
+    if MXNET2:  # MXNet 2.0's AdamW (wd 0, epsilon 1e-6, correct_bias) keeps its name
+        assert type(registered).__module__.startswith("mxnet.")
+        assert not isinstance(registered, mxlamb.AdamW)
+        assert (registered.epsilon, registered.wd) == (1e-6, 0.0)
+    else:
+        assert isinstance(registered, mxlamb.AdamW)
+        assert (registered.epsilon, registered.wd) == (1e-7, 0.004)
 
 
 @mxnet1_only

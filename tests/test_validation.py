@@ -67,7 +67,7 @@ def test_bad_option_values_raise_naming_the_option(option, value):
     with pytest.raises(ValueError, match=option):
         mxlamb.LAMB(**{option: value})
     with pytest.raises(ValueError, match=option):
-        mx.optimizer.create("adamw", **{option: value})
+        mxlamb.AdamW(**{option: value})
 
 
 @pytest.mark.parametrize("kwargs,name", [
