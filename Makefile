@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.mxlamb-built
 
-.PHONY: install demo demo-mlp test test-unit test-integration test-system test-mxnet2 test-packaging bench sanitize rss horovod clean
+.PHONY: install demo demo-mlp test test-unit test-integration test-system test-mxnet2 test-packaging bench peers-venv sanitize rss horovod clean
 
 $(STAMP): setup.py setup.cfg pyproject.toml build_backend.py requirements.txt $(wildcard src/operators/*)
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -52,7 +52,7 @@ $(MX2_STAMP): setup.py requirements-mxnet2.txt $(wildcard src/operators/*)
 
 # The whole suite on MXNet 1.9.1, then again on MXNet 2.0.0b1, then the package as users get it.
 test: $(STAMP) $(if $(HOROVOD_BUILDABLE),$(HVD_STAMP)) $(MX2_STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 	$(MAKE) --no-print-directory test-mxnet2
 	$(MAKE) --no-print-directory test-packaging
 
@@ -61,7 +61,7 @@ test-unit test-integration test-system: test-%: $(STAMP)
 	$(BIN)/python -m pytest -q -m $*
 
 test-mxnet2: $(MX2_STAMP)
-	MXLAMB_LIBRARY=$(CURDIR)/$(MX2_LIB) PYTHONPATH=$(CURDIR) $(MX2_VENV)/bin/python -m pytest -q -p no:cacheprovider
+	MXLAMB_LIBRARY=$(CURDIR)/$(MX2_LIB) PYTHONPATH=$(CURDIR) $(MX2_VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=10
 
 # python -m build (an sdist, then a wheel from it), installed into fresh virtualenvs holding
 # mxnet 1.9.1 and 2.0.0b1 (which must stay), used from outside the source tree and from an
@@ -69,8 +69,30 @@ test-mxnet2: $(MX2_STAMP)
 test-packaging: $(STAMP)
 	MXLAMB_PACKAGING_TESTS=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/test_packaging.py
 
+# The peers bench_step.py compares with, in their own virtualenv (they need numpy 2, .venv has
+# numpy<1.24): CPU-only torch from PyTorch's CPU index where it answers (else PyPI's torch),
+# timm, jax[cpu], optax and Keras 3 (the JAX backend). Then bench_peers.py --check compares
+# each with a float64 NumPy LAMB. Python 3.11 or newer (jax): PEERS_PYTHON=python3.11 to choose.
+PEERS_VENV := .venv-peers
+PEERS_PYTHON ?= $(PYTHON)
+PEERS_STAMP := $(PEERS_VENV)/.peers-installed
+$(PEERS_STAMP):
+	test -x $(PEERS_VENV)/bin/python || $(PEERS_PYTHON) -m venv $(PEERS_VENV)
+	$(PEERS_VENV)/bin/python -m pip install -q --upgrade pip
+	$(PEERS_VENV)/bin/python -m pip install -q --timeout 30 --retries 1 \
+	    --index-url https://download.pytorch.org/whl/cpu torch torchvision \
+	  || $(PEERS_VENV)/bin/python -m pip install -q torch torchvision
+	$(PEERS_VENV)/bin/python -m pip install -q timm 'jax[cpu]' optax keras==3.15.1
+	$(PEERS_VENV)/bin/python benchmarks/bench_peers.py --check
+	touch $@
+
+peers-venv: $(PEERS_STAMP)
+
+# One LAMB step on BERT-base, ResNet-50 and 200x768: mxlamb, MXNet's LAMB, NumPy, the byte bound,
+# and the CPU peers (torch foreach, timm, optax, Keras 3) where `make peers-venv` has made
+# .venv-peers.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_step.py
+	$(BIN)/python benchmarks/bench_step.py $(if $(wildcard $(PEERS_VENV)/bin/python),--peers-python $(PEERS_VENV)/bin/python)
 
 # The operator library built with AddressSanitizer and UndefinedBehaviorSanitizer, and the
 # operator, optimizer, option and fuzz tests run on it (the sanitizer runtimes preloaded into

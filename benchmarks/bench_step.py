@@ -1,25 +1,39 @@
 """One LAMB step on real model parameter sets: mxlamb vs MXNet's LAMB vs NumPy vs the bound.
 
     python benchmarks/bench_step.py [--models bert-base,resnet-50,200x768] [--large]
-                                    [--steps 5] [--json out.json] [--png out.png]
+                                    [--steps 5] [--rounds N] [--json out.json] [--png out.png]
+                                    [--peers-python .venv-peers/bin/python]
 
-In one run it measures a STREAM-like read-modify-write bandwidth with the library's own
-threads, derives the byte bound of a two-pass LAMB step (40 bytes per parameter: read w, g, m, v
-and write m, v; then read w, m, v and write w), and times every implementation with warm-up,
-``mx.nd.waitall()`` before reading the clock, and the median of several steps: through MXNet's
-Updater (the path of gluon.Trainer and Module) and through ``gluon.Trainer.step`` itself and
-``mxlamb.contrib.ContiguousTrainer``'s. Each case of a set under a million parameters
-(sub-millisecond steps, which depend on what ran before and on the machine's other load) is
-timed alone in a fresh process, in 5 alternating rounds, and its lowest round kept. It prints
-a table of medians and ratios; nothing here is asserted.
+In one run it times every implementation with warm-up, ``mx.nd.waitall()`` before reading the
+clock, and the median of several steps: through MXNet's Updater (the path of gluon.Trainer and
+Module) and through ``gluon.Trainer.step`` itself and
+``mxlamb.contrib.ContiguousTrainer``'s. A step's time depends on what its process ran before
+and on the machine's other load, so each case is timed alone in a fresh process, in
+alternating rounds (5 for a set under a million parameters, 3 above; --rounds), and its lowest
+round kept. Each run also measures a STREAM-like read-modify-write bandwidth with the
+library's own threads, just before and after its steps (the machine's bandwidth moves within
+minutes), and its byte bound is the two-pass LAMB step's bytes at that bandwidth: 40 bytes per
+parameter (read w, g, m, v and write m, v; then read w, m, v and write w). The one-call step
+runs both passes over batches of consecutive tensors of about 16 MiB (a larger tensor alone),
+so for the tensors that fit its second pass reads from the cache, and it can go under that
+bound (not under the 28 bytes per parameter that must cross memory). It prints a table of
+medians and ratios; nothing here is asserted.
+
+With --peers-python (default: $MXLAMB_PEERS_PYTHON; `make bench` passes .venv-peers/bin/python
+where `make peers-venv` has made it), each model's table also has the CPU peers a user could
+pick instead, each timed by benchmarks/bench_peers.py in a fresh process of that Python (they
+need numpy 2: not in MXNet's venv) on the same shapes and hyper-parameters: a torch._foreach_*
+LAMB, timm's Lamb, optax's lamb under jax.jit and Keras 3's Lamb on JAX (its weight decay is
+decoupled: see bench_peers.py). They join the alternating rounds (lowest round kept). A peer
+that fails is a row saying why.
 """
 import argparse
 import ctypes
 import functools
-import gc
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -36,8 +50,13 @@ from mxlamb import _library  # noqa: E402
 from param_sets import PARAM_SETS  # noqa: E402
 
 BYTES_PER_PARAM = 40  # two passes, fp32 (and fp16 with an fp32 master: 22 + 18 bytes)
-SMALL_MODEL = 1 << 20  # parameters; below, each case is timed in fresh processes
-ROUNDS = 5
+SMALL_MODEL = 1 << 20  # parameters; below, more rounds, and the floor ratios are printed
+ROUNDS = 5  # alternating rounds of a set under SMALL_MODEL parameters
+LARGE_ROUNDS = 3  # and above (a BERT-base round takes about 3 minutes)
+PEERS_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bench_peers.py")
+# bench_peers.py --impl, and the row's name.
+PEERS = [("torch-foreach", "torch _foreach_ LAMB"), ("timm", "timm Lamb"),
+         ("optax", "optax lamb (jax.jit)"), ("keras", "Keras 3 Lamb (JAX, jit)")]
 
 
 def rmw_bandwidth(n=1 << 26, repeats=7):
@@ -246,20 +265,71 @@ def cases(model, shapes):
 
 
 def time_in_fresh_process(model, case, steps):
-    """Seconds per step of case number ``case`` of ``model``, timed in a new Python."""
+    """{"seconds": per step, "bandwidth": bytes/s around them} of case number ``case`` of
+    ``model``, timed in a new Python."""
     out = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-case",
                           "%s:%d" % (model, case), "--steps", str(steps)],
                          check=True, capture_output=True, text=True).stdout
-    return float(out.split()[-1])
+    seconds, bandwidth = map(float, out.split()[-2:])
+    return {"seconds": seconds, "bandwidth": bandwidth}
+
+
+def time_peer_between_bandwidths(python, model, impl, steps, timeout):
+    """time_peer's run with the bandwidth measured here just before and after it (the peer's
+    process cannot load mxlamb's kernel)."""
+    before = rmw_bandwidth()
+    run = time_peer(python, model, impl, steps, timeout)
+    run["bandwidth"] = max(before, rmw_bandwidth())
+    return run
+
+
+def time_peer(python, model, impl, steps, timeout):
+    """bench_peers.py's JSON for one peer, timed in a fresh ``python``, or {"error": why}."""
+    try:
+        out = subprocess.run([python, PEERS_SCRIPT, "--model", model, "--impl", impl,
+                              "--steps", str(steps)], capture_output=True, text=True,
+                             timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": "timed out after %d s" % timeout}
+    except OSError as e:
+        return {"error": "%s: %s" % (type(e).__name__, e)}
+    if out.returncode != 0:
+        lines = out.stderr.strip().splitlines()
+        return {"error": lines[-1] if lines else "exit status %d" % out.returncode}
+    try:
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (IndexError, ValueError):
+        return {"error": "no JSON line from bench_peers.py: %r" % out.stdout[-200:]}
+
+
+def peer_row(runs):
+    """A result row's fields from a peer's runs (its rounds), the lowest kept; failed where
+    no run gave a time (the first failure ends a peer's rounds)."""
+    times = [r for r in runs if "error" not in r]
+    if not times:
+        return {"seconds": None, "error": runs[-1]["error"], "rounds": None}
+    best = min(times, key=lambda r: r["seconds"])
+    row = {"seconds": best["seconds"], "versions": best.get("versions", {}),
+           "bandwidth": best.get("bandwidth"),
+           "rounds": [r.get("seconds") for r in runs],
+           "round_bandwidths": [r.get("bandwidth") for r in runs]}
+    row.update({k: best[k] for k in ("threads", "device") if k in best})
+    if len(times) < len(runs):
+        row["error"] = runs[-1]["error"]
+    return row
 
 
 def time_case(model, case, steps):
+    """Prints the case's seconds per step and the bandwidth around them: the machine's
+    bandwidth moves within minutes, so each time is set against its own."""
     rng = np.random.RandomState(0)
     shapes = PARAM_SETS[model]()
     weights = [mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes]
     grads = [mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes]
     step = list(cases(model, shapes))[case][1](weights, grads)
-    print(time_steps(step, steps, before=getattr(step, "before", None)))
+    before = rmw_bandwidth()
+    seconds = time_steps(step, steps, before=getattr(step, "before", None))
+    print(seconds, max(before, rmw_bandwidth()))
 
 
 def main():
@@ -269,12 +339,23 @@ def main():
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
     parser.add_argument("--json", help="write the table as JSON here")
     parser.add_argument("--png", help="write a bar chart here")
+    parser.add_argument("--peers-python", default=os.environ.get("MXLAMB_PEERS_PYTHON") or None,
+                        help="a Python with torch, timm, jax, optax and keras (numpy 2) that "
+                        "runs bench_peers.py (default: $MXLAMB_PEERS_PYTHON; none: no peers)")
+    parser.add_argument("--peers-timeout", type=float, default=1200,
+                        help="seconds for each peer's process (jit compilation included)")
+    parser.add_argument("--rounds", type=int, help="alternating rounds per model (default: "
+                        "%d under a million parameters, %d above)" % (ROUNDS, LARGE_ROUNDS))
     parser.add_argument("--time-case", help=argparse.SUPPRESS)  # MODEL:N, in a fresh process
     args = parser.parse_args()
     if args.time_case:
         model, case = args.time_case.split(":")
         return time_case(model, int(case), args.steps)
     models = args.models.split(",") + (["bert-large"] if args.large else [])
+    peers_python = args.peers_python and shutil.which(args.peers_python)
+    if args.peers_python and not peers_python:
+        parser.error("--peers-python %s: no such executable" % args.peers_python)
+    peers = PEERS if peers_python else []
 
     bandwidth = rmw_bandwidth()
     machine = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
@@ -288,43 +369,68 @@ def main():
         pass
     print("machine: %(cpu)s, %(cores)d cores, ISA %(isa)s, %(mxlamb_threads)d mxlamb threads, "
           "mxnet %(mxnet)s" % machine)
-    print("read-modify-write bandwidth: %.1f GB/s" % (bandwidth / 1e9))
+    print("read-modify-write bandwidth at the start: %.1f GB/s" % (bandwidth / 1e9))
+    if peers_python:
+        machine["peers_python"] = peers_python
+        print("peers (torch, timm, optax, Keras): bench_peers.py in %s" % peers_python)
+    else:
+        print("peers (torch, timm, optax, Keras) not measured: `make peers-venv`, then pass "
+              "--peers-python .venv-peers/bin/python (or set MXLAMB_PEERS_PYTHON)")
+
+    def rounds_for(params):
+        return args.rounds or (ROUNDS if params < SMALL_MODEL else LARGE_ROUNDS)
+
+    def params_of(model):
+        return sum(int(np.prod(s)) for s in PARAM_SETS[model]())
 
     results = []
-    rng = np.random.RandomState(0)
-    progress = tqdm(total=sum(len(list(cases(m, PARAM_SETS[m]()))) for m in models),
-                    desc="benchmark", unit="case")
+    # one tick per process run: every case and every peer, once per round
+    progress = tqdm(total=sum(rounds_for(params_of(m))
+                              * (len(list(cases(m, PARAM_SETS[m]()))) + len(peers))
+                              for m in models),
+                    desc="benchmark", unit="run")
     for model in models:
         shapes = PARAM_SETS[model]()
-        weights = [mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes]
-        grads = [mx.nd.array(rng.randn(*s).astype(np.float32)) for s in shapes]
-        params = sum(w.size for w in weights)
+        params = params_of(model)
         named = list(cases(model, shapes))
-        if params < SMALL_MODEL:
-            # Sub-millisecond steps depend on what the process ran before (after MXNet's own
-            # LAMB every small step here ran up to 1.7x slower, the floor too) and on the
-            # machine's other load: each case runs alone in a fresh process, in ROUNDS
-            # alternating rounds, and each case keeps its lowest round (a median of its steps).
-            timings = [[] for _ in named]
-            for _ in range(ROUNDS):
-                for case, timing in enumerate(timings):
-                    timing.append(time_in_fresh_process(model, case, args.steps))
-            medians = [min(t) for t in timings]
-            rounds = timings
-            progress.update(len(named))
-        else:
-            medians, rounds = [], [None] * len(named)
-            for _, make in named:
-                step = make(weights, grads)
-                medians.append(time_steps(step, args.steps, before=getattr(step, "before", None)))
-                del step
-                gc.collect()  # (a Trainer case holds a copy of the model: free it before the next)
+        # A step's time depends on what its process ran before (after MXNet's own LAMB every
+        # small step ran up to 1.7x slower, the floor too) and on the machine's other load
+        # (its memory bandwidth moved by 1.5x between runs of one afternoon): each case runs
+        # alone in a fresh process, in alternating rounds, and keeps its lowest round (a
+        # median of its steps). Each run measures the bandwidth just before and after its
+        # steps (the peers: this process, around theirs), and its byte bound is taken at that
+        # bandwidth. The peers (each a fresh process of the peers' Python) join the rounds.
+        rounds_here = rounds_for(params)
+        timings = [[] for _ in named]
+        peer_runs = [[] for _ in peers]
+        for _ in range(rounds_here):
+            for case, timing in enumerate(timings):
+                timing.append(time_in_fresh_process(model, case, args.steps))
                 progress.update(1)
-        for (name, _), seconds, each in zip(named, medians, rounds):
-            results.append({"model": model, "case": name, "params": params, "seconds": seconds,
-                            "rounds": each,
-                            "bound_seconds": BYTES_PER_PARAM * params / bandwidth})
+            for (impl, _), runs in zip(peers, peer_runs):
+                if not runs or "error" not in runs[-1]:
+                    runs.append(time_peer_between_bandwidths(peers_python, model, impl,
+                                                             args.steps, args.peers_timeout))
+                progress.update(1)
+        for (name, _), timing in zip(named, timings):
+            best = min(timing, key=lambda run: run["seconds"])
+            results.append({"model": model, "case": name, "params": params,
+                            "seconds": best["seconds"], "bandwidth": best["bandwidth"],
+                            "rounds": [run["seconds"] for run in timing],
+                            "round_bandwidths": [run["bandwidth"] for run in timing]})
+        for (impl, name), runs in zip(peers, peer_runs):
+            results.append(dict({"model": model, "case": name, "params": params, "peer": impl},
+                                **peer_row(runs)))
     progress.close()
+    measured = [b for r in results for b in r.get("round_bandwidths") or [r.get("bandwidth")]
+                if b]
+    machine["rmw_bandwidth_GBps"] = max(measured) / 1e9
+    machine["rmw_bandwidth_GBps_range"] = [min(measured) / 1e9, max(measured) / 1e9]
+    for r in results:
+        if r.get("bandwidth"):
+            r["bound_seconds"] = BYTES_PER_PARAM * r["params"] / r["bandwidth"]
+    print("read-modify-write bandwidth around the runs: %.1f to %.1f GB/s"
+          % tuple(machine["rmw_bandwidth_GBps_range"]))
 
     print()
     header = "%-11s %-48s %10s %9s %9s %9s" % ("model", "implementation", "median", "vs MXNet",
@@ -336,15 +442,19 @@ def main():
         builtin = next(r["seconds"] for r in rows if r["case"] == "MXNet LAMB (aggregation 45)")
         numpy_s = next(r["seconds"] for r in rows if r["case"] == "NumPy LAMB")
         for r in rows:
+            if r["seconds"] is None:
+                print("%-11s %-48s failed: %s" % (model, r["case"], r["error"]))
+                continue
             r["speedup_vs_mxnet"] = builtin / r["seconds"]
             r["speedup_vs_numpy"] = numpy_s / r["seconds"]
             r["ratio_to_bound"] = r["seconds"] / r["bound_seconds"]
             print("%-11s %-48s %8.2fms %8.1fx %8.1fx %8.2fx" % (
                 model, r["case"], r["seconds"] * 1e3, r["speedup_vs_mxnet"],
                 r["speedup_vs_numpy"], r["ratio_to_bound"]))
-        print("%-11s %-48s %8.2fms   (%d parameters, %d bytes each at %.1f GB/s)" % (
-            model, "byte bound", rows[0]["bound_seconds"] * 1e3, rows[0]["params"],
-            BYTES_PER_PARAM, bandwidth / 1e9))
+        print("%-11s %-48s %8.2fms   (%d parameters, %d bytes each at %.1f GB/s, the "
+              "highest; each row against the bandwidth around its own run)" % (
+                  model, "byte bound", BYTES_PER_PARAM * rows[0]["params"] / max(measured) * 1e3,
+                  rows[0]["params"], BYTES_PER_PARAM, max(measured) / 1e9))
         # The targets of the small set: the defaults against the Updater's floor, the
         # contiguous Trainer.step against both floors.
         floors = {r["case"]: r["seconds"] for r in rows
@@ -359,6 +469,18 @@ def main():
                 print("%-11s %-48s %8.2fx  %s" % (model, r["case"], r["seconds"] / seconds,
                                                   floor))
 
+    versions = {}
+    for r in results:
+        if r.get("peer") and r["seconds"] is not None:
+            versions.update(r["versions"])
+            extra = ["%d torch threads" % r["threads"]] if "threads" in r else []
+            extra += ["JAX device %s" % r["device"]] if "device" in r else []
+            machine.setdefault("peers", {})[r["peer"]] = ", ".join(extra)
+    if versions:
+        print("peers: %s; %s" % (", ".join("%s %s" % kv for kv in sorted(versions.items())),
+                                 "; ".join(sorted(set(machine["peers"].values())))))
+        machine["peer_versions"] = versions
+
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"machine": machine, "results": results}, f, indent=2)
@@ -368,9 +490,10 @@ def main():
         import matplotlib.pyplot as plt
         fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 4.5), squeeze=False)
         for ax, model in zip(axes[0], models):
-            rows = [r for r in results if r["model"] == model]
+            rows = [r for r in results if r["model"] == model and r["seconds"] is not None]
             ax.barh([r["case"] for r in rows], [r["seconds"] * 1e3 for r in rows])
-            ax.axvline(rows[0]["bound_seconds"] * 1e3, color="k", ls="--", label="byte bound")
+            ax.axvline(BYTES_PER_PARAM * rows[0]["params"] / max(measured) * 1e3, color="k",
+                       ls="--", label="byte bound (highest bandwidth)")
             ax.set_xscale("log")
             ax.set_xlabel("ms per step (log)")
             ax.set_title("%s (%.1fM parameters)" % (model, rows[0]["params"] / 1e6))
