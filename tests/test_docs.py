@@ -67,3 +67,31 @@ def test_block_runs_as_written(code, tmp_path):
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           universal_newlines=True, timeout=300)
     assert done.returncode == 0, done.stdout[-4000:]
+
+
+def anchors(path):
+    """The anchors a Git host makes of a Markdown file's headings."""
+    found = set()
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if line.startswith("#"):
+                title = line.lstrip("#").strip().lower()
+                title = re.sub(r"[^\w\- ]", "", title)
+                found.add(title.replace(" ", "-"))
+    return found
+
+
+@pytest.mark.parametrize("path", documents(), ids=lambda p: os.path.relpath(p, ROOT))
+def test_relative_links_lead_somewhere(path):
+    text = open(path, encoding="utf-8").read()
+    broken = []
+    for target in re.findall(r"\]\(([^)\s]+)\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue  # https:, mailto:
+        file_part, _, anchor = target.partition("#")
+        linked = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) if file_part else path
+        if not os.path.exists(linked):
+            broken.append(target)
+        elif anchor and linked.endswith(".md") and anchor not in anchors(linked):
+            broken.append(target)
+    assert not broken, "%s links to what is not there: %s" % (os.path.relpath(path, ROOT), broken)
