@@ -61,7 +61,8 @@ def _keras_arguments(owner, learning_rate, clipnorm, clipvalue, global_clipnorm,
                      ema_momentum, ema_overwrite_frequency, loss_scale_factor,
                      gradient_accumulation_steps, name, kwargs):
     """Keras' own checks, as ValueErrors naming the argument and the value; returns the
-    learning_rate and lr_scheduler MXNet's Optimizer takes, and the MXNet kwargs."""
+    keyword arguments of mxlamb's optimizer that the Keras arguments and the MXNet kwargs
+    mean (all but the betas, epsilon and weight decay)."""
     for key in kwargs:
         if key in _RESPELLED:
             raise ValueError("%s: %s is spelled %s here (Keras' name), got %s=%r"
@@ -85,13 +86,20 @@ def _keras_arguments(owner, learning_rate, clipnorm, clipvalue, global_clipnorm,
     if not isinstance(name, str):
         raise ValueError("%s: name must be a string, got %r" % (owner, name))
     if isinstance(learning_rate, _lr_scheduler.LRScheduler):
-        return None, learning_rate, dict(kwargs)
-    if callable(learning_rate):
-        return None, CallSchedule(learning_rate), dict(kwargs)
-    if not isinstance(learning_rate, numbers.Real) or isinstance(learning_rate, bool):
+        lr, scheduler = None, learning_rate
+    elif callable(learning_rate):
+        lr, scheduler = None, CallSchedule(learning_rate)
+    elif not isinstance(learning_rate, numbers.Real) or isinstance(learning_rate, bool):
         raise ValueError("%s: learning_rate must be a number, an MXNet LRScheduler or a callable "
                          "of the number of calls so far, got %r" % (owner, learning_rate))
-    return learning_rate, None, dict(kwargs)
+    else:
+        lr, scheduler = learning_rate, None
+    return dict(kwargs, learning_rate=lr, lr_scheduler=scheduler,
+                clip_gradient=_off_at_zero(clipvalue), clipnorm=_off_at_zero(clipnorm),
+                global_clipnorm=_off_at_zero(global_clipnorm), use_ema=use_ema,
+                ema_momentum=ema_momentum, ema_overwrite_frequency=ema_overwrite_frequency,
+                loss_scale_factor=loss_scale_factor,
+                gradient_accumulation_steps=gradient_accumulation_steps)
 
 
 class _KerasMixin:
@@ -145,19 +153,12 @@ class Lamb(_KerasMixin, _LAMB):
                  use_ema=False, ema_momentum=0.99, ema_overwrite_frequency=None,
                  loss_scale_factor=None, gradient_accumulation_steps=None, name="lamb",
                  **kwargs):
-        lr, scheduler, mx_kwargs = _keras_arguments(
+        options = _keras_arguments(
             "Lamb", learning_rate, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
             ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name,
             kwargs)
-        super().__init__(learning_rate=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
-                         wd=0.0 if weight_decay is None else weight_decay,
-                         clip_gradient=_off_at_zero(clipvalue), clipnorm=_off_at_zero(clipnorm),
-                         global_clipnorm=_off_at_zero(global_clipnorm), use_ema=use_ema,
-                         ema_momentum=ema_momentum,
-                         ema_overwrite_frequency=ema_overwrite_frequency,
-                         loss_scale_factor=loss_scale_factor,
-                         gradient_accumulation_steps=gradient_accumulation_steps,
-                         lr_scheduler=scheduler, **mx_kwargs)
+        super().__init__(beta1=beta_1, beta2=beta_2, epsilon=epsilon,
+                         wd=0.0 if weight_decay is None else weight_decay, **options)
         self._keras_options(name)
         self.weight_decay = weight_decay
 
@@ -175,18 +176,11 @@ class AdamW(_KerasMixin, _AdamW):
         if weight_decay is None or isinstance(weight_decay, bool) or not isinstance(
                 weight_decay, numbers.Real):
             raise ValueError("AdamW: weight_decay must be a float, got %r" % (weight_decay,))
-        lr, scheduler, mx_kwargs = _keras_arguments(
+        options = _keras_arguments(
             "AdamW", learning_rate, clipnorm, clipvalue, global_clipnorm, use_ema, ema_momentum,
             ema_overwrite_frequency, loss_scale_factor, gradient_accumulation_steps, name,
             kwargs)
-        super().__init__(learning_rate=lr, beta1=beta_1, beta2=beta_2, epsilon=epsilon,
-                         weight_decay=weight_decay, amsgrad=amsgrad,
-                         clip_gradient=_off_at_zero(clipvalue), clipnorm=_off_at_zero(clipnorm),
-                         global_clipnorm=_off_at_zero(global_clipnorm), use_ema=use_ema,
-                         ema_momentum=ema_momentum,
-                         ema_overwrite_frequency=ema_overwrite_frequency,
-                         loss_scale_factor=loss_scale_factor,
-                         gradient_accumulation_steps=gradient_accumulation_steps,
-                         lr_scheduler=scheduler, **mx_kwargs)
+        super().__init__(beta1=beta_1, beta2=beta_2, epsilon=epsilon,
+                         weight_decay=weight_decay, amsgrad=amsgrad, **options)
         self._keras_options(name)
         self.weight_decay = weight_decay
