@@ -101,12 +101,18 @@ def _refuse(path, what):
 
 # ------------------------------------------------------------------------------ saving
 
+def _class_of(optimizer):
+    """The optimizer's class with its module: MXNet 2.0's own AdamW and mxlamb.AdamW (or
+    MXNet's LAMB and mxlamb.LAMB) share a name, not the states' meaning."""
+    return "%s.%s" % (type(optimizer).__module__, type(optimizer).__qualname__)
+
+
 def _layout(optimizer):
     """What shapes an optimizer's states (the file's "layout", compared at load)."""
     if not isinstance(optimizer, LAMB):
-        return {"class": type(optimizer).__name__}
+        return {"class": _class_of(optimizer)}
     options = optimizer.options
-    return {"class": type(optimizer).__name__, "state": options.state_layout,
+    return {"class": _class_of(optimizer), "state": options.state_layout,
             "amsgrad": options.amsgrad, "use_ema": options.use_ema,
             "gradient_accumulation_steps": options.gradient_accumulation_steps,
             "loss_scaler": options.loss_scaler is not None,

@@ -163,7 +163,8 @@ def test_an_unwritable_target_leaves_no_temporary_file(tmp_path):
      r"gradient_accumulation_steps=None, and gradients are pending"),
     ({"use_ema": True}, {}, r"saved with use_ema=True, this optimizer has use_ema=False "
                             r"\(its weight averages would be lost"),
-    ({}, {"optimizer": mxlamb.AdamW}, r"it was saved by LAMB, this optimizer is AdamW"),
+    ({}, {"optimizer": mxlamb.AdamW},
+     r"it was saved by mxlamb.lamb.LAMB, this optimizer is mxlamb.adamw.AdamW"),
 ])
 def test_a_file_saved_with_other_options_is_refused_with_nothing_changed(tmp_path, saved,
                                                                           loading, match):
@@ -182,6 +183,33 @@ def test_a_file_saved_with_other_options_is_refused_with_nothing_changed(tmp_pat
                        r".*nothing was loaded"):
         mxlamb.load_states(trainer, path)
     assert_unchanged(before, snapshot(trainer))
+
+
+class AdamW(mx.optimizer.Adam):
+    """Another optimizer of mxlamb.AdamW's name and state structure ((mean, var)), as MXNet
+    2.0's own AdamW is."""
+
+
+def test_a_file_of_mxlambs_adamw_into_another_adamw_is_refused(tmp_path):
+    """Regression: classes were compared by name only, so a file of mxlamb.AdamW loaded into
+    MXNet 2.0's AdamW (what 'adamw' names there), whose states have the same structure, and
+    that run went on under the other update."""
+    path = str(tmp_path / "s")
+    saved_run(path, {}, optimizer=mxlamb.AdamW)
+    others = [AdamW(learning_rate=LR)]
+    if "adamw" in mx.optimizer.Optimizer.opt_registry and not isinstance(
+            mx.optimizer.create("adamw"), mxlamb.AdamW):  # MXNet 2.0
+        others.append(mx.optimizer.create("adamw", learning_rate=LR))
+    for other in others:
+        net = net_of(seed=3)
+        trainer = gluon.Trainer(net.collect_params(), other)
+        fixed_step(net, trainer, 0)
+        before = snapshot(trainer)
+        with pytest.raises(ValueError, match=r"saved by mxlamb.adamw.AdamW, this optimizer is "
+                                             + type(other).__module__.replace(".", r"\.")
+                                             + r"\.AdamW"):
+            mxlamb.load_states(trainer, path)
+        assert_unchanged(before, snapshot(trainer))
 
 
 def test_amsgrad_on_one_side_only_is_refused(tmp_path):

@@ -319,6 +319,27 @@ def test_gluon2_mxlamb_save_states_restores_states_and_counts(tmp_path):
     assert_identical(after, snapshot(net, trainer))
 
 
+def test_gluon2_adamw_is_mxnets_and_refuses_a_file_of_mxlambs_adamw(tmp_path):
+    """'adamw' is MXNet 2.0's own AdamW here (mxlamb registers the name only where MXNet has
+    none). Regression: a file of mxlamb.AdamW, whose states have the same structure, loaded
+    into it as if it were the same optimizer (classes were compared by name)."""
+    assert type(mx.optimizer.create("adamw")).__module__.startswith("mxnet.")
+    path = str(tmp_path / "states")
+    trainer, _ = train(make_net(), mxlamb.AdamW(learning_rate=0.01), steps=2)
+    mxlamb.save_states(trainer, path)
+    net = make_net(seed=1)
+    trainer, _ = train(net, mx.optimizer.create("adamw", learning_rate=0.01), steps=2)
+    before = [[a.asnumpy() for a in state] for state in trainer._updaters[0].states.values()]
+    with pytest.raises(ValueError, match=r"saved by mxlamb\.adamw\.AdamW, this optimizer is "
+                                         r"mxnet\..*AdamW.*nothing was loaded"):
+        mxlamb.load_states(trainer, path)
+    after = [[a.asnumpy() for a in state] for state in trainer._updaters[0].states.values()]
+    assert len(before) == len(after)
+    for old, new in zip(before, after):
+        for a, b in zip(old, new):
+            np.testing.assert_array_equal(a, b)
+
+
 def test_import_leaves_no_libdl_noise_at_exit():
     """Issue 25: MXNet 2.0's MXlib.__del__ opened "libdl.so" at exit, which glibc 2.34+ does
     not ship, and every script that imported mxlamb ended with "Exception ignored in:
