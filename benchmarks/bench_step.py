@@ -267,10 +267,13 @@ def cases(model, shapes):
 def time_in_fresh_process(model, case, steps):
     """{"seconds": per step, "bandwidth": bytes/s around them} of case number ``case`` of
     ``model``, timed in a new Python."""
-    out = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-case",
-                          "%s:%d" % (model, case), "--steps", str(steps)],
-                         check=True, capture_output=True, text=True).stdout
-    seconds, bandwidth = map(float, out.split()[-2:])
+    done = subprocess.run([sys.executable, os.path.abspath(__file__), "--time-case",
+                           "%s:%d" % (model, case), "--steps", str(steps)],
+                          capture_output=True, text=True)
+    if done.returncode != 0:  # a row saying why, not a lost run
+        lines = done.stderr.strip().splitlines() or ["no output"]
+        return {"error": "exit code %d: %s" % (done.returncode, lines[-1])}
+    seconds, bandwidth = map(float, done.stdout.split()[-2:])
     return {"seconds": seconds, "bandwidth": bandwidth}
 
 
@@ -302,18 +305,17 @@ def time_peer(python, model, impl, steps, timeout):
         return {"error": "no JSON line from bench_peers.py: %r" % out.stdout[-200:]}
 
 
-def peer_row(runs):
-    """A result row's fields from a peer's runs (its rounds), the lowest kept; failed where
-    no run gave a time (the first failure ends a peer's rounds)."""
+def row_of(runs):
+    """A result row's fields from a case's or a peer's runs (its rounds), the lowest kept;
+    failed where no run gave a time (the first failure ends its rounds)."""
     times = [r for r in runs if "error" not in r]
     if not times:
         return {"seconds": None, "error": runs[-1]["error"], "rounds": None}
     best = min(times, key=lambda r: r["seconds"])
-    row = {"seconds": best["seconds"], "versions": best.get("versions", {}),
-           "bandwidth": best.get("bandwidth"),
+    row = {"seconds": best["seconds"], "bandwidth": best.get("bandwidth"),
            "rounds": [r.get("seconds") for r in runs],
            "round_bandwidths": [r.get("bandwidth") for r in runs]}
-    row.update({k: best[k] for k in ("threads", "device") if k in best})
+    row.update({k: best[k] for k in ("versions", "threads", "device") if k in best})
     if len(times) < len(runs):
         row["error"] = runs[-1]["error"]
     return row
@@ -335,7 +337,7 @@ def time_case(model, case, steps):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="bert-base,resnet-50,200x768")
-    parser.add_argument("--large", action="store_true", help="also BERT-large (335M parameters)")
+    parser.add_argument("--large", action="store_true", help="also BERT-large (336M parameters)")
     parser.add_argument("--steps", type=int, default=5, help="timed steps per case (median)")
     parser.add_argument("--json", help="write the table as JSON here")
     parser.add_argument("--png", help="write a bar chart here")
@@ -405,7 +407,8 @@ def main():
         peer_runs = [[] for _ in peers]
         for _ in range(rounds_here):
             for case, timing in enumerate(timings):
-                timing.append(time_in_fresh_process(model, case, args.steps))
+                if not timing or "error" not in timing[-1]:
+                    timing.append(time_in_fresh_process(model, case, args.steps))
                 progress.update(1)
             for (impl, _), runs in zip(peers, peer_runs):
                 if not runs or "error" not in runs[-1]:
@@ -413,14 +416,11 @@ def main():
                                                              args.steps, args.peers_timeout))
                 progress.update(1)
         for (name, _), timing in zip(named, timings):
-            best = min(timing, key=lambda run: run["seconds"])
-            results.append({"model": model, "case": name, "params": params,
-                            "seconds": best["seconds"], "bandwidth": best["bandwidth"],
-                            "rounds": [run["seconds"] for run in timing],
-                            "round_bandwidths": [run["bandwidth"] for run in timing]})
+            results.append(dict({"model": model, "case": name, "params": params},
+                                **row_of(timing)))
         for (impl, name), runs in zip(peers, peer_runs):
             results.append(dict({"model": model, "case": name, "params": params, "peer": impl},
-                                **peer_row(runs)))
+                                **row_of(runs)))
     progress.close()
     measured = [b for r in results for b in r.get("round_bandwidths") or [r.get("bandwidth")]
                 if b]
@@ -439,8 +439,10 @@ def main():
     print("-" * len(header))
     for model in models:
         rows = [r for r in results if r["model"] == model]
-        builtin = next(r["seconds"] for r in rows if r["case"] == "MXNet LAMB (aggregation 45)")
-        numpy_s = next(r["seconds"] for r in rows if r["case"] == "NumPy LAMB")
+        # "vs MXNet": MXNet's LAMB at its default (4 tensors per call), as the README compares
+        builtin = next(r["seconds"] for r in rows
+                       if r["case"] == "MXNet LAMB (aggregation 4, its default)") or float("nan")
+        numpy_s = next(r["seconds"] for r in rows if r["case"] == "NumPy LAMB") or float("nan")
         for r in rows:
             if r["seconds"] is None:
                 print("%-11s %-48s failed: %s" % (model, r["case"], r["error"]))
@@ -457,10 +459,11 @@ def main():
                   rows[0]["params"], BYTES_PER_PARAM, max(measured) / 1e9))
         # The targets of the small set: the defaults against the Updater's floor, the
         # contiguous Trainer.step against both floors.
-        floors = {r["case"]: r["seconds"] for r in rows
-                  if r["case"].startswith("floor") and r["params"] < SMALL_MODEL}
+        floors = {r["case"]: r["seconds"] for r in rows if r["case"].startswith("floor")
+                  and r["params"] < SMALL_MODEL and r["seconds"] is not None}
         for r in rows:
-            if r["case"] not in ("mxlamb defaults", "mxlamb contiguous, Trainer.step"):
+            if r["case"] not in ("mxlamb defaults", "mxlamb contiguous, Trainer.step") or (
+                    r["seconds"] is None):
                 continue
             for floor, seconds in floors.items():
                 if r["case"] == "mxlamb defaults" and "Updater" not in floor:
@@ -472,7 +475,7 @@ def main():
     versions = {}
     for r in results:
         if r.get("peer") and r["seconds"] is not None:
-            versions.update(r["versions"])
+            versions.update(r.get("versions", {}))
             extra = ["%d torch threads" % r["threads"]] if "threads" in r else []
             extra += ["JAX device %s" % r["device"]] if "device" in r else []
             machine.setdefault("peers", {})[r["peer"]] = ", ".join(extra)
