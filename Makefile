@@ -93,9 +93,9 @@ peers-venv: $(PEERS_STAMP)
 
 # One LAMB step on BERT-base, ResNet-50 and 200x768: mxlamb, MXNet's LAMB, NumPy, the byte bound,
 # and the CPU peers (torch foreach, timm, optax, Keras 3) where `make peers-venv` has made
-# .venv-peers.
+# .venv-peers and checked them.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_step.py $(if $(wildcard $(PEERS_VENV)/bin/python),--peers-python $(PEERS_VENV)/bin/python)
+	$(BIN)/python benchmarks/bench_step.py $(if $(wildcard $(PEERS_STAMP)),--peers-python $(PEERS_VENV)/bin/python)
 
 # The operator library built with AddressSanitizer and UndefinedBehaviorSanitizer, and the
 # operator, optimizer, option and fuzz tests run on it (the sanitizer runtimes preloaded into

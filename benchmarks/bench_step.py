@@ -346,7 +346,12 @@ def main():
                         "runs bench_peers.py (default: $MXLAMB_PEERS_PYTHON; none: no peers)")
     parser.add_argument("--peers-timeout", type=float, default=1200,
                         help="seconds for each peer's process (jit compilation included)")
-    parser.add_argument("--rounds", type=int, help="alternating rounds per model (default: "
+    def positive(text):
+        if not text.isdigit() or int(text) < 1:
+            raise argparse.ArgumentTypeError("must be a positive integer, got %r" % text)
+        return int(text)
+
+    parser.add_argument("--rounds", type=positive, help="alternating rounds per model (default: "
                         "%d under a million parameters, %d above)" % (ROUNDS, LARGE_ROUNDS))
     parser.add_argument("--time-case", help=argparse.SUPPRESS)  # MODEL:N, in a fresh process
     args = parser.parse_args()
