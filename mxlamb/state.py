@@ -26,7 +26,7 @@ from .devices import same_memory
 
 __all__ = ["BFLOAT16", "LOW_PRECISION", "PackedState", "PrecisionState", "MomentSlabs",
            "Slots", "create", "create_side_by_side", "check", "legacy", "dtype_name",
-           "context_of"]
+           "context_of", "is_np_array"]
 
 BFLOAT16 = numpy.dtype(_DTYPE_MX_TO_NP[12])
 LOW_PRECISION = (numpy.dtype(numpy.float16), BFLOAT16)
@@ -79,15 +79,20 @@ Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "av
                                          "packed", "master_at"])
 
 
+def is_np_array(array):
+    """Whether ``array`` is one of MXNet 2.0's ``mx.np`` arrays."""
+    return type(array).__module__.startswith("mxnet.numpy")
+
+
 def legacy(array):
     """MXNet 2.0's Gluon passes ``mx.np`` arrays, and extension operators take legacy
     NDArrays only: the same memory, viewed as one (no copy). Others pass through."""
-    return array.as_nd_ndarray() if type(array).__module__.startswith("mxnet.numpy") else array
+    return array.as_nd_ndarray() if is_np_array(array) else array
 
 
 def context_of(array):
     """An array's context (MXNet 2.0's mx.np arrays call it device, and warn on .context)."""
-    return array.device if type(array).__module__.startswith("mxnet.numpy") else array.context
+    return array.device if is_np_array(array) else array.context
 
 
 def dtype_name(dtype):

@@ -29,7 +29,7 @@ from .._library import native
 from ..lamb import _SCHEDULE_PER_PARAMETER, LAMB
 from ..options import WHOLE_STEP
 from ..ops import FlatGroup, Path, choose_path
-from ..state import check, context_of, legacy
+from ..state import check, context_of, is_np_array, legacy
 
 __all__ = ["ContiguousTrainer", "MAX_ELEMENTS"]
 
@@ -50,10 +50,6 @@ _SET_GRAD_STATE = ctypes.cast(_LIB.MXNDArraySetGradState, ctypes.c_void_p).value
 _WAIT_TO_READ = ctypes.cast(_LIB.MXNDArrayWaitToRead, ctypes.c_void_p).value
 
 
-def _is_np(array):
-    return type(array).__module__.startswith("mxnet.numpy")
-
-
 class FlatBuffers:
     """The flat weight and gradient arrays of one context and dtype, and each member's views
     (mx.np views for MXNet 2.0's Gluon): member k is parameter ``params[k]``'s array on
@@ -69,7 +65,7 @@ class FlatBuffers:
         self.sizes = [int(d.size) for d in datas]
         self.offsets = numpy.cumsum([0] + self.sizes[:-1]).tolist()
         total = sum(self.sizes)
-        np_views = _is_np(datas[0])
+        np_views = is_np_array(datas[0])
         self.weight = _nd.zeros((total,), self.context, dtype=self.dtype)
         self.grad = _nd.zeros((total,), self.context, dtype=self.dtype)
         self.weight_views = self._views(self.weight, datas, np_views)
