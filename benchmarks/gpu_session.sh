@@ -7,6 +7,10 @@
 #
 # steps (default: all, in this order):
 #   build      the CUDA kernels (native_build.py: nvcc, sm_90 + PTX) into build/gpu/;
+#   tune       the kernels built with each chunk size of CHUNKS (log2 elements; the source's
+#              default is one of them) and timed on BERT-base and BERT-large fp32 (mxlamb only,
+#              bench_gpu.py); the fastest BERT-base one-call step's build is the one the later
+#              steps test and time (tune.json, summary.txt say which);
 #   tests      tests/test_cuda.py on that build (the float64 reference, the CPU kernels,
 #              CUDA-graph replay, awkward sizes, bit-identical runs, the grid);
 #   memcheck   compute-sanitizer memcheck over the GPU tests that reach tails, empty tensors and
@@ -16,8 +20,8 @@
 #              torch _foreach, timm, optax and fused AdamW, with the copy bandwidth);
 #   racecheck  compute-sanitizer racecheck over two small GPU tests, with the time left.
 # A rerun after a fix names the steps it needs: `bash benchmarks/gpu_session.sh build tests`.
-# Writes to $OUT (at most 8 files): summary.txt, env.txt, build.log, test_cuda.log,
-# bench_gpu.log, bench_gpu.json, sanitizer.log. Each step runs even when an earlier one fails,
+# Writes to $OUT (at most 10 files): summary.txt, env.txt, build.log, tune.log, tune.json,
+# test_cuda.log, bench_gpu.log, bench_gpu.json, sanitizer.log. Each step runs even when an earlier one fails,
 # if it can; summary.txt lists each step's exit status and the seconds it ended at.
 set -u
 OUT=${OUT:-/tmp/out}
@@ -25,7 +29,8 @@ mkdir -p "$OUT" build/gpu
 export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
 LIB=$PWD/build/gpu/libmxlamb_cuda.so
 BUDGET=${GPU_SESSION_BUDGET:-420}  # seconds for the whole script
-STEPS=${*:-build tests memcheck bench racecheck}
+STEPS=${*:-build tune tests memcheck bench racecheck}
+CHUNKS=${CHUNKS:-12 13 14}
 summary() { echo "$1: exit $2 at ${SECONDS}s" | tee -a "$OUT/summary.txt"; }
 left() { echo $(( BUDGET - SECONDS > 10 ? BUDGET - SECONDS : 10 )); }
 cap() { local l; l=$(left); echo $(( $1 < l ? $1 : l )); }  # min(seconds, time left)
@@ -52,6 +57,38 @@ GPU_TESTS="test_cuda_ and not numpy_model and not compile and not refuses"
 if wants build; then
   timeout "$(cap 90)" python3 -c "import sys; sys.path.insert(0, '.'); import native_build; native_build.compile_cuda_library('$LIB', extra_flags=['-Xptxas', '-v'])" > "$OUT/build.log" 2>&1
   summary build $?
+fi
+
+if wants tune; then
+  for chunk in $CHUNKS; do
+    timeout "$(cap 90)" python3 -c "import sys; sys.path.insert(0, '.'); import native_build; native_build.compile_cuda_library('build/gpu/chunk$chunk/libmxlamb_cuda.so', extra_flags=['-DMXLAMB_CUDA_CHUNK_LOG2=$chunk'])" > "build/gpu/chunk$chunk.log" 2>&1 &
+  done
+  wait
+  for chunk in $CHUNKS; do
+    cat "build/gpu/chunk$chunk.log" >> "$OUT/tune.log"
+    timeout "$(cap 60)" python3 benchmarks/bench_gpu.py --lib "build/gpu/chunk$chunk/libmxlamb_cuda.so" \
+      --peers "" --precisions fp32 --steps 30 --json "build/gpu/chunk$chunk.json" >> "$OUT/tune.log" 2>&1
+    echo "chunk 2^$chunk: exit $?" >> "$OUT/tune.log"
+  done
+  CHOSEN=$(python3 - "$CHUNKS" "$OUT/tune.json" <<'PY'
+import json, sys
+chunks, out = sys.argv[1].split(), sys.argv[2]
+table = {}
+for chunk in chunks:
+    try:
+        rows = json.load(open("build/gpu/chunk%s.json" % chunk))["results"]
+    except (OSError, ValueError, KeyError):
+        continue
+    table[chunk] = {"%s %s" % (r["model"], r["case"]): r.get("seconds") for r in rows}
+key = "bert-base mxlamb step (one call)"
+timed = [c for c in table if table[c].get(key)]
+best = min(timed, key=lambda c: table[c][key]) if timed else ""
+json.dump({"seconds": table, "chosen": best}, open(out, "w"), indent=1)
+print(best)
+PY
+)
+  if [ -n "$CHOSEN" ]; then LIB=$PWD/build/gpu/chunk$CHOSEN/libmxlamb_cuda.so; fi
+  echo "tune: chunk 2^${CHOSEN:-none} chosen at ${SECONDS}s (later steps use $LIB)" | tee -a "$OUT/summary.txt"
 fi
 
 if wants tests; then

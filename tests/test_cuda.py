@@ -12,9 +12,10 @@ extension library), so both are held to the same reference:
 - low-precision model weights: exactly the master copy rounded to nearest even;
 - sums of squares (norms): within 1e-13 relative of NumPy's float64 sums of the same values,
   1e-12 for the 30522 x 768 embedding. The squares of float32 values are exact in double; the
-  GPU adds a thread's 64 values of a chunk in order, then a fixed tree over the block, then the
-  chunks in order: at most 64 + 5 + 8 + (chunks) roundings of 1.1e-16, a worst case of 2e-13
-  for the embedding's 1,431 chunks (about 1e-15 in practice). The CPU adds in 16 lanes, so GPU
+  GPU adds a thread's values of a chunk in order (at most 64), then a fixed tree over the block,
+  then each tensor's chunks in a warp (every 32nd chunk in order per lane, then a shuffle tree):
+  at most 64 + 5 + 8 + 45 + 5 roundings of 1.1e-16 for the embedding's 1,431 chunks of 2^14,
+  a worst case of 1.4e-14 (about 1e-15 in practice). The CPU adds in 16 lanes, so GPU
   and CPU norms agree to that bound and their trust ratios, step sizes and weights to float32
   rounding; the element-wise arithmetic rounds alike (no FMA contraction on either side).
 """

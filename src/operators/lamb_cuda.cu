@@ -20,7 +20,8 @@
 //
 // Reductions are deterministic and independent of the grid size: a chunk's partial sum is a
 // fixed tree over its threads (each summing its elements in order, in double), and a tensor's
-// sum adds its chunk partials in chunk order. No float atomics.
+// sum is a fixed tree over its chunk partials (one warp: each lane adds every 32nd chunk in
+// order, then the lanes in a shuffle tree). No float atomics.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -43,9 +44,15 @@ namespace {
 
 constexpr int kBlock = 256;
 constexpr int kVec = 4;  // elements per thread and step: 16 bytes of float32
-// 16,384 elements: small enough that the last round of chunks leaves few SMs idle (BERT-base
-// is 13 rounds of a full H100 grid), large enough that a chunk's reduction costs nothing.
-constexpr int64_t kChunk = int64_t{1} << 14;
+// 2^MXLAMB_CUDA_CHUNK_LOG2 elements: small enough that the last round of chunks leaves few
+// SMs idle, large enough that a chunk's reduction costs nothing. The sums are a fixed tree for
+// a given chunk size (the tests hold every size to the same reference); the size itself is
+// chosen by measurement (benchmarks/gpu_session.sh's tune step) and built in.
+#ifndef MXLAMB_CUDA_CHUNK_LOG2
+#define MXLAMB_CUDA_CHUNK_LOG2 14
+#endif
+constexpr int64_t kChunk = int64_t{1} << MXLAMB_CUDA_CHUNK_LOG2;
+static_assert(kChunk % (kVec * kBlock) == 0, "a chunk is whole rounds of the block's packs");
 
 // ------------------------------------------------------------------------------ the tables
 
@@ -395,23 +402,46 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Per-tensor norms: the chunk partials of each tensor added in chunk order (NaN: skipped).
+// The sums of one tensor's chunk partials [first, last) (entry `which` of each pair), by one
+// warp: lane l adds chunks l, l + 32, ... in order, then a fixed shuffle tree over the lanes;
+// the result is in lane 0. Independent of the grid, and a warp's loads are independent of
+// each other (one thread adding a 1,431-chunk embedding in order waited on each load in turn).
+__device__ double warp_sum_of_chunks(const double* partials, int64_t first, int64_t last,
+                                     int which) {
+  const int lane = threadIdx.x % 32;
+  double sum = 0.0;
+  for (int64_t c = first + lane; c < last; c += 32) sum += partials[2 * c + which];
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) sum += __shfl_down_sync(0xffffffffu, sum, offset);
+  return sum;
+}
+
+constexpr int kWarpsPerNormsBlock = 4;
+
+// Per-tensor norms, a warp per tensor: the chunk partials of each tensor (NaN: skipped).
 __global__ void norms_kernel(const TensorEntry* table, int n, const double* control,
                              const double* partials, double* sumsq) {
-  const int t = blockIdx.x * blockDim.x + threadIdx.x;
-  if (t >= n) return;
+  const int t = blockIdx.x * kWarpsPerNormsBlock + threadIdx.x / 32;
+  if (t >= n) return;  // (whole warps: t is the same for the 32 lanes)
   double w = 0.0, u = 0.0;
   if (skipped(control)) {
     w = u = CUDART_NAN;
   } else {
     const int64_t first = table[t].first_chunk, last = first + chunks_of(table[t].n);
-    for (int64_t c = first; c < last; ++c) {
-      w += partials[2 * c];
-      u += partials[2 * c + 1];
-    }
+    w = warp_sum_of_chunks(partials, first, last, 0);
+    u = warp_sum_of_chunks(partials, first, last, 1);
   }
-  sumsq[2 * t] = w;
-  sumsq[2 * t + 1] = u;
+  if (threadIdx.x % 32 == 0) {
+    sumsq[2 * t] = w;
+    sumsq[2 * t + 1] = u;
+  }
+}
+
+void launch_norms(const TensorEntry* table, int n, const double* control,
+                  const double* partials, double* sumsq, cudaStream_t stream) {
+  const int blocks = (n + kWarpsPerNormsBlock - 1) / kWarpsPerNormsBlock;
+  norms_kernel<<<blocks, 32 * kWarpsPerNormsBlock, 0, stream>>>(table, n, control, partials,
+                                                                 sumsq);
 }
 
 // ---------------------------------------------------------------------------------- phase 2
@@ -514,16 +544,17 @@ __global__ void __launch_bounds__(kBlock) grad_sumsq_kernel(ChunkArgs a) {
   }
 }
 
-// One block: each gradient's sum from its chunks in order, the total in tensor order (as the
-// CPU adds them), then control and step_state by the CPU's own function.
+// One block: each gradient's sum from its chunks (a warp per gradient, warp_sum_of_chunks), the
+// total in tensor order (as the CPU adds them), then control and step_state by the CPU's own
+// function.
 __global__ void grad_stats_kernel(const TensorEntry* table, int n, const double* partials,
                                   GradStatsParams p, double* grad_sumsq, double* control,
                                   double* step_state) {
-  for (int t = threadIdx.x; t < n; t += blockDim.x) {
-    double sum = 0.0;
+  const int warps = blockDim.x / 32;
+  for (int t = threadIdx.x / 32; t < n; t += warps) {
     const int64_t first = table[t].first_chunk, last = first + chunks_of(table[t].n);
-    for (int64_t c = first; c < last; ++c) sum += partials[2 * c];
-    grad_sumsq[t] = sum;
+    const double sum = warp_sum_of_chunks(partials, first, last, 0);
+    if (threadIdx.x % 32 == 0) grad_sumsq[t] = sum;
   }
   __syncthreads();
   if (threadIdx.x == 0) {
@@ -669,7 +700,7 @@ cudaError_t run_group(const MxlambCudaGroup& g, int stages, double* sumsq, const
   if (stages & kPhase1) {
     const int grid = grid_for(phase1_kernel<T>, l.num_chunks);
     if (grid > 0) phase1_kernel<T><<<grid, kBlock, 0, stream>>>(a, step, coeffs);
-    norms_kernel<<<(n + 127) / 128, 128, 0, stream>>>(table, n, g.control, a.partials, sumsq);
+    launch_norms(table, n, g.control, a.partials, sumsq, stream);
     if (cudaError_t err = cudaGetLastError()) return err;
   }
   const int grid = grid_for(phase2_kernel<T>, l.num_chunks);
