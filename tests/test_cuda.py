@@ -643,7 +643,7 @@ def test_cuda_runs_are_bit_identical(gpu_lib, config):
 @needs_gpu
 def test_cuda_results_do_not_depend_on_the_grid(gpu_lib, monkeypatch):
     """1 block, 7 blocks and the device-sized grid give the same bits (every chunk's sum is
-    the same tree, every tensor's sum adds its chunks in order)."""
+    the same tree, every tensor's sum the same tree over its chunks)."""
     runs = []
     for blocks in ("1", "7", None):
         if blocks is None:
