@@ -248,15 +248,17 @@ class Engine:
         return compiled
 
     def group(self, items, compiled, group_size):
-        """The GroupPlans of a step's ``items``: one weight dtype per operator call (the mode
-        and the output type are per call), then :func:`batches`."""
+        """The GroupPlans of a step's ``items``: one weight dtype and one kind of moments
+        (float, or 8-bit) per operator call (the mode, the output type and the moments' types
+        are per call), then :func:`batches`."""
         by_dtype = collections.OrderedDict()
         for row, item in enumerate(items):
-            by_dtype.setdefault(compiled.dtypes[item[0]], []).append((row, item))
+            kind = (compiled.dtypes[item[0]], item[3].mean_scale is not None)
+            by_dtype.setdefault(kind, []).append((row, item))
         options = self.optimizer.options
         has_stats = options.needs_whole_step
         groups = []
-        for dtype, members in by_dtype.items():
+        for (dtype, _), members in by_dtype.items():
             context = members[0][1][1].context
             path = ops.choose_path(dtype, options, has_stats)
             sizes = [compiled.sizes[item[0]] for _, item in members]

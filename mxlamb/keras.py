@@ -42,7 +42,8 @@ __all__ = ["Lamb", "AdamW"]
 _RESPELLED = {"wd": "weight_decay", "clip_gradient": "clipvalue", "lr_scheduler": "learning_rate",
               "beta1": "beta_1", "beta2": "beta_2"}
 _MXNET_KWARGS = ("rescale_grad", "param_idx2name", "sym", "begin_num_update",
-                 "multi_precision", "param_dict", "aggregate_num", "use_fused_step")
+                 "multi_precision", "param_dict", "aggregate_num", "use_fused_step",
+                 "state_bits")
 
 
 class CallSchedule(_lr_scheduler.LRScheduler):

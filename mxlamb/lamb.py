@@ -131,6 +131,13 @@ class LAMB(Optimizer):
         Regular expressions searched in parameter names (``param_idx2name`` or the Trainer's
         names); a match gets wd 0, or a trust ratio of 1 (a plain Adam step). BERT recipes
         use ``['bias', 'gamma', 'beta', 'LayerNorm']``.
+    state_bits : 32 or 8, default 32
+        8: the moments (and AMSGrad's max) of every tensor of more than 65,536 elements are
+        stored in 8 bits, one byte per element and a float32 scale per block of 256 (a
+        quarter of the moments' memory; smaller tensors keep float32 moments). The step is
+        exact LAMB on the stored values: phase 1 decodes, updates in float32, stores, and
+        takes the norm of the u made from the stored values, which phase 2 applies. Needs
+        float32 weights or master copies, on the CPU. See docs/8bit.md.
     **kwargs
         The usual :class:`mxnet.optimizer.Optimizer` arguments: ``wd`` (>= 0, part of ``u``
         and so scaled by the trust ratio, as in MXNet), ``rescale_grad`` (>= 0),
@@ -159,12 +166,12 @@ class LAMB(Optimizer):
                  ema_momentum=0.99, ema_overwrite_frequency=None,
                  gradient_accumulation_steps=None, loss_scale_factor=None, loss_scaler=None,
                  skip_nonfinite=False, exclude_from_weight_decay=None,
-                 exclude_from_layer_adaptation=None, **kwargs):
+                 exclude_from_layer_adaptation=None, state_bits=32, **kwargs):
         for key in kwargs:
             if key not in OPTIMIZER_KWARGS:
                 raise ValueError("%s: unknown argument %s=%r (it takes learning_rate, beta1, "
                                  "beta2, epsilon, lower_bound, upper_bound, bias_correction, "
-                                 "aggregate_num, use_fused_step, %s, %s)"
+                                 "aggregate_num, use_fused_step, state_bits, %s, %s)"
                                  % (type(self).__name__, key, kwargs[key],
                                     ", ".join(TRAINING_OPTIONS), ", ".join(OPTIMIZER_KWARGS)))
         if learning_rate is not None:
@@ -174,7 +181,7 @@ class LAMB(Optimizer):
             clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
             gradient_accumulation_steps, loss_scale_factor, loss_scaler, skip_nonfinite,
             exclude_from_weight_decay, exclude_from_layer_adaptation,
-            ema_momentum_closed=self._ema_momentum_closed)
+            ema_momentum_closed=self._ema_momentum_closed, state_bits=state_bits)
         groups = aggregation(aggregate_num)
         use_fused_step = flag("use_fused_step", use_fused_step)
         _check_optimizer_kwargs(kwargs)

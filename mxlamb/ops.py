@@ -110,6 +110,11 @@ class GroupCall:
         if multi_precision and dtype in LOW_PRECISION and path is not Path.BFLOAT16:
             model_dtype = numpy.dtype(dtype).name
         attrs = _hyper_attributes(options, len(slots), model_dtype, layer_adaptation)
+        # 8-bit moments (state_bits=8): a group's tensors all have them or none (the engine
+        # groups them so); each moment's block scales follow it.
+        self.quantized = bool(slots) and slots[0].mean_scale is not None
+        if self.quantized:
+            attrs["state_bits"] = 8
         self.ratio_attrs = {key: attrs[key] for key in
                             ("num_tensors", "lower_bound", "upper_bound", "layer_adaptation")
                             if key in attrs}
@@ -142,6 +147,8 @@ class GroupCall:
             inputs += [s.master, g] if packed else [s.master, g, s.mean, s.var]
             if with_model:
                 inputs.append(w)  # the float16 model weight, rounded from the master
+            if self.quantized:
+                inputs += [s.mean_scale, s.var_scale]
         if packed:
             inputs.append(packed[0])
             attrs["moments_offset"] = packed[1]
@@ -154,12 +161,15 @@ class GroupCall:
             phase1 += [s.master, g, s.mean, s.var] + ([s.var_max] if amsgrad else [])
             phase2 += [s.master, s.mean, s.var_max if amsgrad else s.var]
             phase2 += [s.average] if ema else []
+            if self.quantized:
+                phase1 += [s.mean_scale, s.var_scale] + ([s.var_max_scale] if amsgrad else [])
+                phase2 += [s.mean_scale, s.var_max_scale if amsgrad else s.var_scale]
         self.phase1, self.phase2 = phase1, phase2
         self.grad_positions = None
         masters = [s.master for s in slots]
         if self.path is Path.BFLOAT16:
             # The widened gradients are new arrays every step (see _kernel_grad).
-            per_tensor = 5 if amsgrad else 4
+            per_tensor = len(phase1) // len(slots)
             self.grad_positions = [per_tensor * t + 1 for t in range(len(slots))]
             self.casts = list(zip(weights, masters))
             self.out = masters

@@ -140,13 +140,15 @@ class Options:
     decoupled_weight_decay: bool = False
     # Gluon Parameters excluded from weight decay by identity (Keras' var_list).
     exclude_parameters: tuple = ()
+    # 8: the moments of large tensors in 8 bits with a scale per block (lamb_math.h); 32: float.
+    state_bits: int = 32
 
     @classmethod
     def validated(cls, beta1, beta2, epsilon, lower_bound, upper_bound, bias_correction,
                   global_clipnorm, clipnorm, use_ema, ema_momentum, ema_overwrite_frequency,
                   gradient_accumulation_steps, loss_scale_factor, loss_scaler, skip_nonfinite,
                   exclude_from_weight_decay, exclude_from_layer_adaptation,
-                  ema_momentum_closed=False, **adamw):
+                  ema_momentum_closed=False, state_bits=32, **adamw):
         """Options from the user's arguments, or ValueError naming the argument and value."""
         from .loss_scaler import LossScaler
 
@@ -163,7 +165,11 @@ class Options:
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise ValueError("LAMB: loss_scaler must be an mxlamb.LossScaler or None, got %r"
                              % (loss_scaler,))
+        if state_bits not in (8, 32) or isinstance(state_bits, bool):
+            raise ValueError("LAMB: state_bits must be 32 (float32 moments) or 8 (8-bit moments "
+                             "for tensors of more than 65,536 elements), got %r" % (state_bits,))
         return cls(
+            state_bits=int(state_bits),
             beta1=number("beta1", beta1, 0.0, 1.0, high_open=True),
             beta2=number("beta2", beta2, 0.0, 1.0, high_open=True),
             epsilon=epsilon, lower_bound=lower_bound, upper_bound=upper_bound,
@@ -206,10 +212,16 @@ class Options:
 
     @property
     def state_layout(self):
-        """The names of a parameter's state arrays, in order."""
-        names = ["mean", "var"]
+        """The names of a parameter's state arrays, in order, where its moments are float."""
+        return self.layout(quantized=False)
+
+    def layout(self, quantized):
+        """The names of a parameter's state arrays, in order: with 8-bit moments
+        (``quantized``), each moment's codes are followed by its block scales."""
+        scales = ["mean_scale", "var_scale", "var_max_scale"] if quantized else [None] * 3
+        names = [n for n in ("mean", scales[0], "var", scales[1]) if n]
         if self.amsgrad:
-            names.append("var_max")
+            names += [n for n in ("var_max", scales[2]) if n]
         if self.use_ema:
             names.append("average")
         if self.gradient_accumulation_steps is not None:

@@ -1,8 +1,11 @@
 """A parameter's optimizer state: how it is made, and how a step reads it.
 
 A state is what MXNet's Updater keeps for a parameter: a tuple of arrays named by
-``Options.state_layout`` (``mean, var[, var_max][, average][, accum]``), or under
-multi-precision ``(weight32, that tuple)``. The state says itself where its arrays lie:
+``Options.layout`` (``mean, var[, var_max][, average][, accum]``), or under multi-precision
+``(weight32, that tuple)``. With ``state_bits=8`` a tensor of more than 65,536 elements
+(:func:`quantized`) keeps its moments as uint8 codes of its shape, each followed by its float32
+block scales, one per ``BLOCK`` elements (``mean, mean_scale, var, var_scale[, var_max,
+var_max_scale]...``; the codes are lamb_math.h's). The state says itself where its arrays lie:
 
 - :class:`PackedState`, a tuple whose ``mean`` and ``var`` are views side by side in one
   moment slab (``packed``: slab, offset, size). Small parameters get such states, so that a
@@ -26,7 +29,7 @@ from .devices import same_memory
 
 __all__ = ["BFLOAT16", "LOW_PRECISION", "PackedState", "PrecisionState", "MomentSlabs",
            "Slots", "create", "create_side_by_side", "check", "legacy", "dtype_name",
-           "context_of", "is_np_array"]
+           "context_of", "is_np_array", "quantized", "layout_of", "BLOCK"]
 
 BFLOAT16 = numpy.dtype(_DTYPE_MX_TO_NP[12])
 LOW_PRECISION = (numpy.dtype(numpy.float16), BFLOAT16)
@@ -40,6 +43,13 @@ _FLOAT64 = numpy.dtype(numpy.float64)
 # are made).
 PACKED_MAX_ELEMENTS = 1 << 16
 SLAB_ELEMENTS = 1 << 22  # 16 MiB, where param_dict does not tell what the small ones need
+
+# state_bits=8: the elements per block scale (lamb_math.h's kStateBlock), and the smallest
+# tensor whose moments are 8-bit. The smaller ones keep float32 moments (packed in slabs on the
+# CPU, or flat in a ContiguousTrainer): they are a small part of a model's memory.
+BLOCK = 256
+QUANTIZED_MIN_ELEMENTS = PACKED_MAX_ELEMENTS + 1
+_UINT8 = numpy.dtype(numpy.uint8)
 
 
 def _plain(state):
@@ -76,7 +86,33 @@ class PrecisionState(tuple):
 # itself without multi-precision), the moments and the optional arrays; ``packed`` and
 # ``master_at`` as the state said (None where it says nothing).
 Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "average", "accum",
-                                         "packed", "master_at"])
+                                         "packed", "master_at", "mean_scale", "var_scale",
+                                         "var_max_scale"])
+
+
+def quantized(options, size):
+    """Whether a tensor of ``size`` elements keeps 8-bit moments under ``options``."""
+    return options.state_bits == 8 and size >= QUANTIZED_MIN_ELEMENTS
+
+
+def blocks(size):
+    return (size + BLOCK - 1) // BLOCK
+
+
+def layout_of(options, shape, math_dtype):
+    """[(name, dtype, shape)] of the state arrays a parameter of ``shape`` keeps, in order
+    (``math_dtype``: of its float moments and optional arrays)."""
+    size = int(numpy.prod(shape)) if shape else 1
+    q = quantized(options, size)
+    specs = []
+    for name in options.layout(q):
+        if name.endswith("_scale"):
+            specs.append((name, _FLOAT32, (blocks(size),)))
+        elif q and name in ("mean", "var", "var_max"):
+            specs.append((name, _UINT8, tuple(shape)))
+        else:
+            specs.append((name, numpy.dtype(math_dtype), tuple(shape)))
+    return specs
 
 
 def is_np_array(array):
@@ -152,11 +188,11 @@ def _refuse_weight(weight, describe):
                          % (describe(), dtype_name(weight.dtype)))
 
 
-def _optional(weight, options):
+def _optional(weight, options, moments=True):
     """AMSGrad's max of the variance, the weight average (a copy of the weight) and the
-    gradient sum, each when its option is on."""
+    gradient sum, each when its option is on (``moments``: with AMSGrad's max)."""
     extra = []
-    if options.amsgrad:
+    if options.amsgrad and moments:
         extra.append(_zeros(weight))
     if options.use_ema:
         extra.append(weight.copy())
@@ -170,11 +206,30 @@ def create(weight, options, slabs, param_dict, describe):
     zero mean and variance, packed into a slab for a small parameter on the CPU, then the
     optional arrays. ``describe()`` names the parameter in an error."""
     _refuse_weight(weight, describe)
+    if quantized(options, weight.size):
+        return tuple(_quantized_moments(weight, options, describe)
+                     + _optional(weight, options, moments=False))
     if 0 < weight.size <= PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
         # (slabs on the CPU only: the GPU forwards take packed moments, not yet run there)
         mean, var, packed = slabs.allocate(weight, slab_elements(param_dict))
         return PackedState([mean, var] + _optional(weight, options), packed)
     return tuple([_zeros(weight), _zeros(weight)] + _optional(weight, options))
+
+
+def _quantized_moments(weight, options, describe):
+    """Zero 8-bit moments (codes 0, scales 0: the value 0) for a float32 weight on the CPU."""
+    if numpy.dtype(weight.dtype) != _FLOAT32:
+        raise ValueError("%s is %s; state_bits=8 keeps 8-bit moments around float32 arithmetic "
+                         "(float32 weights, or float16/bfloat16 with multi_precision=True)"
+                         % (describe(), dtype_name(weight.dtype)))
+    if weight.context.device_type != "cpu":
+        raise ValueError("%s is on %s; state_bits=8 runs on the CPU operators (the CUDA "
+                         "kernels keep float32 moments)" % (describe(), weight.context))
+    arrays = []
+    for name, dtype, shape in layout_of(options, weight.shape, _FLOAT32):
+        if name in ("mean", "var", "var_max") or name.endswith("_scale"):
+            arrays.append(ndarray.zeros(shape, weight.context, dtype=dtype))
+    return arrays
 
 
 def create_side_by_side(weights, options, multi_precision, describe):
@@ -226,7 +281,8 @@ def check(weight, grad, state, options, multi_precision, refuse):
         refuse("gradient is %s, weight is %s" % (dtype_name(grad.dtype), dtype_name(dtype)))
     if not same_memory(grad.context, weight.context):
         refuse("gradient is on %s, weight on %s" % (grad.context, weight.context))
-    layout = options.state_layout
+    specs = layout_of(options, weight.shape, math_dtype)
+    layout = [name for name, _, _ in specs]
     expected = "(%s)" % ", ".join(layout)
     if multi_precision:
         expected = "(weight32, %s)" % expected
@@ -237,19 +293,29 @@ def check(weight, grad, state, options, multi_precision, refuse):
         refuse("state is not %s" % expected)
     if len(arrays_tuple) != len(layout) or not all(isinstance(a, ndarray.NDArray)
                                                    for a in arrays_tuple + (master,)):
-        refuse("state is not %s (made with other options, or for a weight of another dtype: "
-               "Parameter.cast?)" % expected)
+        refuse("state is not %s (made with other options%s, or for a weight of another dtype: "
+               "Parameter.cast?)" % (expected, "; this optimizer has state_bits=%d"
+                                     % options.state_bits if options.state_bits != 32 else ""))
     named = dict(zip(layout, arrays_tuple))
-    for name, array in [("weight32", master)] + list(named.items()):
-        if (array.shape != weight.shape or numpy.dtype(array.dtype) != math_dtype
+    wanted = [("weight32", master, math_dtype, weight.shape)] + [
+        (name, named[name], dtype, shape) for name, dtype, shape in specs]
+    for name, array, dtype, shape in wanted:
+        if (array.shape != shape or numpy.dtype(array.dtype) != dtype
                 or not same_memory(array.context, weight.context)):
-            refuse("state %s is %s %s on %s, expected %s %s on %s"
+            refuse("state %s is %s %s on %s, expected %s %s on %s%s"
                    % (name, dtype_name(array.dtype), array.shape, array.context,
-                      math_dtype.name, weight.shape, weight.context))
-    return Slots(*(None if array is None else legacy(array) for array in (
-        master, named["mean"], named["var"], named.get("var_max"), named.get("average"),
-        named.get("accum"))), packed=getattr(arrays, "packed", None),
-        master_at=getattr(state, "master_at", None) if multi_precision else None)
+                      dtype_name(dtype), shape, weight.context,
+                      " (state_bits=%d)" % options.state_bits if options.state_bits != 32
+                      or numpy.dtype(array.dtype) == _UINT8 else ""))
+
+    def get(name):
+        array = named.get(name)
+        return None if array is None else legacy(array)
+    return Slots(legacy(master), get("mean"), get("var"), get("var_max"), get("average"),
+                 get("accum"), packed=getattr(arrays, "packed", None),
+                 master_at=getattr(state, "master_at", None) if multi_precision else None,
+                 mean_scale=get("mean_scale"), var_scale=get("var_scale"),
+                 var_max_scale=get("var_max_scale"))
 
 
 def packed_run(slots):

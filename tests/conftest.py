@@ -105,7 +105,7 @@ def isa(request):
 TIERS = {
     "unit": ["test_adamw.py", "test_cuda.py", "test_keras.py", "test_ema.py", "test_float64_options.py",
              "test_fuzz.py", "test_golden.py", "test_gradient_options.py", "test_grouping.py",
-             "test_operators.py", "test_optimizer.py", "test_portability.py",
+             "test_operators.py", "test_optimizer.py", "test_portability.py", "test_state_bits.py",
              "test_validation.py"],
     "integration": ["test_checkpoint.py", "test_checkpoint_safety.py", "test_compat.py", "test_contiguous.py",
                     "test_docs.py", "test_engine.py", "test_exclusions.py", "test_import_errors.py",

@@ -15,6 +15,14 @@ std::vector<int64_t> sizes_of(const std::vector<Span>& spans) {
   return sizes;
 }
 
+// The part of an 8-bit moment from element `begin` on (a chunk's first element, a multiple of
+// kStateBlock: chunks are).
+QuantizedMoment quantized_part(const QuantizedMoment& whole, int64_t begin) {
+  static_assert(kChunkElements % kStateBlock == 0, "chunks begin at a block's first element");
+  if (whole.codes == nullptr) return whole;
+  return QuantizedMoment{whole.codes + begin, whole.scales + begin / kStateBlock};
+}
+
 }  // namespace
 
 template <typename T>
@@ -29,9 +37,12 @@ void lamb_phase1_cpu(const std::vector<Phase1Span<T>>& tensors, const StepCoeffs
     Phase1Span<T> part = whole;
     part.weight = whole.weight + chunk.begin;
     part.grad = static_cast<const char*>(whole.grad) + chunk.begin * grad_bytes;
-    part.mean = whole.mean + chunk.begin;
-    part.var = whole.var + chunk.begin;
+    if (whole.mean != nullptr) part.mean = whole.mean + chunk.begin;  // (nullptr: 8-bit)
+    if (whole.var != nullptr) part.var = whole.var + chunk.begin;
     if (whole.var_max != nullptr) part.var_max = whole.var_max + chunk.begin;
+    part.q_mean = quantized_part(whole.q_mean, chunk.begin);
+    part.q_var = quantized_part(whole.q_var, chunk.begin);
+    part.q_var_max = quantized_part(whole.q_var_max, chunk.begin);
     part.n = chunk.end - chunk.begin;
     k.phase1(part, step, coeffs[chunk.tensor], &partial[2 * c], &partial[2 * c + 1]);
   });
@@ -58,9 +69,11 @@ void lamb_phase2_cpu(const std::vector<Phase2Span<T>>& tensors, const StepCoeffs
     part.weight = whole.weight + chunk.begin;
     part.weight_out = whole.weight_out + chunk.begin;
     if (whole.model_weight != nullptr) part.model_weight = whole.model_weight + chunk.begin;
-    part.mean = whole.mean + chunk.begin;
-    part.var = whole.var + chunk.begin;
+    if (whole.mean != nullptr) part.mean = whole.mean + chunk.begin;  // (nullptr: 8-bit)
+    if (whole.var != nullptr) part.var = whole.var + chunk.begin;
     if (whole.average != nullptr) part.average = whole.average + chunk.begin;
+    part.q_mean = quantized_part(whole.q_mean, chunk.begin);
+    part.q_var = quantized_part(whole.q_var, chunk.begin);
     part.n = chunk.end - chunk.begin;
     k.phase2(part, step, coeffs[chunk.tensor], step_sizes[chunk.tensor]);
   });

@@ -196,7 +196,8 @@ void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const Tensor
 
 // LowT: the storage type of the model weight written beside the master copy (float16, math
 // type float), or T itself where there is none.
-template <typename T, typename LowT, bool kEma, bool kDecay>
+// kQuant: the moments are 8-bit (state_bits=8, T float), decoded as phase 1 stored them.
+template <typename T, typename LowT, bool kEma, bool kDecay, bool kQuant>
 void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
   constexpr bool kLowp = !std::is_same<LowT, T>::value;
   const T* w = s.weight;  // may alias w_out: no __restrict__
@@ -204,9 +205,18 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
   LowT* __restrict__ w_lowp = reinterpret_cast<LowT*>(s.model_weight);
   const T* __restrict__ m = s.mean;
   const T* __restrict__ v = s.var;
+  const QuantizedMoment qm = s.q_mean, qv = s.q_var;
   T* __restrict__ avg = s.average;
   auto element = [&](int64_t i) {
-    const T updated = phase2_element(weight_at<kDecay>(w, i, tensor), m[i], v[i], tensor,
+    T mean, var;
+    if constexpr (kQuant) {
+      mean = decode_mean(qm.codes[i], qm.scales[i / kStateBlock]);
+      var = decode_var(qv.codes[i], qv.scales[i / kStateBlock]);
+    } else {
+      mean = m[i];
+      var = v[i];
+    }
+    const T updated = phase2_element(weight_at<kDecay>(w, i, tensor), mean, var, tensor,
                                      step_size);
     w_out[i] = updated;
     if (kEma) avg[i] = moving_average(avg[i], updated, tensor.ema);
@@ -225,6 +235,83 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
     const T updated = element(i);
     if constexpr (kLowp) w_lowp[i] = from_float<LowT>(updated);
   }
+}
+
+// Phase 1 with 8-bit moments (lamb_math.h, state_bits=8), a block of kStateBlock elements at a
+// time: decode, update, the block's scales, encode, decode the stored values again; u from
+// those. The sums take the same lanes as phase1_span (element i to lane i % kSumLanes).
+template <typename GradT, bool kAmsgrad, bool kDecay>
+void phase1_q8_span(const Phase1Span<float>& s, const StepCoeffs<float>& step,
+                    const TensorCoeffs<float>& tensor, double* weight_sumsq,
+                    double* update_sumsq) {
+  static_assert(kStateBlock % kSumLanes == 0, "a block is whole blocks of lanes");
+  const float* __restrict__ w = s.weight;
+  const GradT* __restrict__ g = static_cast<const GradT*>(s.grad);
+  const QuantizedMoment qm = s.q_mean, qv = s.q_var, qx = s.q_var_max;
+  double acc_w[kSumLanes] = {};
+  double acc_u[kSumLanes] = {};
+  float grad[kStateBlock], m[kStateBlock], v[kStateBlock], vx[kStateBlock];
+  float weight[kStateBlock], u[kStateBlock];
+  for (int64_t begin = 0; begin < s.n; begin += kStateBlock) {
+    const int64_t block = begin / kStateBlock;
+    const int len = s.n - begin < kStateBlock ? static_cast<int>(s.n - begin) : kStateBlock;
+    const int full = len - len % kSumLanes;
+    if constexpr (std::is_same<GradT, float>::value) {
+      for (int i = 0; i < len; ++i) grad[i] = g[begin + i];
+    } else {
+      for (int i = 0; i < full; i += kSumLanes) widen_block(g + begin + i, grad + i);
+      for (int i = full; i < len; ++i) grad[i] = to_float(g[begin + i]);
+    }
+    const float m_scale = qm.scales[block], v_scale = qv.scales[block];
+    uint32_t m_largest = 0, v_largest = 0;
+    for (int i = 0; i < len; ++i) {
+      float mi = decode_mean(qm.codes[begin + i], m_scale);
+      float vi = decode_var(qv.codes[begin + i], v_scale);
+      update_moments(scaled_grad(grad[i], step, tensor), &mi, &vi, step);
+      m[i] = mi;
+      v[i] = vi;
+      m_largest = m_largest > magnitude_bits(mi) ? m_largest : magnitude_bits(mi);
+      v_largest = v_largest > magnitude_bits(vi) ? v_largest : magnitude_bits(vi);
+    }
+    const float m_stored = block_scale(m_largest), v_stored = block_scale(v_largest);
+    const float m_inverse = inverse_scale(m_stored), v_inverse = inverse_scale(v_stored);
+    qm.scales[block] = m_stored;
+    qv.scales[block] = v_stored;
+    for (int i = 0; i < len; ++i) {
+      const uint8_t mc = encode_mean(m[i], m_inverse), vc = encode_var(v[i], v_inverse);
+      qm.codes[begin + i] = mc;
+      qv.codes[begin + i] = vc;
+      m[i] = decode_mean(mc, m_stored);
+      v[i] = decode_var(vc, v_stored);
+    }
+    if constexpr (kAmsgrad) {  // the running max of the stored v, itself stored in 8 bits
+      const float x_scale = qx.scales[block];
+      uint32_t x_largest = 0;
+      for (int i = 0; i < len; ++i) {
+        vx[i] = amsgrad_var(decode_var(qx.codes[begin + i], x_scale), v[i]);
+        x_largest = x_largest > magnitude_bits(vx[i]) ? x_largest : magnitude_bits(vx[i]);
+      }
+      const float x_stored = block_scale(x_largest), x_inverse = inverse_scale(x_stored);
+      qx.scales[block] = x_stored;
+      for (int i = 0; i < len; ++i) {
+        const uint8_t xc = encode_var(vx[i], x_inverse);
+        qx.codes[begin + i] = xc;
+        v[i] = decode_var(xc, x_stored);  // u is made from the running max
+      }
+    }
+    const int padded = full == len ? len : full + kSumLanes;
+    for (int i = 0; i < len; ++i) {
+      weight[i] = weight_at<kDecay>(w, begin + i, tensor);
+      u[i] = raw_update(weight[i], m[i], v[i], tensor);
+    }
+    for (int i = len; i < padded; ++i) weight[i] = u[i] = 0.0f;  // 0^2 adds nothing
+    for (int i = 0; i < padded; i += kSumLanes) {
+      accumulate_squares(weight + i, acc_w);
+      accumulate_squares(u + i, acc_u);
+    }
+  }
+  *weight_sumsq = sum_lanes(acc_w);
+  *update_sumsq = sum_lanes(acc_u);
 }
 
 template <typename GradT>
@@ -249,6 +336,16 @@ double grad_sumsq_span(const GradSpan& s) {
 template <typename T, typename GradT, bool kAmsgrad>
 void phase1_decay(const Phase1Span<T>& s, const StepCoeffs<T>& step,
                   const TensorCoeffs<T>& tensor, double* weight_sumsq, double* update_sumsq) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (s.q_mean.codes != nullptr) {
+      if (tensor.decoupled) {
+        return phase1_q8_span<GradT, kAmsgrad, true>(s, step, tensor, weight_sumsq,
+                                                     update_sumsq);
+      }
+      return phase1_q8_span<GradT, kAmsgrad, false>(s, step, tensor, weight_sumsq,
+                                                    update_sumsq);
+    }
+  }
   if (tensor.decoupled) {
     return phase1_span<T, GradT, kAmsgrad, true>(s, step, tensor, weight_sumsq, update_sumsq);
   }
@@ -258,7 +355,7 @@ void phase1_decay(const Phase1Span<T>& s, const StepCoeffs<T>& step,
 template <typename T, typename GradT>
 void phase1_typed(const Phase1Span<T>& s, const StepCoeffs<T>& step, const TensorCoeffs<T>& tensor,
                   double* weight_sumsq, double* update_sumsq) {
-  if (s.var_max != nullptr) {
+  if (s.var_max != nullptr || s.q_var_max.codes != nullptr) {
     return phase1_decay<T, GradT, true>(s, step, tensor, weight_sumsq, update_sumsq);
   }
   return phase1_decay<T, GradT, false>(s, step, tensor, weight_sumsq, update_sumsq);
@@ -280,16 +377,24 @@ void phase1_f64(const Phase1Span<double>& s, const StepCoeffs<double>& step,
   return phase1_typed<double, double>(s, step, tensor, weight_sumsq, update_sumsq);
 }
 
-template <typename T, typename LowT, bool kEma>
+template <typename T, typename LowT, bool kEma, bool kQuant>
 void phase2_decay(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
-  if (tensor.decoupled) return phase2_span<T, LowT, kEma, true>(s, tensor, step_size);
-  return phase2_span<T, LowT, kEma, false>(s, tensor, step_size);
+  if (tensor.decoupled) return phase2_span<T, LowT, kEma, true, kQuant>(s, tensor, step_size);
+  return phase2_span<T, LowT, kEma, false, kQuant>(s, tensor, step_size);
+}
+
+template <typename T, typename LowT, bool kEma>
+void phase2_quant(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
+  if constexpr (std::is_same<T, float>::value) {
+    if (s.q_mean.codes != nullptr) return phase2_decay<T, LowT, kEma, true>(s, tensor, step_size);
+  }
+  return phase2_decay<T, LowT, kEma, false>(s, tensor, step_size);
 }
 
 template <typename T, typename LowT>
 void phase2_typed(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
-  if (s.average != nullptr) return phase2_decay<T, LowT, true>(s, tensor, step_size);
-  return phase2_decay<T, LowT, false>(s, tensor, step_size);
+  if (s.average != nullptr) return phase2_quant<T, LowT, true>(s, tensor, step_size);
+  return phase2_quant<T, LowT, false>(s, tensor, step_size);
 }
 
 void phase2(const Phase2Span<float>& s, const StepCoeffs<float>&, const TensorCoeffs<float>& tensor,

@@ -18,6 +18,13 @@ namespace mxlamb {
 // level and for every thread count, so results are bit-identical everywhere.
 constexpr int kSumLanes = 16;
 
+// A moment stored in 8 bits (state_bits=8, lamb_math.h): one code per element and one scale
+// per block of kStateBlock elements. Spans of such moments begin at a block's first element.
+struct QuantizedMoment {
+  uint8_t* codes = nullptr;
+  float* scales = nullptr;
+};
+
 // One contiguous span [0, n) of one tensor, in math type T (float: float32 weights or the
 // float32 master copy of float16 ones; double: float64 weights).
 template <typename T>
@@ -29,6 +36,9 @@ struct Phase1Span {
   T* var_max;  // AMSGrad's running max of var (updated here), or nullptr
   int64_t n;
   DType grad_type;
+  // state_bits=8 (float only): the moments as codes and scales; mean, var and var_max above
+  // are then nullptr.
+  QuantizedMoment q_mean, q_var, q_var_max;
 };
 
 template <typename T>
@@ -40,6 +50,9 @@ struct Phase2Span {
   const T* var;      // the running max of var under AMSGrad
   T* average;        // the weight EMA to update after the step, or nullptr
   int64_t n;
+  // state_bits=8 (float only): mean and var (the running max under AMSGrad) as codes and
+  // scales; mean and var above are then nullptr.
+  QuantizedMoment q_mean, q_var;
 };
 
 // One span of one gradient, for the gradient statistics (sums of squares).
@@ -47,6 +60,9 @@ struct GradSpan {
   const void* grad;
   int64_t n;
   DType grad_type;
+  // state_bits=8 (float only): the moments as codes and scales; mean, var and var_max above
+  // are then nullptr.
+  QuantizedMoment q_mean, q_var, q_var_max;
 };
 
 // Phase 1 on a span: updates mean and var, returns sum(w^2) and sum(u^2) of the span.

@@ -29,6 +29,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #if defined(__CUDACC__)
 #define MXLAMB_HD __host__ __device__ __forceinline__
@@ -307,6 +308,99 @@ template <typename T>
 MXLAMB_HD T moving_average(T average, T weight, const EmaCoeffs<T>& e) {
   return e.momentum * average + e.one_minus_momentum * weight;
 }
+
+// ------------------------------------------------------------------ 8-bit moments (state_bits=8)
+//
+// With state_bits=8, m and v of a large tensor are stored as one byte per element with one
+// float32 scale per block of kStateBlock elements: the largest magnitude of the block
+// (absmax), so that the stored values are code values in [-1, 1] times the scale. The codes
+// are minifloats without subnormals (code 0 is the zero), made from the float32 bits with
+// integer operations and rounded to nearest even: the same bits on every ISA level, thread
+// count and the GPU, with no table and no search.
+//   m: sign bit + E4M3 magnitude (2^-15 .. 1, 3 mantissa bits);
+//   v: unsigned E5M3 (2^-31 .. 1): v spans twice m's binades (it is m's square, roughly).
+// A positive v is never stored as 0 (it becomes the smallest code): a v rounded down to 0
+// under a non-zero m would make u = m / eps. Rounding v up only shortens u.
+// benchmarks/state_code_study.py measured the codes (docs/8bit.md).
+//
+// Phase 1 of a block: the moments decoded, updated in float32 (update_moments), the block's
+// new scales taken (block_scale), the moments encoded, and decoded again: u and its norm are
+// made from the stored values, and phase 2 decodes the same codes, so it applies exactly the u
+// whose norm phase 1 took.
+constexpr int kStateBlock = 256;
+
+MXLAMB_HD uint32_t float_bits(float x) {
+  uint32_t b;
+  memcpy(&b, &x, sizeof(b));
+  return b;
+}
+
+MXLAMB_HD float bits_float(uint32_t b) {
+  float x;
+  memcpy(&x, &b, sizeof(x));
+  return x;
+}
+
+// The unsigned minifloat of E exponent and M mantissa bits, code 0 the zero: code c > 0 is
+// 2^(c / 2^M - emax) * (1 + (c mod 2^M) / 2^M), emax = 2^E - 1. kOne (1.0) is the largest code
+// used; a float32 of the same binade has exponent field c / 2^M + 127 - emax, so a code is the
+// float32's bits shifted right by 23 - M, less kBias.
+template <uint32_t E, uint32_t M>
+struct Minifloat {
+  static constexpr uint32_t kEmax = (1u << E) - 1u;
+  static constexpr uint32_t kShift = 23u - M;
+  static constexpr uint32_t kBias = (127u - kEmax) << M;
+  static constexpr uint32_t kOne = kEmax << M;
+  // Half the smallest positive value 2^-emax (1 + 2^-M), as float32 bits: the rounding point
+  // between code 0 and code 1.
+  static constexpr uint32_t kHalfSmallest = ((127u - kEmax - 1u) << 23) | (1u << kShift);
+
+  // x >= 0 (NaN and x > 1 give kOne), rounded to nearest even. `positive`: x stands for a
+  // value > 0, which then gets at least code 1.
+  static MXLAMB_HD uint32_t encode(float x, bool positive) {
+    const uint32_t b = float_bits(x);
+    const uint32_t rounded = (b + ((1u << (kShift - 1u)) - 1u) + ((b >> kShift) & 1u)) >> kShift;
+    const uint32_t small = positive || b >= kHalfSmallest ? 1u : 0u;
+    const uint32_t code = rounded > kBias ? rounded - kBias : small;
+    return code < kOne ? code : kOne;
+  }
+
+  static MXLAMB_HD float decode(uint32_t code) {
+    return code == 0u ? 0.0f : bits_float((code << kShift) + (kBias << kShift));
+  }
+};
+
+using MeanCode = Minifloat<4, 3>;  // the magnitude; bit 7 is the sign
+using VarCode = Minifloat<5, 3>;
+
+// |x| as float32 bits: their unsigned order is the order of the magnitudes (NaN above
+// infinity), so a block's largest is an integer max, exact in any order.
+MXLAMB_HD uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+
+// A block's scale from the largest magnitude_bits of its values.
+MXLAMB_HD float block_scale(uint32_t largest_magnitude) { return bits_float(largest_magnitude); }
+
+// 1 / scale, and 0 for a scale of 0 or below float32's normal range (every code is then 0).
+MXLAMB_HD float inverse_scale(float scale) {
+  return scale >= 0x1p-126f ? 1.0f / scale : 0.0f;
+}
+
+MXLAMB_HD uint8_t encode_mean(float m, float inverse) {
+  const uint32_t b = float_bits(m);
+  const uint32_t magnitude = MeanCode::encode(bits_float(b & 0x7fffffffu) * inverse, false);
+  return static_cast<uint8_t>(magnitude == 0u ? 0u : ((b >> 24) & 0x80u) | magnitude);
+}
+
+MXLAMB_HD float decode_mean(uint8_t code, float scale) {
+  const float magnitude = MeanCode::decode(code & 0x7fu) * scale;
+  return bits_float(float_bits(magnitude) | (static_cast<uint32_t>(code & 0x80u) << 24));
+}
+
+MXLAMB_HD uint8_t encode_var(float v, float inverse) {
+  return static_cast<uint8_t>(VarCode::encode(v * inverse, float_bits(v) != 0u));
+}
+
+MXLAMB_HD float decode_var(uint8_t code, float scale) { return VarCode::decode(code) * scale; }
 
 }  // namespace mxlamb
 

@@ -45,6 +45,13 @@ bool parse_step(const OpTable& op, const Attrs& attrs, StepAttrs* s) {
     s->step_counts = r.numbers("step_counts", n, 1.0);
   }
   if (l.has(Slot::kGradSumsq)) s->stat_rows = r.numbers("stat_rows", n);
+  if (r.given("state_bits")) {
+    r.integer("state_bits", 8, 8);  // (32, the float32 moments, is the attribute left out)
+    if (l.has(Slot::kMoments) || l.has(Slot::kFlatWeight)) {
+      return r.fail("state_bits=8 takes each tensor's moments as arrays of their own, not "
+                    "packed (moments_offset) or flat (flat_sizes)");
+    }
+  }
   if (l.has(Slot::kMoments)) s->moments_offset = r.integer("moments_offset", 0);
   if (l.has(Slot::kFlatWeight)) {
     if (!l.has(Slot::kMoments)) {
@@ -108,6 +115,11 @@ bool decode_group(const OpTable& op, const StepAttrs& s, std::vector<MXTensor>& 
   MXTensor* flat_model = l.array(in, Slot::kFlatModelWeight);
   const MXTensor& first = flat_weight != nullptr ? *flat_weight : *l.array(in, Slot::kWeight, 0);
   g->float64 = dtype_of(first) == DType::kFloat64;
+  g->quantized = l.has(Slot::kMeanScale);
+  if (g->quantized && g->float64) {
+    return fail(op.name, "state_bits=8 needs float32 weights (or float32 master copies): "
+                         "float64 weights keep float64 moments");
+  }
   int64_t packed = s.moments_offset;
   int64_t at = s.flat_offset;
   g->tensors.resize(n);
@@ -146,6 +158,13 @@ bool decode_group(const OpTable& op, const StepAttrs& s, std::vector<MXTensor>& 
     }
     if (MXTensor* vmax = l.array(in, Slot::kVarMax, t)) a.vmax = vmax->data_ptr;
     if (MXTensor* average = l.array(in, Slot::kAverage, t)) a.average = average->data_ptr;
+    if (g->quantized) {
+      a.mean_scales = l.array(in, Slot::kMeanScale, t)->data<float>();
+      a.var_scales = l.array(in, Slot::kVarScale, t)->data<float>();
+      if (MXTensor* scales = l.array(in, Slot::kVarMaxScale, t)) {
+        a.vmax_scales = scales->data<float>();
+      }
+    }
   }
   return true;
 }
@@ -190,6 +209,43 @@ StepControl step_control(const StepAttrs& s, std::vector<MXTensor>& in) {
 template <typename T>
 T* as(void* p) { return static_cast<T*>(p); }
 
+// A tensor's kernel spans, as decode_group read its arrays (mxlamb_step's have no vmax, EMA or
+// out=: its TensorArrays say so). With 8-bit moments the codes and scales go to the q_ fields
+// and the float moments stay nullptr.
+QuantizedMoment quantized(void* codes, float* scales) {
+  return QuantizedMoment{static_cast<uint8_t*>(codes), scales};
+}
+
+template <typename T>
+Phase1Span<T> phase1_span_of(const TensorArrays& a, bool quantized_moments) {
+  Phase1Span<T> span{as<T>(a.weight), a.grad, nullptr, nullptr, nullptr, a.size, a.grad_dtype,
+                     {}, {}, {}};
+  if (quantized_moments) {
+    span.q_mean = quantized(a.mean, a.mean_scales);
+    span.q_var = quantized(a.var, a.var_scales);
+    if (a.vmax != nullptr) span.q_var_max = quantized(a.vmax, a.vmax_scales);
+  } else {
+    span.mean = as<T>(a.mean);
+    span.var = as<T>(a.var);
+    span.var_max = as<T>(a.vmax);
+  }
+  return span;
+}
+
+template <typename T>
+Phase2Span<T> phase2_span_of(const TensorArrays& a, bool quantized_moments) {
+  Phase2Span<T> span{as<T>(a.weight), as<T>(a.weight_out), as<half_t>(a.model), nullptr,
+                     nullptr, as<T>(a.average), a.size, {}, {}};
+  if (quantized_moments) {
+    span.q_mean = quantized(a.mean, a.mean_scales);
+    span.q_var = quantized(a.var, a.var_scales);
+  } else {
+    span.mean = as<T>(a.mean);
+    span.var = as<T>(a.var);
+  }
+  return span;
+}
+
 // ---------------------------------------------------------------------------------- phase 1
 
 template <typename T>
@@ -207,8 +263,7 @@ void phase1_typed(const StepAttrs& s, const Group& g, double multiplier, double*
             ? gradient_scale(multiplier, g.grad_sumsq[g.stat_rows[t]], s.clipnorm)
             : multiplier;
     coeffs[t] = tensor_coeffs<T>(s.params, count, s.lrs[t], s.wds[t], grad_scale, s.decays[t]);
-    spans[t] = Phase1Span<T>{as<T>(a.weight), a.grad, as<T>(a.mean), as<T>(a.var),
-                             as<T>(a.vmax), a.size, a.grad_dtype};
+    spans[t] = phase1_span_of<T>(a, g.quantized);
   }
   lamb_phase1_cpu(spans, step_coeffs<T>(s.params), coeffs, sumsq);
 }
@@ -252,8 +307,7 @@ void phase2_typed(const StepAttrs& s, const Group& g) {
                                  s.decays[t]);
     step_sizes[t] = step_size(step, coeffs[t], g.sumsq[2 * t], g.sumsq[2 * t + 1],
                               s.layer_adaptation[t]);
-    spans[t] = Phase2Span<T>{as<T>(a.weight), as<T>(a.weight_out), as<half_t>(a.model),
-                             as<T>(a.mean), as<T>(a.var), as<T>(a.average), a.size};
+    spans[t] = phase2_span_of<T>(a, g.quantized);
   }
   lamb_phase2_cpu(spans, step, coeffs, step_sizes);
 }
@@ -286,10 +340,8 @@ void step_typed(const StepAttrs& s, const Group& g, double* sumsq) {
     const TensorArrays& a = g.tensors[t];
     coeffs[t] = tensor_coeffs<T>(s.params, s.step_counts[t], s.lrs[t], s.wds[t], s.rescale_grad,
                                  s.decays[t]);
-    first[t] = Phase1Span<T>{as<T>(a.weight), a.grad, as<T>(a.mean), as<T>(a.var), nullptr,
-                             a.size, a.grad_dtype};
-    second[t] = Phase2Span<T>{as<T>(a.weight), as<T>(a.weight), as<half_t>(a.model),
-                              as<T>(a.mean), as<T>(a.var), nullptr, a.size};
+    first[t] = phase1_span_of<T>(a, g.quantized);
+    second[t] = phase2_span_of<T>(a, g.quantized);
   }
   lamb_step_cpu(first, second, step, coeffs,
                 [&](int t, double weight_sumsq, double update_sumsq) {

@@ -32,6 +32,10 @@
 // tensor's first update, whose average is the weight itself (lamb_math.h's ema_of).
 //
 // The optional arrays, each switched on by an attribute:
+//   state_bits=8        8-bit moments (lamb_math.h): mean, var (and vmax) per tensor are uint8
+//                       codes, followed in the tensor's group by their float32 block scales
+//                       (ceil(n / 256),); float32 math only, each tensor's moments as arrays
+//                       of their own (not with moments_offset or flat_sizes)
 //   amsgrad=1           vmax per tensor (phase 1 updates it; phase 2 gets it as its v)
 //   use_ema=1           the weight average per tensor (phase 2)
 //   has_stats=1         grad_sumsq and control from mxlamb_grad_stats: the gradient multiplier
@@ -61,6 +65,13 @@ constexpr Input tensor_input(Slot slot, const char* name, DTypeRule dtype,
   return Input{slot, name, dtype, ShapeRule::kLikeWeight, present, written, nullptr, false, 0};
 }
 
+// An 8-bit moment's block scales (state_bits=8), beside its codes.
+constexpr Input scale_input(Slot slot, const char* name, When present, When written) {
+  return Input{slot, name, DTypeRule::kFloat32, ShapeRule::kStateBlocks, present, written,
+               nullptr, true, 0};
+}
+constexpr When kQuantized = if_given("state_bits");
+
 constexpr const char* kFromGradStats = "the output of mxlamb_grad_stats";
 constexpr const char* kFromPhase1 = "the output of mxlamb_phase1";
 
@@ -81,9 +92,12 @@ inline constexpr Input kPhase1Tensor[] = {
     //           slot                name      dtype           present             written
     tensor_input(Slot::kWeight,      "weight", DTypeRule::kMath),
     tensor_input(Slot::kGrad,        "grad",   DTypeRule::kGrad),
-    tensor_input(Slot::kMean,        "mean",   DTypeRule::kMath, kAlways,            kAlways),
-    tensor_input(Slot::kVar,         "var",    DTypeRule::kMath, kAlways,            kAlways),
-    tensor_input(Slot::kVarMax,      "vmax",   DTypeRule::kMath, if_flag("amsgrad"), kAlways),
+    tensor_input(Slot::kMean,        "mean",   DTypeRule::kState, kAlways,            kAlways),
+    tensor_input(Slot::kVar,         "var",    DTypeRule::kState, kAlways,            kAlways),
+    tensor_input(Slot::kVarMax,      "vmax",   DTypeRule::kState, if_flag("amsgrad"), kAlways),
+    scale_input(Slot::kMeanScale,   "mean scales", kQuantized, kAlways),
+    scale_input(Slot::kVarScale,    "var scales",  kQuantized, kAlways),
+    scale_input(Slot::kVarMaxScale, "vmax scales", if_flag_with("amsgrad", "state_bits"), kAlways),
 };
 inline constexpr Input kPhase1After[] = {
     {Slot::kGradSumsq, "grad_sumsq", DTypeRule::kFloat64, ShapeRule::kVector,
@@ -103,9 +117,11 @@ inline constexpr Input kPhase2Tensor[] = {
     // Under multi_precision the float32 master copy is updated in place (and the float16
     // model weight written through out=); without it the weight is written through out= only.
     tensor_input(Slot::kWeight,  "weight",  DTypeRule::kMath, kAlways, if_flag("multi_precision")),
-    tensor_input(Slot::kMean,    "mean",    DTypeRule::kMath),
-    tensor_input(Slot::kVar,     "var",     DTypeRule::kMath),
+    tensor_input(Slot::kMean,    "mean",    DTypeRule::kState),
+    tensor_input(Slot::kVar,     "var",     DTypeRule::kState),
     tensor_input(Slot::kAverage, "average", DTypeRule::kMath, if_flag("use_ema"), kAlways),
+    scale_input(Slot::kMeanScale, "mean scales", kQuantized, kNever),
+    scale_input(Slot::kVarScale,  "var scales",  kQuantized, kNever),  // (vmax's under AMSGrad)
 };
 inline constexpr Input kPhase2After[] = {kSumsqInput, kControlInput, counts_input(kNever)};
 inline constexpr Output kPhase2Outputs[] = {
@@ -121,10 +137,12 @@ constexpr When kPerTensorMoments{When::Test::kNotGiven, "moments_offset", nullpt
 inline constexpr Input kStepTensor[] = {
     tensor_input(Slot::kWeight, "weight", DTypeRule::kMath, unless_given("flat_sizes"), kAlways),
     tensor_input(Slot::kGrad,   "grad",   DTypeRule::kGrad, unless_given("flat_sizes")),
-    tensor_input(Slot::kMean,   "mean",   DTypeRule::kMath, kPerTensorMoments, kAlways),
-    tensor_input(Slot::kVar,    "var",    DTypeRule::kMath, kPerTensorMoments, kAlways),
+    tensor_input(Slot::kMean,   "mean",   DTypeRule::kState, kPerTensorMoments, kAlways),
+    tensor_input(Slot::kVar,    "var",    DTypeRule::kState, kPerTensorMoments, kAlways),
     tensor_input(Slot::kModelWeight, "model weight", DTypeRule::kHalf,
                  if_flag_unless("multi_precision", "flat_sizes"), kAlways),
+    scale_input(Slot::kMeanScale, "mean scales", kQuantized, kAlways),
+    scale_input(Slot::kVarScale,  "var scales",  kQuantized, kAlways),
 };
 constexpr Input flat_input(Slot slot, const char* name, DTypeRule dtype, When present,
                            When written) {
@@ -217,6 +235,11 @@ struct TensorArrays {
   void* vmax = nullptr;        // phase 1 under AMSGrad
   void* average = nullptr;     // the weight EMA (phase 2)
   void* model = nullptr;       // the float16 model weight: mxlamb_step's w16, phase 2's out
+  // state_bits=8: the block scales of mean, var (phase 2 under AMSGrad: the running max's)
+  // and vmax; mean, var and vmax are then their codes.
+  float* mean_scales = nullptr;
+  float* var_scales = nullptr;
+  float* vmax_scales = nullptr;
   int64_t size = 0;
 };
 
@@ -231,6 +254,7 @@ struct Group {
   const double* control = nullptr;
   const double* sumsq = nullptr;     // phase 2's input table
   bool float64 = false;              // the math type is double
+  bool quantized = false;            // state_bits=8
 };
 
 // Decodes a call of `op` (attributes already parsed into `s`); false (reported, naming the

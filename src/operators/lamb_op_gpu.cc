@@ -43,6 +43,10 @@ struct CudaGroup {
             std::vector<MXTensor>* out) {
     if (!parse_step(op, attrs, &s)) return false;
     if (!decode_group(op, s, in, out, &decoded)) return false;
+    if (decoded.quantized) {
+      return fail(op.name, "state_bits=8 runs on the CPU operators; the CUDA kernels have "
+                           "float32 moments only");
+    }
     const int n = s.inputs.num_tensors();
     const bool phase2 = &op == &kPhase2Op;
     for (const TensorArrays& a : decoded.tensors) {

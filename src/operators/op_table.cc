@@ -1,4 +1,5 @@
 #include "op_table.h"
+#include "lamb_math.h"
 
 #include <cerrno>
 #include <cmath>
@@ -265,9 +266,11 @@ const char* dtype_name(int flag) {
   }
 }
 
-bool dtype_allowed(DTypeRule rule, int flag, int math, bool multi_precision) {
+bool dtype_allowed(DTypeRule rule, int flag, int math, bool multi_precision, bool quantized) {
   switch (rule) {
     case DTypeRule::kMath: return flag == math;
+    case DTypeRule::kState: return flag == (quantized ? mxnet::ext::kUint8 : math);
+    case DTypeRule::kFloat32: return flag == mxnet::ext::kFloat32;
     case DTypeRule::kGrad:
       return multi_precision ? flag == mxnet::ext::kFloat16 || flag == mxnet::ext::kFloat32
                              : flag == math;
@@ -280,8 +283,11 @@ bool dtype_allowed(DTypeRule rule, int flag, int math, bool multi_precision) {
   }
 }
 
-std::string dtype_expected(DTypeRule rule, int math, bool multi_precision) {
+std::string dtype_expected(DTypeRule rule, int math, bool multi_precision, bool quantized) {
   switch (rule) {
+    case DTypeRule::kState:
+      return quantized ? "uint8 (the codes of an 8-bit moment, state_bits=8)" : dtype_name(math);
+    case DTypeRule::kFloat32: return "float32";
     case DTypeRule::kGrad:
       return multi_precision ? "float16 or float32" : dtype_name(math);
     case DTypeRule::kHalf: return "float16";
@@ -350,12 +356,13 @@ MXReturnValue infer_type(const OpTable& op, const Attrs& attrs, std::vector<int>
   InputLayout l;
   if (!l.resolve(op, reader)) return MX_FAIL;
   const bool multi_precision = reader.flag("multi_precision");
+  const bool quantized = reader.given("state_bits");
   int math;
   if (!reader.ok() || !math_type(l, *in, multi_precision, &math)) return MX_FAIL;
   for (int p = 0; p < l.total(); ++p) {
     const DTypeRule rule = l.input_at(p).dtype;
-    if (!dtype_allowed(rule, (*in)[p], math, multi_precision)) {
-      wrong_dtype(l, p, (*in)[p], dtype_expected(rule, math, multi_precision));
+    if (!dtype_allowed(rule, (*in)[p], math, multi_precision, quantized)) {
+      wrong_dtype(l, p, (*in)[p], dtype_expected(rule, math, multi_precision, quantized));
       return MX_FAIL;
     }
   }
@@ -411,6 +418,14 @@ MXReturnValue infer_shape(const OpTable& op, const Attrs& attrs, std::vector<Sha
       case ShapeRule::kVector:
         ok = shape.size() == 1 || wrong_shape(l, p, shape, "one dimension");
         break;
+      case ShapeRule::kStateBlocks: {
+        const int64_t n = elements(weight_of(l.tensor_at(p)));
+        const unsigned blocks = static_cast<unsigned>((n + kStateBlock - 1) / kStateBlock);
+        ok = shape == Shape{blocks} ||
+             wrong_shape(l, p, shape, shape_text({blocks}) + " (a scale per block of " +
+                                          std::to_string(kStateBlock) + " elements)");
+        break;
+      }
       case ShapeRule::kPerTensor:
         ok = shape == Shape{n} || wrong_shape(l, p, shape, "(num_tensors,) = " + shape_text({n}));
         break;

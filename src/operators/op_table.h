@@ -82,6 +82,9 @@ enum class Slot {
   kVar,
   kVarMax,       // AMSGrad's running max of var
   kAverage,      // the weight EMA
+  kMeanScale,    // state_bits=8: the block scales of mean (then uint8 codes), var and vmax
+  kVarScale,
+  kVarMaxScale,
   kModelWeight,  // the float16 model weight beside its float32 master copy
   kMoments,      // every tensor's mean and var, packed in one array
   kFlatWeight,   // every tensor's weight (or master copy) side by side in one array
@@ -130,6 +133,10 @@ enum class DTypeRule {
   // float32, float64 or float16: any parameter's gradient.
   kAnyGrad,
   kFloat64,
+  kFloat32,
+  // A moment (mean, var, vmax): the math type, or uint8 codes where attribute state_bits is
+  // given (lamb_math.h's 8-bit moments).
+  kState,
   // Outputs only. The updated weights: float16 under multi_precision (MXNet infers output
   // types before it looks at out=, so attribute model_dtype names it), else the math type.
   kUpdatedWeight,
@@ -149,6 +156,8 @@ enum class ShapeRule {
   // mxlamb_step's flat arrays: one-dimensional, with room for every tensor's n_t elements
   // side by side from attribute flat_offset (n_t is entry t of attribute flat_sizes).
   kFlat,
+  // An 8-bit moment's block scales: (ceil(n / kStateBlock),) for its tensor's n elements.
+  kStateBlocks,
 };
 
 struct Input {

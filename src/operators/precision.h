@@ -12,6 +12,8 @@
 #include <cstdint>
 #include <cstring>
 
+#include "lamb_math.h"
+
 // Every function here is always inlined: lamb_kernels.cc is compiled once per ISA level, and an
 // out-of-line inline function would be merged by the linker into one copy, possibly the AVX-512
 // one, then called from the baseline path.
@@ -40,20 +42,9 @@ MXLAMB_INLINE int64_t dtype_bytes(DType type) {
   return type == DType::kFloat64 ? 8 : type == DType::kFloat32 ? 4 : 2;
 }
 
-// Integer operations and selects only, so the compiler vectorises them on every ISA level and
-// denormal-as-zero settings cannot change the result.
-MXLAMB_INLINE uint32_t float_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, sizeof(u));
-  return u;
-}
-
-MXLAMB_INLINE float bits_float(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, sizeof(x));
-  return x;
-}
-
+// Integer operations and selects only (float_bits and bits_float are lamb_math.h's), so the
+// compiler vectorises them on every ISA level and denormal-as-zero settings cannot change the
+// result.
 MXLAMB_INLINE float to_float(half_t x) {
   const uint32_t sign = static_cast<uint32_t>(x.bits & 0x8000u) << 16;
   const uint32_t magnitude = x.bits & 0x7fffu;
