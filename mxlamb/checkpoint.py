@@ -13,7 +13,8 @@ it changes anything:
 
 - the optimizer's class, and the options that shape its states: the state's arrays by name in
   order (``mean, var[, var_max][, average][, accum]``), AMSGrad, EMA, gradient accumulation,
-  loss scaling, skipping, multi-precision;
+  loss scaling, skipping, multi-precision, ``state_bits`` (with 8, the moments of tensors of
+  more than 65,536 elements are their codes and block scales, saved as they are);
 - the parameters (names, shapes, dtypes), and each state array's dtype and shape;
 - the counts: MXNet's update counts (the schedule's), and per device and parameter the step
   count t of the bias correction, which counts applied updates only (read from the device
@@ -28,6 +29,9 @@ What may differ between the saving optimizer and the loading one, and what happe
   the count of skipped steps is kept; a loss scale is kept where both have a LossScaler, and
   otherwise starts from the loading scaler's initial scale (or is not needed);
 - EMA on the loading side only: each average starts from the weight as loaded;
+- ``state_bits``: float32 moments load into an 8-bit optimizer encoded (as its phase 1 would
+  store them), and 8-bit moments into a float32 one decoded (their stored values, exactly);
+  a UserWarning says how many parameters were converted;
 - gradient accumulation on one side only, or another number of steps: accepted where no
   gradient is pending in the file's sums (they start at zero);
 - everything else (another class, AMSGrad on one side only, EMA on the saving side only, a
@@ -54,7 +58,8 @@ import numpy
 from mxnet import ndarray
 
 from .lamb import LAMB
-from .state import LOW_PRECISION, dtype_name, legacy
+from .options import warn_trap
+from .state import LOW_PRECISION, decode_moment, dtype_name, encode_moment, layout_of, legacy
 
 __all__ = ["save_states", "load_states", "convert_lamb"]
 
@@ -117,7 +122,8 @@ def _layout(optimizer):
             "gradient_accumulation_steps": options.gradient_accumulation_steps,
             "loss_scaler": options.loss_scaler is not None,
             "skip_nonfinite": options.skip_nonfinite,
-            "multi_precision": bool(optimizer.multi_precision)}
+            "multi_precision": bool(optimizer.multi_precision),
+            "state_bits": options.state_bits}
 
 
 def _flatten(state, arrays, prefix):
@@ -415,13 +421,57 @@ def _layout_changes(path, theirs, optimizer, micro):
 
 
 def _expected_state(optimizer, weight):
-    """(master dtype or None, {state name: dtype}) that ``optimizer`` keeps for a parameter
-    whose array on a device is ``weight``."""
+    """(master dtype or None, {state name: (dtype, shape)}) that ``optimizer`` keeps for a
+    parameter whose array on a device is ``weight``."""
     dtype = numpy.dtype(weight.dtype)
     multi = bool(optimizer.multi_precision) and dtype in LOW_PRECISION
     math = numpy.dtype(numpy.float64) if dtype == numpy.float64 else numpy.dtype(numpy.float32)
-    names = optimizer.options.state_layout
-    return (numpy.dtype(numpy.float32) if multi else None), {n: math for n in names}
+    specs = layout_of(optimizer.options, weight.shape, math)
+    return ((numpy.dtype(numpy.float32) if multi else None),
+            {name: (dtype_, shape) for name, dtype_, shape in specs})
+
+
+def _file_names(names, state_bits, shape):
+    """The names of the arrays a file's state holds for a parameter of ``shape``: the file's
+    layout, and with state_bits 8 each moment's block scales after it where the parameter is
+    large enough (mxlamb.state.quantized)."""
+    from .state import QUANTIZED_MIN_ELEMENTS
+    size = int(numpy.prod(shape)) if shape else 1
+    if state_bits != 8 or size < QUANTIZED_MIN_ELEMENTS:
+        return names
+    out = []
+    for name in names:
+        out.append(name)
+        if name in _MOMENTS:
+            out.append(name + "_scale")
+    return out
+
+
+_MOMENTS = ("mean", "var", "var_max")
+
+
+def _scale_of(name):
+    """The moment whose block scales array ``name`` is, or None."""
+    return name[:-len("_scale")] if name.endswith("_scale") else None
+
+
+def _convert_moments(values, expected):
+    """The file's moments in the loading optimizer's format (8-bit or float32): True where
+    they were converted."""
+    converted = False
+    for name in _MOMENTS:
+        if name not in values or name not in expected:
+            continue
+        file_quantized = (name + "_scale") in values
+        ours_quantized = (name + "_scale") in expected
+        if file_quantized and not ours_quantized:
+            values[name] = decode_moment(values[name], values.pop(name + "_scale"), name)
+            converted = True
+        elif ours_quantized and not file_quantized:
+            if numpy.dtype(values[name].dtype) == numpy.float32:
+                values[name], values[name + "_scale"] = encode_moment(values[name], name)
+                converted = True
+    return converted
 
 
 def _saved_state(path, structure, names, arrays, describe):
@@ -553,11 +603,14 @@ def load_states(trainer, path, by_order=False, subset=False):
         updates, applied, micro = _old_counts(meta, arrays, device_ids, target)
     lamb = isinstance(optimizer, LAMB)
     changes = {}
+    file_bits = 32
     if version >= 3:
         changes = _layout_changes(path, meta["layout"], optimizer, micro)
         file_names = meta["layout"].get("state")
+        file_bits = meta["layout"].get("state_bits", 32)
     else:
         file_names = optimizer.options.state_layout if lamb else None
+    converted = 0  # parameters whose moments change format (state_bits)
 
     # Every state checked, and what each becomes.
     plans = []  # per updater: {index: (weight, master array or None, {name: array}) or state}
@@ -576,7 +629,9 @@ def load_states(trainer, path, by_order=False, subset=False):
                                        "parameter %s" % param.name)
                 continue
             weight = legacy(param.list_data()[k])
-            master_key, keys = _saved_state(path, structure, file_names, arrays, describe)
+            master_key, keys = _saved_state(path, structure,
+                                            _file_names(file_names, file_bits, shape), arrays,
+                                            describe)
             master_dtype, expected = _expected_state(optimizer, weight)
             if (master_key is None) != (master_dtype is None):
                 _refuse(path, "parameter %s (%s) was saved %s a float32 master copy; this "
@@ -589,18 +644,27 @@ def load_states(trainer, path, by_order=False, subset=False):
                 master = arrays[master_key]
                 _check_array(path, master, master_dtype, shape,
                              "the master copy of parameter %s" % param.name)
-            values = {}
-            for name, key_ in keys.items():
+            values = {name: arrays[key_] for name, key_ in keys.items()
+                      if name in expected or _scale_of(name) in expected}
+            converted += _convert_moments(values, expected)
+            for name in list(values):
                 if name not in expected:
-                    continue  # (accumulated sums the loading side does not keep: all zero)
-                _check_array(path, arrays[key_], expected[name], shape,
+                    del values[name]  # (accumulated sums the loading side does not keep: zero)
+                    continue
+                _check_array(path, values[name], expected[name][0], expected[name][1],
                              "state %s of parameter %s" % (name, param.name))
-                values[name] = arrays[key_]
             plan[index] = (weight, master, values)
         plans.append(plan)
     for name in ("opt/step_state/%d" % k for k in meta.get("step_states", [])):
         if name not in arrays:
             _refuse(path, "array %s is missing" % name)
+
+    if converted:
+        warn_trap("mxlamb.load_states: %s: the moments of %d parameter state(s) were saved "
+                  "with state_bits=%d and are converted to this optimizer's state_bits=%d "
+                  "(%s)" % (path, converted, file_bits, optimizer.options.state_bits,
+                            "encoded as its phase 1 stores them" if file_bits == 32 else
+                            "their stored values, exactly"))
 
     # Everything checked: now change the Trainer.
     for k, (updater, plan) in enumerate(zip(updaters, plans)):
@@ -638,7 +702,9 @@ def _load_state(optimizer, index, existing, synced, weight, master, values, chan
     own_master, moments = (state[0], state[1]) if master is not None else (None, state)
     if master is not None:
         master.copyto(own_master)
-    named = dict(zip(optimizer.options.state_layout, moments))
+    math = numpy.float64 if numpy.dtype(weight.dtype) == numpy.float64 else numpy.float32
+    named = dict(zip([name for name, _, _ in layout_of(optimizer.options, weight.shape, math)],
+                     moments))
     for name, array in named.items():
         if name in values:
             values[name].copyto(array)
@@ -666,10 +732,11 @@ def _fits(optimizer, state, weight):
         return False
     if len(state) != len(expected):
         return False
+    arrays = [(a, (dtype, weight.shape)) for a, dtype in arrays]
     arrays += list(zip(state, expected.values()))
     return all(isinstance(a, ndarray.NDArray) and numpy.dtype(a.dtype) == dtype
-               and a.shape == weight.shape and a.context == weight.context
-               for a, dtype in arrays)
+               and a.shape == shape and a.context == weight.context
+               for a, (dtype, shape) in arrays)
 
 
 def _load_counts(optimizer, contexts, applied, micro, changes):
@@ -738,7 +805,8 @@ def _mxlamb_only_options(optimizer):
           "loss_scale_factor": optimizer.loss_scale_factor, "loss_scaler": optimizer.loss_scaler,
           "skip_nonfinite": optimizer.skip_nonfinite or None,
           "exclude_from_weight_decay": optimizer.exclude_from_weight_decay or None,
-          "exclude_from_layer_adaptation": optimizer.exclude_from_layer_adaptation or None}
+          "exclude_from_layer_adaptation": optimizer.exclude_from_layer_adaptation or None,
+          "state_bits": 8 if optimizer.options.state_bits == 8 else None}
     return sorted(name for name, value in on.items() if value is not None)
 
 

@@ -222,7 +222,7 @@ def _quantized_moments(weight, options, describe):
         raise ValueError("%s is %s; state_bits=8 keeps 8-bit moments around float32 arithmetic "
                          "(float32 weights, or float16/bfloat16 with multi_precision=True)"
                          % (describe(), dtype_name(weight.dtype)))
-    if weight.context.device_type != "cpu":
+    if weight.context.device_type == "gpu":
         raise ValueError("%s is on %s; state_bits=8 runs on the CPU operators (the CUDA "
                          "kernels keep float32 moments)" % (describe(), weight.context))
     arrays = []
@@ -230,6 +230,43 @@ def _quantized_moments(weight, options, describe):
         if name in ("mean", "var", "var_max") or name.endswith("_scale"):
             arrays.append(ndarray.zeros(shape, weight.context, dtype=dtype))
     return arrays
+
+
+_KINDS = {"mean": 0, "var": 1, "var_max": 1}
+
+
+def encode_moment(values, name):
+    """A float32 moment (``name``: mean, var or var_max) in lamb_math.h's 8-bit format:
+    (codes, block scales), on ``values``' context. Host-side, for conversions of states."""
+    import ctypes
+    from ._library import native
+    host = numpy.ascontiguousarray(values.asnumpy(), dtype=numpy.float32).ravel()
+    codes = numpy.empty(host.size, numpy.uint8)
+    scales = numpy.empty(blocks(host.size), numpy.float32)
+    pointer = ctypes.c_void_p
+    status = native.mxlamb_encode_moment(pointer(host.ctypes.data), ctypes.c_longlong(host.size),
+                                         _KINDS[name], pointer(codes.ctypes.data),
+                                         pointer(scales.ctypes.data))
+    assert status == 0, name
+    context = values.context
+    return (ndarray.array(codes.reshape(values.shape), context, dtype=numpy.uint8),
+            ndarray.array(scales, context, dtype=numpy.float32))
+
+
+def decode_moment(codes, scales, name):
+    """The float32 values of an 8-bit moment (the inverse of :func:`encode_moment`)."""
+    import ctypes
+    from ._library import native
+    host = numpy.ascontiguousarray(codes.asnumpy(), dtype=numpy.uint8).ravel()
+    host_scales = numpy.ascontiguousarray(scales.asnumpy(), dtype=numpy.float32)
+    out = numpy.empty(host.size, numpy.float32)
+    pointer = ctypes.c_void_p
+    status = native.mxlamb_decode_moment(pointer(host.ctypes.data),
+                                         pointer(host_scales.ctypes.data),
+                                         ctypes.c_longlong(host.size), _KINDS[name],
+                                         pointer(out.ctypes.data))
+    assert status == 0, name
+    return ndarray.array(out.reshape(codes.shape), codes.context, dtype=numpy.float32)
 
 
 def create_side_by_side(weights, options, multi_precision, describe):

@@ -23,7 +23,8 @@ pytestmark = pytest.mark.skipif(OBJDUMP is None, reason="needs objdump (binutils
 # call through ctypes.
 CTYPES_FUNCTIONS = {"mxlamb_built_for_mxnet", "mxlamb_active_isa", "mxlamb_isa_error",
                     "mxlamb_set_isa", "mxlamb_num_threads", "mxlamb_set_num_threads",
-                    "mxlamb_rmw_seconds", "mxlamb_fresh_grads", "mxlamb_first_written"}
+                    "mxlamb_rmw_seconds", "mxlamb_fresh_grads", "mxlamb_first_written",
+                    "mxlamb_encode_moment", "mxlamb_decode_moment"}
 # Version families whose newest version libmxnet.so does not bound usefully: OMP_2.0
 # (omp_get_wtime) has been in libgomp since its first release (GCC 4.2).
 FLOOR = {"OMP": (2, 0)}

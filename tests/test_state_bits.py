@@ -225,3 +225,127 @@ def test_refusals_name_the_argument_and_the_parameter():
     with pytest.raises(ValueError, match="state .*state_bits=8"):
         opt.update(0, weight, mx.nd.ones((300, 300)), fp32)
     assert (weight.asnumpy() == 1).all()
+
+
+# ---------------------------------------------------------------------- Gluon, checkpoints
+
+def _trainer(bits, contexts=(mx.cpu(),), seed=0, kvstore="device", update_on_kvstore=None):
+    mx.random.seed(seed)
+    net = mx.gluon.nn.HybridSequential()
+    net.add(mx.gluon.nn.Dense(300, in_units=300, activation="relu"),
+            mx.gluon.nn.Dense(10, in_units=300))
+    net.initialize(mx.init.Xavier(), ctx=list(contexts))
+    trainer = mx.gluon.Trainer(net.collect_params(), mxlamb.LAMB(
+        learning_rate=0.01, state_bits=bits), kvstore=kvstore,
+        update_on_kvstore=update_on_kvstore)
+    return net, trainer
+
+
+def _train(net, trainer, steps, seed=1, rows=16):
+    """``steps`` steps of a batch of ``rows`` split over the net's devices."""
+    rng = np.random.RandomState(seed)
+    contexts = net[0].weight.list_ctx()
+    for _ in range(steps):
+        x = rng.randn(rows, 300).astype(np.float32)
+        with mx.autograd.record():
+            losses = [(net(mx.nd.array(part, ctx=c)) ** 2).sum()
+                      for part, c in zip(np.split(x, len(contexts)), contexts)]
+        mx.autograd.backward(losses)
+        trainer.step(rows)
+
+
+def _weights(net, context=mx.cpu()):
+    return [p.data(context).asnumpy() for p in net.collect_params().values()]
+
+
+def _index_of(trainer, shape):
+    return next(i for i, p in enumerate(trainer._params) if p.shape == shape)
+
+
+def test_resumed_run_is_the_uninterrupted_one(tmp_path):
+    net, trainer = _trainer(8)
+    _train(net, trainer, 3)
+    mxlamb.save_states(trainer, str(tmp_path / "run.states"))
+    net.save_parameters(str(tmp_path / "run.params"))
+    _train(net, trainer, 2, seed=5)
+    resumed, resumed_trainer = _trainer(8, seed=3)
+    resumed.load_parameters(str(tmp_path / "run.params"))
+    mxlamb.load_states(resumed_trainer, str(tmp_path / "run.states"))
+    _train(resumed, resumed_trainer, 2, seed=5)
+    for a, b in zip(_weights(net), _weights(resumed)):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("saved, loaded", [(32, 8), (8, 32)])
+def test_a_file_of_the_other_format_loads_converted_and_says_so(tmp_path, saved, loaded):
+    net, trainer = _trainer(saved)
+    _train(net, trainer, 3)
+    path = str(tmp_path / "run.states")
+    mxlamb.save_states(trainer, path)
+    before = dict(trainer._updaters[0].states)
+    other, other_trainer = _trainer(loaded)
+    with pytest.warns(UserWarning, match="1 parameter state.*state_bits=%d.*state_bits=%d"
+                      % (saved, loaded)):
+        mxlamb.load_states(other_trainer, path)
+    after = other_trainer._updaters[0].states
+    # the 300 x 300 weight; the others have at most 3,000 elements: float32 always
+    big = _index_of(other_trainer, (300, 300))
+    if saved == 32:  # encoded as phase 1 stores them
+        for position, name in ((0, "mean"), (1, "var")):
+            x = before[big][position].asnumpy().ravel()
+            scales = block_max(x)
+            codes = (encode_mean if name == "mean" else encode_var)(x, scales)
+            np.testing.assert_array_equal(after[big][2 * position].asnumpy().ravel(), codes)
+            np.testing.assert_array_equal(after[big][2 * position + 1].asnumpy(), scales)
+    else:  # the stored values, exactly
+        for position, decode in ((0, decode_mean), (1, decode_var)):
+            codes = before[big][2 * position].asnumpy().ravel()
+            scales = before[big][2 * position + 1].asnumpy()
+            np.testing.assert_array_equal(after[big][position].asnumpy().ravel(),
+                                          decode(codes, scales))
+    for small in set(after) - {big}:  # float32 moments on both sides, as saved
+        for a, b in zip(before[small], after[small]):
+            np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+
+
+def test_eight_bit_states_survive_a_round_trip_through_float32(tmp_path):
+    net, trainer = _trainer(8)
+    _train(net, trainer, 3)
+    mxlamb.save_states(trainer, str(tmp_path / "a.states"))
+    float32_net, float32_trainer = _trainer(32)
+    with pytest.warns(UserWarning):
+        mxlamb.load_states(float32_trainer, str(tmp_path / "a.states"))
+    mxlamb.save_states(float32_trainer, str(tmp_path / "b.states"))
+    back_net, back_trainer = _trainer(8)
+    with pytest.warns(UserWarning):
+        mxlamb.load_states(back_trainer, str(tmp_path / "b.states"))
+    big = _index_of(trainer, (300, 300))
+    assert trainer._updaters[0].states[big][0].dtype == np.uint8
+    for a, b in zip(trainer._updaters[0].states[big], back_trainer._updaters[0].states[big]):
+        np.testing.assert_array_equal(a.asnumpy(), b.asnumpy())
+
+
+@pytest.mark.parametrize("update_on_kvstore", [False, True])
+def test_two_devices_train_as_one_with_8_bit_states(update_on_kvstore):
+    """The kvstore adds the devices' gradients in another order than one device's batch sum,
+    so a code may round the other way: the weights agree closely, not bit for bit. The two
+    devices' copies are the same bits."""
+    single, single_trainer = _trainer(8)
+    _train(single, single_trainer, 3)
+    contexts = (mx.cpu(0), mx.cpu(1))
+    net, trainer = _trainer(8, contexts, kvstore="device",
+                            update_on_kvstore=update_on_kvstore)
+    _train(net, trainer, 3)
+    for a, b, c in zip(_weights(net, contexts[0]), _weights(net, contexts[1]),
+                       _weights(single)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, c, atol=2e-4)
+    updater = trainer._kvstore._updater if update_on_kvstore else trainer._updaters[0]
+    assert updater.states[_index_of(trainer, (300, 300))][0].dtype == np.uint8
+
+
+def test_convert_lamb_refuses_8_bit_states():
+    net, trainer = _trainer(8)
+    _train(net, trainer, 1)
+    with pytest.raises(ValueError, match="state_bits"):
+        mxlamb.convert_lamb(trainer, to="mxnet")

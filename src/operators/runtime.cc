@@ -160,6 +160,41 @@ __attribute__((visibility("default"))) void mxlamb_set_num_threads(int n) {
   mxlamb::num_threads = n > 0 ? n : mxlamb::configured_threads();
 }
 
+// The 8-bit moments' format (lamb_math.h), for mxlamb.checkpoint's conversions between float32
+// and 8-bit moments: n values to codes and block scales (one per kStateBlock values), and back.
+// kind 0 is a mean (signed codes), 1 a var or AMSGrad's max (unsigned). Returns 0, or -1 for an
+// unknown kind.
+__attribute__((visibility("default"))) int mxlamb_encode_moment(const float* x, long long n,
+                                                                int kind, uint8_t* codes,
+                                                                float* scales) {
+  if (kind != 0 && kind != 1) return -1;
+  for (long long begin = 0; begin < n; begin += mxlamb::kStateBlock) {
+    const long long end = begin + mxlamb::kStateBlock < n ? begin + mxlamb::kStateBlock : n;
+    uint32_t largest = 0;
+    for (long long i = begin; i < end; ++i) {
+      const uint32_t magnitude = mxlamb::magnitude_bits(x[i]);
+      largest = largest > magnitude ? largest : magnitude;
+    }
+    const float scale = mxlamb::block_scale(largest), inverse = mxlamb::inverse_scale(scale);
+    scales[begin / mxlamb::kStateBlock] = scale;
+    for (long long i = begin; i < end; ++i) {
+      codes[i] = kind == 0 ? mxlamb::encode_mean(x[i], inverse) : mxlamb::encode_var(x[i], inverse);
+    }
+  }
+  return 0;
+}
+
+__attribute__((visibility("default"))) int mxlamb_decode_moment(const uint8_t* codes,
+                                                                const float* scales, long long n,
+                                                                int kind, float* out) {
+  if (kind != 0 && kind != 1) return -1;
+  for (long long i = 0; i < n; ++i) {
+    const float scale = scales[i / mxlamb::kStateBlock];
+    out[i] = kind == 0 ? mxlamb::decode_mean(codes[i], scale) : mxlamb::decode_var(codes[i], scale);
+  }
+  return 0;
+}
+
 }  // extern "C"
 
 // Gluon's Trainer checks, for every parameter array, that backward has written its gradient
