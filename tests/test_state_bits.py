@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mxlamb
-from conftest import supported_isas
+from conftest import MXNET2, supported_isas
 from mxlamb import _library
 from quantized_reference import BLOCK, MEAN, VAR, QuantizedLAMB, decode_mean, decode_var
 from quantized_reference import encode_mean, encode_var, block_max
@@ -235,8 +235,10 @@ def _trainer(bits, contexts=(mx.cpu(),), seed=0, kvstore="device", update_on_kvs
     net.add(mx.gluon.nn.Dense(300, in_units=300, activation="relu"),
             mx.gluon.nn.Dense(10, in_units=300))
     net.initialize(mx.init.Xavier(), ctx=list(contexts))
+    # (MXNet 2.0's Trainer takes update_on_kvstore=True with aggregate_num 1 only)
+    aggregate_num = 1 if MXNET2 and update_on_kvstore else np.inf
     trainer = mx.gluon.Trainer(net.collect_params(), mxlamb.LAMB(
-        learning_rate=0.01, state_bits=bits), kvstore=kvstore,
+        learning_rate=0.01, state_bits=bits, aggregate_num=aggregate_num), kvstore=kvstore,
         update_on_kvstore=update_on_kvstore)
     return net, trainer
 
@@ -244,11 +246,13 @@ def _trainer(bits, contexts=(mx.cpu(),), seed=0, kvstore="device", update_on_kvs
 def _train(net, trainer, steps, seed=1, rows=16):
     """``steps`` steps of a batch of ``rows`` split over the net's devices."""
     rng = np.random.RandomState(seed)
-    contexts = net[0].weight.list_ctx()
+    weight = net[0].weight
+    contexts = weight.list_device() if MXNET2 else weight.list_ctx()
+    array = mx.np.array if MXNET2 else mx.nd.array  # (2.0's Gluon takes mx.np arrays)
     for _ in range(steps):
         x = rng.randn(rows, 300).astype(np.float32)
         with mx.autograd.record():
-            losses = [(net(mx.nd.array(part, ctx=c)) ** 2).sum()
+            losses = [(net(array(part, **{"device" if MXNET2 else "ctx": c})) ** 2).sum()
                       for part, c in zip(np.split(x, len(contexts)), contexts)]
         mx.autograd.backward(losses)
         trainer.step(rows)
