@@ -14,7 +14,7 @@ it changes anything:
 - the optimizer's class, and the options that shape its states: the state's arrays by name in
   order (``mean, var[, var_max][, average][, accum]``), AMSGrad, EMA, gradient accumulation,
   loss scaling, skipping, multi-precision, ``state_bits`` (with 8, the moments of tensors of
-  more than 65,536 elements are their codes and block scales, saved as they are);
+  4,096 elements or more are their codes and block scales, saved as they are);
 - the parameters (names, shapes, dtypes), and each state array's dtype and shape;
 - the counts: MXNet's update counts (the schedule's), and per device and parameter the step
   count t of the bias correction, which counts applied updates only (read from the device

@@ -132,7 +132,7 @@ class LAMB(Optimizer):
         names); a match gets wd 0, or a trust ratio of 1 (a plain Adam step). BERT recipes
         use ``['bias', 'gamma', 'beta', 'LayerNorm']``.
     state_bits : 32 or 8, default 32
-        8: the moments (and AMSGrad's max) of every tensor of more than 65,536 elements are
+        8: the moments (and AMSGrad's max) of every tensor of 4,096 elements or more are
         stored in 8 bits, one byte per element and a float32 scale per block of 256 (a
         quarter of the moments' memory; smaller tensors keep float32 moments). The step is
         exact LAMB on the stored values: phase 1 decodes, updates in float32, stores, and

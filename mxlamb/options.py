@@ -167,7 +167,7 @@ class Options:
                              % (loss_scaler,))
         if state_bits not in (8, 32) or isinstance(state_bits, bool):
             raise ValueError("LAMB: state_bits must be 32 (float32 moments) or 8 (8-bit moments "
-                             "for tensors of more than 65,536 elements), got %r" % (state_bits,))
+                             "for tensors of 4,096 elements or more), got %r" % (state_bits,))
         return cls(
             state_bits=int(state_bits),
             beta1=number("beta1", beta1, 0.0, 1.0, high_open=True),

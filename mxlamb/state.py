@@ -2,7 +2,7 @@
 
 A state is what MXNet's Updater keeps for a parameter: a tuple of arrays named by
 ``Options.layout`` (``mean, var[, var_max][, average][, accum]``), or under multi-precision
-``(weight32, that tuple)``. With ``state_bits=8`` a tensor of more than 65,536 elements
+``(weight32, that tuple)``. With ``state_bits=8`` a tensor of 4,096 elements or more
 (:func:`quantized`) keeps its moments as uint8 codes of its shape, each followed by its float32
 block scales, one per ``BLOCK`` elements (``mean, mean_scale, var, var_scale[, var_max,
 var_max_scale]...``; the codes are lamb_math.h's). The state says itself where its arrays lie:
@@ -45,10 +45,11 @@ PACKED_MAX_ELEMENTS = 1 << 16
 SLAB_ELEMENTS = 1 << 22  # 16 MiB, where param_dict does not tell what the small ones need
 
 # state_bits=8: the elements per block scale (lamb_math.h's kStateBlock), and the smallest
-# tensor whose moments are 8-bit. The smaller ones keep float32 moments (packed in slabs on the
-# CPU, or flat in a ContiguousTrainer): they are a small part of a model's memory.
+# tensor whose moments are 8-bit (bitsandbytes' min_8bit_size). The smaller ones (biases,
+# LayerNorm) keep float32 moments, packed in slabs on the CPU or flat in a ContiguousTrainer:
+# they are a small part of a model's memory.
 BLOCK = 256
-QUANTIZED_MIN_ELEMENTS = PACKED_MAX_ELEMENTS + 1
+QUANTIZED_MIN_ELEMENTS = 4096
 _UINT8 = numpy.dtype(numpy.uint8)
 
 
@@ -166,15 +167,16 @@ class MomentSlabs:
         return mean, var, (slab, offset, size)
 
 
-def slab_elements(param_dict):
-    """Elements of a new moment slab: the moments of every small parameter in param_dict
-    (the Gluon Trainer's; one slab then holds them all), else SLAB_ELEMENTS."""
+def slab_elements(param_dict, options):
+    """Elements of a new moment slab: the float moments of every small parameter in
+    param_dict (the Gluon Trainer's; one slab then holds them all), else SLAB_ELEMENTS."""
     wanted = 0
     for param in param_dict.values():
         shape = getattr(param, "shape", None)
         if shape is not None and all(shape):
             size = int(numpy.prod(shape))
-            wanted += 2 * size if size <= PACKED_MAX_ELEMENTS else 0
+            packed = size <= PACKED_MAX_ELEMENTS and not quantized(options, size)
+            wanted += 2 * size if packed else 0
     return wanted or SLAB_ELEMENTS
 
 
@@ -211,7 +213,7 @@ def create(weight, options, slabs, param_dict, describe):
                      + _optional(weight, options, moments=False))
     if 0 < weight.size <= PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":
         # (slabs on the CPU only: the GPU forwards take packed moments, not yet run there)
-        mean, var, packed = slabs.allocate(weight, slab_elements(param_dict))
+        mean, var, packed = slabs.allocate(weight, slab_elements(param_dict, options))
         return PackedState([mean, var] + _optional(weight, options), packed)
     return tuple([_zeros(weight), _zeros(weight)] + _optional(weight, options))
 

@@ -129,7 +129,7 @@ def test_kernels_equal_the_judge(case, dtype):
     for k, shape in enumerate(SHAPES):
         moments = _moments(states, k, dtype)
         master = states[k][0] if dtype == "float16" else weights[k]
-        if np.prod(shape) <= 65536:  # small: float32 moments, as without state_bits
+        if np.prod(shape) < 4096:  # small: float32 moments, as without state_bits
             assert all(a.dtype == np.float32 for a in moments)
             continue
         expected = expected_states[k]
@@ -203,7 +203,9 @@ def test_step_and_fused_step_give_the_same_bits():
 def test_state_memory_and_layout():
     opt = mxlamb.LAMB(state_bits=8)
     big = opt.create_state(0, mx.nd.zeros((1000, 1000)))
-    small = opt.create_state(1, mx.nd.zeros((256, 256)))  # 65,536 elements: float32
+    small = opt.create_state(1, mx.nd.zeros((4095,)))  # under 4,096 elements: float32
+    smallest = opt.create_state(2, mx.nd.zeros((64, 64)))  # 4,096: 8-bit
+    assert [a.dtype for a in smallest] == [np.uint8, np.float32, np.uint8, np.float32]
     assert [a.dtype for a in big] == [np.uint8, np.float32, np.uint8, np.float32]
     assert [a.shape for a in big] == [(1000, 1000), (3907,), (1000, 1000), (3907,)]
     assert sum(a.size * np.dtype(a.dtype).itemsize for a in big) / 1e6 == pytest.approx(
@@ -353,3 +355,30 @@ def test_convert_lamb_refuses_8_bit_states():
     _train(net, trainer, 1)
     with pytest.raises(ValueError, match="state_bits"):
         mxlamb.convert_lamb(trainer, to="mxnet")
+
+
+def test_contiguous_trainer_gives_gluons_bits_with_8_bit_states():
+    from mxlamb.contrib import ContiguousTrainer
+    results = []
+    for trainer_class in (mx.gluon.Trainer, ContiguousTrainer):
+        mx.random.seed(0)
+        net = mx.gluon.nn.HybridSequential()
+        net.add(mx.gluon.nn.Dense(300, in_units=300, activation="relu"),  # 8-bit
+                mx.gluon.nn.Dense(64, in_units=64, activation="relu"),    # 4,096: 8-bit
+                mx.gluon.nn.Dense(10, in_units=64))                       # float32, flat
+        net.initialize(mx.init.Xavier())
+        trainer = trainer_class(net.collect_params(), mxlamb.LAMB(learning_rate=0.01,
+                                                                  state_bits=8))
+        rng = np.random.RandomState(1)
+        array = mx.np.array if MXNET2 else mx.nd.array
+        for _ in range(3):
+            x = array(rng.randn(16, 300).astype(np.float32))
+            with mx.autograd.record():
+                loss = (net[2](net[1](net[0](x)[:, :64])) ** 2).sum()
+            loss.backward()
+            trainer.step(16)
+        if trainer_class is ContiguousTrainer:
+            assert trainer.fast_steps == 3
+        results.append(_weights(net))
+    for a, b in zip(*results):
+        np.testing.assert_array_equal(a, b)

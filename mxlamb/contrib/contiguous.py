@@ -29,7 +29,7 @@ from .._library import native
 from ..lamb import _SCHEDULE_PER_PARAMETER, LAMB
 from ..options import WHOLE_STEP
 from ..ops import FlatGroup, Path, choose_path
-from ..state import check, context_of, is_np_array, legacy
+from ..state import check, context_of, is_np_array, legacy, quantized
 
 __all__ = ["ContiguousTrainer", "MAX_ELEMENTS"]
 
@@ -134,9 +134,10 @@ class LeftGradients:
             "the first backward pass, or train this network with gluon.Trainer" % name)
 
 
-def _flatten(params):
+def _flatten(params, optimizer):
     """Moves the weights and gradients of the small ``params`` into flat buffers; returns
-    the FlatBuffers, one per context and dtype, and the LeftGradients."""
+    the FlatBuffers, one per context and dtype, and the LeftGradients. Under state_bits=8 the
+    parameters with 8-bit moments keep their own arrays (their states are not flat)."""
     members = {}  # (context, dtype) -> [(param, context position)], in parameter order
     for param in params:
         if param.grad_req == "null" or getattr(param, "_stype", "default") != "default" \
@@ -153,7 +154,8 @@ def _flatten(params):
                     "static_shape=True keeps writing into the gradient arrays it bound then, "
                     "and moving them would train on stale gradients" % param.name)
         for j, data in enumerate(param._data):
-            if 0 < data.size <= MAX_ELEMENTS:
+            if 0 < data.size <= MAX_ELEMENTS and not (
+                    isinstance(optimizer, LAMB) and quantized(optimizer.options, data.size)):
                 members.setdefault((context_of(data), numpy.dtype(data.dtype)), []).append(
                     (param, j))
     buffers = [FlatBuffers(group) for group in members.values()]
@@ -191,7 +193,7 @@ class ContiguousTrainer(gluon.Trainer):
 
     def __init__(self, params, optimizer, optimizer_params=None, **kwargs):
         super().__init__(params, optimizer, optimizer_params, **kwargs)
-        self._buffers, self._left_gradients = _flatten(self._params)
+        self._buffers, self._left_gradients = _flatten(self._params, self._optimizer)
         self._fast = None
         self.fast_steps = 0
 
