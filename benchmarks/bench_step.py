@@ -33,6 +33,7 @@ import functools
 import json
 import os
 import platform
+import re
 import shutil
 import statistics
 import subprocess
@@ -50,6 +51,13 @@ from mxlamb import _library  # noqa: E402
 from param_sets import PARAM_SETS  # noqa: E402
 
 BYTES_PER_PARAM = 40  # two passes, fp32 (and fp16 with an fp32 master: 22 + 18 bytes)
+# state_bits=8: read w, g, m8, v8 and write m8, v8 (12); read w, m8, v8 and write w (10). The
+# block scales (8 bytes per 256 elements and moment, read and written) and the float32
+# moments of the tensors under 4,096 elements add well under 1%.
+STATE_BITS_8 = "mxlamb defaults, state_bits=8"
+CASE_BYTES = {STATE_BITS_8: 22}
+# bytes of optimizer state per parameter (moments), where the case says
+STATE_BYTES = {"mxlamb defaults": 8, STATE_BITS_8: 2 + 8 / 256}
 SMALL_MODEL = 1 << 20  # parameters; below, more rounds, and the floor ratios are printed
 ROUNDS = 5  # alternating rounds of a set under SMALL_MODEL parameters
 LARGE_ROUNDS = 3  # and above (a BERT-base round takes about 3 minutes)
@@ -242,6 +250,7 @@ def cases(model, shapes):
 
     n = len(shapes)
     yield "mxlamb defaults", mx_case(lambda: mxlamb.LAMB(wd=0.01))
+    yield STATE_BITS_8, mx_case(lambda: mxlamb.LAMB(wd=0.01, state_bits=8))
     yield "mxlamb aggregate_num=4 (MXNet's default)", mx_case(
         lambda: mxlamb.LAMB(wd=0.01, aggregate_num=4))
     if model == "200x768":
@@ -353,6 +362,8 @@ def main():
 
     parser.add_argument("--rounds", type=positive, help="alternating rounds per model (default: "
                         "%d under a million parameters, %d above)" % (ROUNDS, LARGE_ROUNDS))
+    parser.add_argument("--cases", help="only the cases whose names this regular expression "
+                        "finds (e.g. 'defaults$|state_bits'); default: all")
     parser.add_argument("--time-case", help=argparse.SUPPRESS)  # MODEL:N, in a fresh process
     args = parser.parse_args()
     if args.time_case:
@@ -390,16 +401,21 @@ def main():
     def params_of(model):
         return sum(int(np.prod(s)) for s in PARAM_SETS[model]())
 
+    def chosen(model):
+        """(number, name) of the cases --cases picks (the number is what --time-case runs)."""
+        return [(number, name) for number, (name, _) in enumerate(cases(model, PARAM_SETS[model]()))
+                if not args.cases or re.search(args.cases, name)]
+
     results = []
     # one tick per process run: every case and every peer, once per round
     progress = tqdm(total=sum(rounds_for(params_of(m))
-                              * (len(list(cases(m, PARAM_SETS[m]()))) + len(peers))
+                              * (len(chosen(m)) + len(peers))
                               for m in models),
                     desc="benchmark", unit="run")
     for model in models:
         shapes = PARAM_SETS[model]()
         params = params_of(model)
-        named = list(cases(model, shapes))
+        named = chosen(model)
         # A step's time depends on what its process ran before (after MXNet's own LAMB every
         # small step ran up to 1.7x slower, the floor too) and on the machine's other load
         # (its memory bandwidth moved by 1.5x between runs of one afternoon): each case runs
@@ -411,7 +427,7 @@ def main():
         timings = [[] for _ in named]
         peer_runs = [[] for _ in peers]
         for _ in range(rounds_here):
-            for case, timing in enumerate(timings):
+            for (case, _), timing in zip(named, timings):
                 if not timing or "error" not in timing[-1]:
                     timing.append(time_in_fresh_process(model, case, args.steps))
                 progress.update(1)
@@ -420,8 +436,10 @@ def main():
                     runs.append(time_peer_between_bandwidths(peers_python, model, impl,
                                                              args.steps, args.peers_timeout))
                 progress.update(1)
-        for (name, _), timing in zip(named, timings):
-            results.append(dict({"model": model, "case": name, "params": params},
+        for (_, name), timing in zip(named, timings):
+            results.append(dict({"model": model, "case": name, "params": params,
+                                 "bytes_per_param": CASE_BYTES.get(name, BYTES_PER_PARAM),
+                                 "state_bytes_per_param": STATE_BYTES.get(name)},
                                 **row_of(timing)))
         for (impl, name), runs in zip(peers, peer_runs):
             results.append(dict({"model": model, "case": name, "params": params, "peer": impl},
@@ -433,7 +451,8 @@ def main():
     machine["rmw_bandwidth_GBps_range"] = [min(measured) / 1e9, max(measured) / 1e9]
     for r in results:
         if r.get("bandwidth"):
-            r["bound_seconds"] = BYTES_PER_PARAM * r["params"] / r["bandwidth"]
+            r["bound_seconds"] = (r.get("bytes_per_param") or BYTES_PER_PARAM) * r["params"] \
+                / r["bandwidth"]
     print("read-modify-write bandwidth around the runs: %.1f to %.1f GB/s"
           % tuple(machine["rmw_bandwidth_GBps_range"]))
 
@@ -445,9 +464,11 @@ def main():
     for model in models:
         rows = [r for r in results if r["model"] == model]
         # "vs MXNet": MXNet's LAMB at its default (4 tensors per call), as the README compares
-        builtin = next(r["seconds"] for r in rows
-                       if r["case"] == "MXNet LAMB (aggregation 4, its default)") or float("nan")
-        numpy_s = next(r["seconds"] for r in rows if r["case"] == "NumPy LAMB") or float("nan")
+        builtin = next((r["seconds"] for r in rows
+                        if r["case"] == "MXNet LAMB (aggregation 4, its default)"),
+                       None) or float("nan")
+        numpy_s = next((r["seconds"] for r in rows if r["case"] == "NumPy LAMB"),
+                       None) or float("nan")
         for r in rows:
             if r["seconds"] is None:
                 print("%-11s %-48s failed: %s" % (model, r["case"], r["error"]))
@@ -476,6 +497,16 @@ def main():
                 r.setdefault("ratio_to_floor", {})[floor] = r["seconds"] / seconds
                 print("%-11s %-48s %8.2fx  %s" % (model, r["case"], r["seconds"] / seconds,
                                                   floor))
+        # 8-bit moments against float32 ones, in the same run.
+        timed = {r["case"]: r for r in rows if r["seconds"] is not None}
+        if STATE_BITS_8 in timed and "mxlamb defaults" in timed:
+            eight, float32 = timed[STATE_BITS_8], timed["mxlamb defaults"]
+            eight["ratio_to_float32"] = eight["seconds"] / float32["seconds"]
+            print("%-11s %-48s %8.2fx  the float32 step's time; state %.2f bytes/param against "
+                  "%d; %.2fx its own %d-byte bound" % (
+                      model, STATE_BITS_8, eight["ratio_to_float32"],
+                      STATE_BYTES[STATE_BITS_8], STATE_BYTES["mxlamb defaults"],
+                      eight["ratio_to_bound"], CASE_BYTES[STATE_BITS_8]))
 
     versions = {}
     for r in results:

@@ -1,6 +1,7 @@
 """Pretrains a tiny BERT (GluonNLP 0.10) with masked LM + next-sentence prediction on the
-corpus shipped in examples/bert/, with mxlamb's LAMB, MXNet's built-in LAMB and Adam, on the
-same data in the same order, and plots their loss curves.
+corpus shipped in examples/bert/, with mxlamb's LAMB (float32 moments, and 8-bit moments:
+``state_bits=8``), MXNet's built-in LAMB and Adam, on the same data in the same order, and
+plots their loss curves.
 
     python examples/bert_pretrain.py [--steps 200] [--out-dir bert_out] [--devices 2]
 
@@ -39,7 +40,7 @@ import gluonnlp as nlp
 import mxlamb
 
 CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bert", "corpus.txt")
-OPTIMIZERS = ("mxlamb", "mxnet-lamb", "adam")
+OPTIMIZERS = ("mxlamb", "mxlamb-8bit", "mxnet-lamb", "adam")
 
 
 def read_documents(path):
@@ -100,13 +101,13 @@ def make_instances(documents, vocab, seq_len, max_predictions, seed=0):
     return {name: np.array(values, dtype=np.float32) for name, values in columns.items()}
 
 
-def build_model(vocab, seq_len, contexts, dropout=0.1):
+def build_model(vocab, seq_len, contexts, dropout=0.1, seed=0):
     encoder = nlp.model.BERTEncoder(num_layers=2, units=128, hidden_size=512,
                                     max_length=seq_len, num_heads=2, dropout=dropout)
     model = nlp.model.BERTModel(encoder, vocab_size=len(vocab), token_type_vocab_size=2,
                                 units=128, embed_size=128, use_pooler=True, use_decoder=True,
                                 use_classifier=True)
-    mx.random.seed(42)  # the same initial weights for every optimizer
+    mx.random.seed(42 + seed)  # the same initial weights for every optimizer
     model.initialize(mx.init.Normal(0.02), ctx=contexts)
     model.hybridize(static_alloc=True)
     return model
@@ -116,6 +117,8 @@ def make_optimizer(name, args):
     common = {"learning_rate": args.lr, "wd": 0.01}
     if name == "mxlamb":
         return mxlamb.LAMB(**common)
+    if name == "mxlamb-8bit":  # 8-bit moments for the tensors of 4,096 elements or more
+        return mxlamb.LAMB(state_bits=8, **common)
     if name == "mxnet-lamb":
         return mx.optimizer.optimizer.LAMB(**common)
     return mx.optimizer.Adam(**dict(common, learning_rate=args.adam_lr))
@@ -133,7 +136,7 @@ def learning_rate(step, total, peak, warmup_ratio):
 def pretrain(name, vocab, data, args):
     """Trains a fresh model with optimizer ``name``; returns per-step (mlm, nsp) losses."""
     contexts = [mx.cpu(k) for k in range(args.devices)]
-    model = build_model(vocab, args.seq_len, contexts, args.dropout)
+    model = build_model(vocab, args.seq_len, contexts, args.dropout, args.seed)
     params = model.collect_params()
     for param in model.collect_params(".*gamma|.*beta|.*bias").values():
         param.wd_mult = 0.0  # no weight decay for LayerNorm and biases
@@ -142,7 +145,7 @@ def pretrain(name, vocab, data, args):
                             kvstore="device" if len(contexts) > 1 else None,
                             update_on_kvstore=False)
     ce = gluon.loss.SoftmaxCELoss()
-    order = np.random.RandomState(1).permutation(len(data["ids"]))
+    order = np.random.RandomState(1 + args.seed).permutation(len(data["ids"]))
     history = {"mlm": [], "nsp": [], "seconds": 0.0}
     micro = 0
     peak = args.adam_lr if name == "adam" else args.lr
@@ -213,6 +216,8 @@ def loss_figure(histories, args):
     for name, history in histories.items():
         # mxlamb and MXNet's LAMB compute the same update: mxlamb's curve is dashed on top.
         style = {"linestyle": "--", "linewidth": 2.2, "zorder": 3} if name == "mxlamb" else {}
+        if name == "mxlamb-8bit":
+            style = {"linestyle": ":", "linewidth": 2.2, "zorder": 4}
         for axis, key in zip(axes, ("mlm", "nsp")):
             axis.plot(np.arange(1, len(history[key]) + 1), moving_average(history[key]),
                       label=name, **style)
@@ -256,6 +261,8 @@ def main(argv=None):
     parser.add_argument("--devices", type=int, default=1,
                         help="CPU contexts to split each micro-batch across")
     parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="initial weights and data order (the same for every optimizer)")
     args = parser.parse_args(argv)
     if args.devices < 1 or args.batch_size % args.devices:
         parser.error("--devices must be >= 1 and divide --batch-size")

@@ -196,8 +196,7 @@ void phase1_span(const Phase1Span<T>& s, const StepCoeffs<T>& step, const Tensor
 
 // LowT: the storage type of the model weight written beside the master copy (float16, math
 // type float), or T itself where there is none.
-// kQuant: the moments are 8-bit (state_bits=8, T float), decoded as phase 1 stored them.
-template <typename T, typename LowT, bool kEma, bool kDecay, bool kQuant>
+template <typename T, typename LowT, bool kEma, bool kDecay>
 void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
   constexpr bool kLowp = !std::is_same<LowT, T>::value;
   const T* w = s.weight;  // may alias w_out: no __restrict__
@@ -205,18 +204,9 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
   LowT* __restrict__ w_lowp = reinterpret_cast<LowT*>(s.model_weight);
   const T* __restrict__ m = s.mean;
   const T* __restrict__ v = s.var;
-  const QuantizedMoment qm = s.q_mean, qv = s.q_var;
   T* __restrict__ avg = s.average;
   auto element = [&](int64_t i) {
-    T mean, var;
-    if constexpr (kQuant) {
-      mean = decode_mean(qm.codes[i], qm.scales[i / kStateBlock]);
-      var = decode_var(qv.codes[i], qv.scales[i / kStateBlock]);
-    } else {
-      mean = m[i];
-      var = v[i];
-    }
-    const T updated = phase2_element(weight_at<kDecay>(w, i, tensor), mean, var, tensor,
+    const T updated = phase2_element(weight_at<kDecay>(w, i, tensor), m[i], v[i], tensor,
                                      step_size);
     w_out[i] = updated;
     if (kEma) avg[i] = moving_average(avg[i], updated, tensor.ema);
@@ -314,6 +304,38 @@ void phase1_q8_span(const Phase1Span<float>& s, const StepCoeffs<float>& step,
   *update_sumsq = sum_lanes(acc_u);
 }
 
+// Phase 2 with 8-bit moments: per block, its scales once, then the codes decoded as phase 1
+// stored them, so that u is the one whose norm phase 1 took.
+template <typename LowT, bool kEma, bool kDecay>
+void phase2_q8_span(const Phase2Span<float>& s, const TensorCoeffs<float>& tensor,
+                    float step_size) {
+  constexpr bool kLowp = !std::is_same<LowT, float>::value;
+  const float* w = s.weight;  // may alias w_out: no __restrict__
+  float* w_out = s.weight_out;
+  LowT* __restrict__ w_lowp = reinterpret_cast<LowT*>(s.model_weight);
+  float* __restrict__ avg = s.average;
+  const QuantizedMoment qm = s.q_mean, qv = s.q_var;
+  float updated[kStateBlock];
+  for (int64_t begin = 0; begin < s.n; begin += kStateBlock) {
+    const int64_t block = begin / kStateBlock;
+    const int len = s.n - begin < kStateBlock ? static_cast<int>(s.n - begin) : kStateBlock;
+    const float m_scale = qm.scales[block], v_scale = qv.scales[block];
+    for (int i = 0; i < len; ++i) {
+      const float mean = decode_mean(qm.codes[begin + i], m_scale);
+      const float var = decode_var(qv.codes[begin + i], v_scale);
+      updated[i] = phase2_element(weight_at<kDecay>(w, begin + i, tensor), mean, var, tensor,
+                                  step_size);
+      w_out[begin + i] = updated[i];
+      if (kEma) avg[begin + i] = moving_average(avg[begin + i], updated[i], tensor.ema);
+    }
+    if constexpr (kLowp) {
+      const int full = len - len % kSumLanes;
+      for (int i = 0; i < full; i += kSumLanes) narrow_block(updated + i, w_lowp + begin + i);
+      for (int i = full; i < len; ++i) w_lowp[begin + i] = from_float<LowT>(updated[i]);
+    }
+  }
+}
+
 template <typename GradT>
 double grad_sumsq_span(const GradSpan& s) {
   using MathT = decltype(to_float(GradT{}));
@@ -377,24 +399,22 @@ void phase1_f64(const Phase1Span<double>& s, const StepCoeffs<double>& step,
   return phase1_typed<double, double>(s, step, tensor, weight_sumsq, update_sumsq);
 }
 
-template <typename T, typename LowT, bool kEma, bool kQuant>
-void phase2_decay(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
-  if (tensor.decoupled) return phase2_span<T, LowT, kEma, true, kQuant>(s, tensor, step_size);
-  return phase2_span<T, LowT, kEma, false, kQuant>(s, tensor, step_size);
-}
-
 template <typename T, typename LowT, bool kEma>
-void phase2_quant(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
+void phase2_decay(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
   if constexpr (std::is_same<T, float>::value) {
-    if (s.q_mean.codes != nullptr) return phase2_decay<T, LowT, kEma, true>(s, tensor, step_size);
+    if (s.q_mean.codes != nullptr) {
+      if (tensor.decoupled) return phase2_q8_span<LowT, kEma, true>(s, tensor, step_size);
+      return phase2_q8_span<LowT, kEma, false>(s, tensor, step_size);
+    }
   }
-  return phase2_decay<T, LowT, kEma, false>(s, tensor, step_size);
+  if (tensor.decoupled) return phase2_span<T, LowT, kEma, true>(s, tensor, step_size);
+  return phase2_span<T, LowT, kEma, false>(s, tensor, step_size);
 }
 
 template <typename T, typename LowT>
 void phase2_typed(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_size) {
-  if (s.average != nullptr) return phase2_quant<T, LowT, true>(s, tensor, step_size);
-  return phase2_quant<T, LowT, false>(s, tensor, step_size);
+  if (s.average != nullptr) return phase2_decay<T, LowT, true>(s, tensor, step_size);
+  return phase2_decay<T, LowT, false>(s, tensor, step_size);
 }
 
 void phase2(const Phase2Span<float>& s, const StepCoeffs<float>&, const TensorCoeffs<float>& tensor,
