@@ -228,77 +228,101 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
 }
 
 // Phase 1 with 8-bit moments (lamb_math.h, state_bits=8), a block of kStateBlock elements at a
-// time: decode, update, the block's scales, encode, decode the stored values again; u from
-// those. The sums take the same lanes as phase1_span (element i to lane i % kSumLanes).
+// time: decode, update, the block's scales; then encode, decode the stored values again, u from
+// those and the sums. The sums take the same lanes as phase1_span (element i to lane
+// i % kSumLanes). kFull: a whole block (its length known to the compiler).
+template <typename GradT, bool kAmsgrad, bool kDecay, bool kFull>
+MXLAMB_INLINE void phase1_q8_block(const Phase1Span<float>& s, int64_t begin, int len,
+                                   const StepCoeffs<float>& step,
+                                   const TensorCoeffs<float>& tensor, double* acc_w,
+                                   double* acc_u) {
+  if constexpr (kFull) len = kStateBlock;
+  const float* __restrict__ w = s.weight + begin;
+  const GradT* __restrict__ g = static_cast<const GradT*>(s.grad) + begin;
+  uint8_t* __restrict__ mc = s.q_mean.codes + begin;
+  uint8_t* __restrict__ vc = s.q_var.codes + begin;
+  const int64_t block = begin / kStateBlock;
+  float grad[kStateBlock], m[kStateBlock], v[kStateBlock];
+  const int full = len - len % kSumLanes;
+  if constexpr (std::is_same<GradT, float>::value) {
+    for (int i = 0; i < len; ++i) grad[i] = g[i];
+  } else {
+    for (int i = 0; i < full; i += kSumLanes) widen_block(g + i, grad + i);
+    for (int i = full; i < len; ++i) grad[i] = to_float(g[i]);
+  }
+  const float m_scale = s.q_mean.scales[block], v_scale = s.q_var.scales[block];
+  uint32_t m_largest = 0, v_largest = 0;
+  for (int i = 0; i < len; ++i) {
+    float mi = decode_mean(mc[i], m_scale);
+    float vi = decode_var(vc[i], v_scale);
+    update_moments(scaled_grad(grad[i], step, tensor), &mi, &vi, step);
+    m[i] = mi;
+    v[i] = vi;
+    m_largest = m_largest > magnitude_bits(mi) ? m_largest : magnitude_bits(mi);
+    v_largest = v_largest > magnitude_bits(vi) ? v_largest : magnitude_bits(vi);
+  }
+  const float m_stored = block_scale(m_largest), v_stored = block_scale(v_largest);
+  const float m_inverse = inverse_scale(m_stored), v_inverse = inverse_scale(v_stored);
+  s.q_mean.scales[block] = m_stored;
+  s.q_var.scales[block] = v_stored;
+  if constexpr (kAmsgrad) {  // the running max of the stored v, itself stored in 8 bits
+    uint8_t* __restrict__ xc = s.q_var_max.codes + begin;
+    const float x_scale = s.q_var_max.scales[block];
+    uint32_t x_largest = 0;
+    for (int i = 0; i < len; ++i) {
+      const uint8_t code = encode_var(v[i], v_inverse);
+      vc[i] = code;
+      v[i] = amsgrad_var(decode_var(xc[i], x_scale), decode_var(code, v_stored));
+      x_largest = x_largest > magnitude_bits(v[i]) ? x_largest : magnitude_bits(v[i]);
+    }
+    const float x_stored = block_scale(x_largest), x_inverse = inverse_scale(x_stored);
+    s.q_var_max.scales[block] = x_stored;
+    for (int i = 0; i < len; ++i) {
+      const uint8_t code = encode_var(v[i], x_inverse);
+      xc[i] = code;
+      v[i] = decode_var(code, x_stored);  // u is made from the running max
+    }
+  }
+  // Encode, decode the stored values, u; then the sums, kSumLanes elements at a time.
+  float weight[kStateBlock], u[kStateBlock];
+  for (int i = 0; i < len; ++i) {
+    const uint8_t mcode = encode_mean(m[i], m_inverse);
+    mc[i] = mcode;
+    float vi = v[i];
+    if constexpr (!kAmsgrad) {
+      const uint8_t vcode = encode_var(vi, v_inverse);
+      vc[i] = vcode;
+      vi = decode_var(vcode, v_stored);
+    }
+    weight[i] = weight_at<kDecay>(w, i, tensor);
+    u[i] = raw_update(weight[i], decode_mean(mcode, m_stored), vi, tensor);
+  }
+  int padded = len;
+  if constexpr (!kFull) {
+    padded = full == len ? len : full + kSumLanes;
+    for (int i = len; i < padded; ++i) weight[i] = u[i] = 0.0f;  // 0^2 adds nothing
+  }
+  for (int i = 0; i < padded; i += kSumLanes) {
+    accumulate_squares(weight + i, acc_w);
+    accumulate_squares(u + i, acc_u);
+  }
+}
+
 template <typename GradT, bool kAmsgrad, bool kDecay>
 void phase1_q8_span(const Phase1Span<float>& s, const StepCoeffs<float>& step,
                     const TensorCoeffs<float>& tensor, double* weight_sumsq,
                     double* update_sumsq) {
-  static_assert(kStateBlock % kSumLanes == 0, "a block is whole blocks of lanes");
-  const float* __restrict__ w = s.weight;
-  const GradT* __restrict__ g = static_cast<const GradT*>(s.grad);
-  const QuantizedMoment qm = s.q_mean, qv = s.q_var, qx = s.q_var_max;
+  static_assert(kStateBlock % kSumLanes == 0, "a block is whole groups of lanes");
   double acc_w[kSumLanes] = {};
   double acc_u[kSumLanes] = {};
-  float grad[kStateBlock], m[kStateBlock], v[kStateBlock], vx[kStateBlock];
-  float weight[kStateBlock], u[kStateBlock];
-  for (int64_t begin = 0; begin < s.n; begin += kStateBlock) {
-    const int64_t block = begin / kStateBlock;
-    const int len = s.n - begin < kStateBlock ? static_cast<int>(s.n - begin) : kStateBlock;
-    const int full = len - len % kSumLanes;
-    if constexpr (std::is_same<GradT, float>::value) {
-      for (int i = 0; i < len; ++i) grad[i] = g[begin + i];
-    } else {
-      for (int i = 0; i < full; i += kSumLanes) widen_block(g + begin + i, grad + i);
-      for (int i = full; i < len; ++i) grad[i] = to_float(g[begin + i]);
-    }
-    const float m_scale = qm.scales[block], v_scale = qv.scales[block];
-    uint32_t m_largest = 0, v_largest = 0;
-    for (int i = 0; i < len; ++i) {
-      float mi = decode_mean(qm.codes[begin + i], m_scale);
-      float vi = decode_var(qv.codes[begin + i], v_scale);
-      update_moments(scaled_grad(grad[i], step, tensor), &mi, &vi, step);
-      m[i] = mi;
-      v[i] = vi;
-      m_largest = m_largest > magnitude_bits(mi) ? m_largest : magnitude_bits(mi);
-      v_largest = v_largest > magnitude_bits(vi) ? v_largest : magnitude_bits(vi);
-    }
-    const float m_stored = block_scale(m_largest), v_stored = block_scale(v_largest);
-    const float m_inverse = inverse_scale(m_stored), v_inverse = inverse_scale(v_stored);
-    qm.scales[block] = m_stored;
-    qv.scales[block] = v_stored;
-    for (int i = 0; i < len; ++i) {
-      const uint8_t mc = encode_mean(m[i], m_inverse), vc = encode_var(v[i], v_inverse);
-      qm.codes[begin + i] = mc;
-      qv.codes[begin + i] = vc;
-      m[i] = decode_mean(mc, m_stored);
-      v[i] = decode_var(vc, v_stored);
-    }
-    if constexpr (kAmsgrad) {  // the running max of the stored v, itself stored in 8 bits
-      const float x_scale = qx.scales[block];
-      uint32_t x_largest = 0;
-      for (int i = 0; i < len; ++i) {
-        vx[i] = amsgrad_var(decode_var(qx.codes[begin + i], x_scale), v[i]);
-        x_largest = x_largest > magnitude_bits(vx[i]) ? x_largest : magnitude_bits(vx[i]);
-      }
-      const float x_stored = block_scale(x_largest), x_inverse = inverse_scale(x_stored);
-      qx.scales[block] = x_stored;
-      for (int i = 0; i < len; ++i) {
-        const uint8_t xc = encode_var(vx[i], x_inverse);
-        qx.codes[begin + i] = xc;
-        v[i] = decode_var(xc, x_stored);  // u is made from the running max
-      }
-    }
-    const int padded = full == len ? len : full + kSumLanes;
-    for (int i = 0; i < len; ++i) {
-      weight[i] = weight_at<kDecay>(w, begin + i, tensor);
-      u[i] = raw_update(weight[i], m[i], v[i], tensor);
-    }
-    for (int i = len; i < padded; ++i) weight[i] = u[i] = 0.0f;  // 0^2 adds nothing
-    for (int i = 0; i < padded; i += kSumLanes) {
-      accumulate_squares(weight + i, acc_w);
-      accumulate_squares(u + i, acc_u);
-    }
+  const int64_t whole = s.n - s.n % kStateBlock;
+  for (int64_t begin = 0; begin < whole; begin += kStateBlock) {
+    phase1_q8_block<GradT, kAmsgrad, kDecay, true>(s, begin, kStateBlock, step, tensor, acc_w,
+                                                   acc_u);
+  }
+  if (whole < s.n) {
+    phase1_q8_block<GradT, kAmsgrad, kDecay, false>(s, whole, static_cast<int>(s.n - whole),
+                                                    step, tensor, acc_w, acc_u);
   }
   *weight_sumsq = sum_lanes(acc_w);
   *update_sumsq = sum_lanes(acc_u);
