@@ -14,11 +14,11 @@ GLOBAL_BATCH = 16
 IN_UNITS = 40
 
 
-def build_net():
+def build_net(hidden=48):
     net = gluon.nn.HybridSequential(prefix="net_")
     with net.name_scope():
-        net.add(gluon.nn.Dense(48, in_units=IN_UNITS, activation="tanh"))
-        net.add(gluon.nn.Dense(10, in_units=48))
+        net.add(gluon.nn.Dense(hidden, in_units=IN_UNITS, activation="tanh"))
+        net.add(gluon.nn.Dense(10, in_units=hidden))
     mx.random.seed(7)
     net.initialize(mx.init.Xavier())
     return net
@@ -31,7 +31,7 @@ def batches(steps):
                rng.randint(0, 10, size=GLOBAL_BATCH).astype(np.float32))
 
 
-def assert_same_weights(reference, out):
+def assert_same_weights(reference, out, hidden=48):
     """The weights in ``out`` (.npz) equal ``reference`` (a dict) to fp32 round-off, and the
     run did train (every weight matrix moved from its initial value)."""
     weights = dict(np.load(out))
@@ -40,7 +40,8 @@ def assert_same_weights(reference, out):
         # Summed over workers, the gradients add up in another order than in one backward pass.
         np.testing.assert_allclose(weights[name], reference[name], rtol=1e-5, atol=1e-5,
                                    err_msg=name)
-    initial = {name: p.data().asnumpy() for name, p in build_net().collect_params().items()}
+    initial = {name: p.data().asnumpy()
+               for name, p in build_net(hidden).collect_params().items()}
     assert all(np.abs(weights[n] - initial[n]).max() > 1e-3 for n in reference if "weight" in n)
 
 
@@ -62,14 +63,18 @@ def main():
     parser.add_argument("--global-clipnorm", type=float, default=None)
     parser.add_argument("--contiguous", action="store_true",
                         help="an mxlamb.contrib.ContiguousTrainer")
+    parser.add_argument("--state-bits", type=int, default=32)
+    parser.add_argument("--hidden", type=int, default=48,
+                        help="units of the first layer (128: 5,120 weights, 8-bit moments "
+                             "under --state-bits 8)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
 
-    net = build_net()
+    net = build_net(args.hidden)
     params = net.collect_params()
     params["net_dense1_weight"].lr_mult = 0.5
     params["net_dense0_bias"].wd_mult = 0.0
-    options = dict(OPTIONS, global_clipnorm=args.global_clipnorm)
+    options = dict(OPTIONS, global_clipnorm=args.global_clipnorm, state_bits=args.state_bits)
     optimizer = (mxlamb.LAMB(**options) if args.optimizer == "lamb"
                  else MainModuleLAMB(**options))
     rank, workers = 0, 1

@@ -57,6 +57,21 @@ def test_dist_sync_equals_single_process(tmp_path, single, servers, update_on_kv
     assert_same_weights(single, out)
 
 
+@pytest.mark.parametrize("update_on_kvstore", [1, 0])
+def test_dist_sync_with_8_bit_moments_equals_single_process(tmp_path, update_on_kvstore):
+    """state_bits=8 with the states on the servers (update_on_kvstore=1) or on the workers:
+    the first layer's 5,120 weights keep 8-bit moments (the servers make their own states
+    from the pickled optimizer)."""
+    args = ["--state-bits", "8", "--hidden", "128"]
+    single = tmp_path / "single.npz"
+    subprocess.run([sys.executable, JOB, "--mode", "single", "--out", str(single)] + args,
+                   check=True, timeout=120)
+    out = tmp_path / "w.npz"
+    code, err = run_job(out, "--update-on-kvstore", str(update_on_kvstore), *args)
+    assert code == 0, err
+    assert_same_weights(dict(np.load(single)), out, hidden=128)
+
+
 @pytest.mark.parametrize("update_on_kvstore, planned", [(0, "5"), (1, "0")])
 def test_contiguous_parameters_are_bit_identical_to_ordinary_storage(tmp_path, single,
                                                                       update_on_kvstore,

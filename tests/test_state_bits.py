@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import mxlamb
-from conftest import MXNET2, supported_isas
+from conftest import MXNET2, mx_array, supported_isas
 from mxlamb import _library
 from quantized_reference import BLOCK, MEAN, VAR, QuantizedLAMB, decode_mean, decode_var
 from quantized_reference import encode_mean, encode_var, block_max
@@ -65,9 +65,9 @@ def _run(make, dtype="float32", aggregate_num=np.inf):
     opt = make()
     opt.aggregate_num = mxlamb.options.aggregation(aggregate_num)
     updater = mx.optimizer.get_updater(opt)
-    ws = [mx.nd.array(w, dtype=dtype) for w in weights]
+    ws = [mx_array(w, dtype) for w in weights]
     for step_grads in grads:
-        updater(list(range(len(ws))), [mx.nd.array(g, dtype=dtype) for g in step_grads], ws)
+        updater(list(range(len(ws))), [mx_array(g, dtype) for g in step_grads], ws)
     mx.nd.waitall()
     return ws, updater.states
 
@@ -89,18 +89,25 @@ CASES = {
 }
 
 
+def _rounded(x, dtype):
+    """float32 values as MXNet casts them into the model's dtype (float16: to nearest even;
+    MXNet 1.9.1's bfloat16 cast truncates), read back as float32."""
+    if dtype == "float32":
+        return x
+    return mx_array(x, dtype).astype(np.float32).asnumpy()
+
+
 def _judge(case, dtype="float32"):
     _, make_judge, kwargs = CASES[case]
     weights, grads = _inputs()
     judge = make_judge()
-    masters = [w.astype(np.float16).astype(np.float32) if dtype == "float16" else w
-               for w in weights]
+    masters = [_rounded(w, dtype) for w in weights]
     states = [judge.moments(w.size) for w in masters]
     out = []
     for k, (w, state) in enumerate(zip(masters, states)):
         w = w.ravel()
         for t, step_grads in enumerate(grads, start=1):
-            g = step_grads[k].astype(dtype).astype(np.float32).ravel()
+            g = _rounded(step_grads[k], dtype).ravel()
             w = judge.step(w, g, state, t, 0.01, **kwargs)
         out.append(w)
     return out, states
@@ -112,23 +119,23 @@ def _codes(state, name):
 
 def _moments(states, index, dtype):
     state = states[index]
-    if dtype == "float16":
+    if dtype != "float32":
         state = state[1]
     return state
 
 
-@pytest.mark.parametrize("dtype", ["float32", "float16"])
+@pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16"])
 @pytest.mark.parametrize("case", list(CASES))
 def test_kernels_equal_the_judge(case, dtype):
     make = CASES[case][0]
-    if dtype == "float16":
+    if dtype != "float32":
         base = make
         make = lambda: _multi_precision(base())  # noqa: E731
     weights, states = _run(make, dtype)
     expected_weights, expected_states = _judge(case, dtype)
     for k, shape in enumerate(SHAPES):
         moments = _moments(states, k, dtype)
-        master = states[k][0] if dtype == "float16" else weights[k]
+        master = weights[k] if dtype == "float32" else states[k][0]
         if np.prod(shape) < 4096:  # small: float32 moments, as without state_bits
             assert all(a.dtype == np.float32 for a in moments)
             continue
@@ -141,9 +148,9 @@ def test_kernels_equal_the_judge(case, dtype):
                                           getattr(expected, name), err_msg="%s %s" % (shape, name))
         np.testing.assert_allclose(master.asnumpy().ravel(), expected_weights[k], rtol=2e-6,
                                    atol=1e-7, err_msg=str(shape))
-        if dtype == "float16":  # the model weight: the master rounded
-            np.testing.assert_array_equal(weights[k].asnumpy(),
-                                          master.asnumpy().astype(np.float16))
+        if dtype != "float32":  # the model weight: the master rounded
+            model = weights[k].astype(np.float32).asnumpy()
+            np.testing.assert_array_equal(model, _rounded(master.asnumpy(), dtype))
 
 
 def _multi_precision(opt):
@@ -382,3 +389,54 @@ def test_contiguous_trainer_gives_gluons_bits_with_8_bit_states():
         results.append(_weights(net))
     for a, b in zip(*results):
         np.testing.assert_array_equal(a, b)
+
+
+# ------------------------------------------------------- training options with 8-bit moments
+
+def _global_scale(step_grads, clipnorm):
+    norm = np.sqrt(sum(np.sum(g.astype(np.float64) ** 2) for g in step_grads))
+    return min(1.0, clipnorm / norm)
+
+
+@pytest.mark.parametrize("option", ["global_clipnorm", "loss_scale_factor", "accumulation",
+                                    "ema"])
+def test_training_options_with_8_bit_moments_equal_the_judge(option):
+    """Each option through the Updater, against the judge fed what the option does: the
+    gradient scale of global clipping or a static loss scale, the sum of the accumulated
+    gradients with 1/N, the average of the weights after each update."""
+    weights, grads = _inputs()
+    kwargs = {"global_clipnorm": dict(global_clipnorm=0.5),
+              "loss_scale_factor": dict(loss_scale_factor=4.0),
+              "accumulation": dict(gradient_accumulation_steps=2),
+              "ema": dict(use_ema=True, ema_momentum=0.9)}[option]
+    opt = mxlamb.LAMB(learning_rate=0.01, state_bits=8, **kwargs)
+    updater = mx.optimizer.get_updater(opt)
+    ws = [mx.nd.array(w) for w in weights]
+    for step_grads in grads:
+        updater(list(range(len(ws))), [mx.nd.array(g) for g in step_grads], ws)
+    judge = QuantizedLAMB()
+    expected = [w.ravel() for w in weights]
+    states = [judge.moments(w.size) for w in weights]
+    averages = [None] * len(weights)
+    updates = grads if option != "accumulation" else [
+        [a + b for a, b in zip(grads[k], grads[k + 1])] for k in range(0, len(grads), 2)]
+    for t, step_grads in enumerate(updates, start=1):
+        scale = {"global_clipnorm": _global_scale(step_grads, 0.5), "loss_scale_factor": 0.25,
+                 "accumulation": 0.5, "ema": 1.0}[option]
+        for k in range(len(weights)):
+            expected[k] = judge.step(expected[k], step_grads[k].ravel(), states[k], t, 0.01,
+                                     grad_scale=scale)
+            if option == "ema":
+                averages[k] = expected[k].copy() if t == 1 else (
+                    np.float32(0.9) * averages[k] + np.float32(1.0 - 0.9) * expected[k])
+    for k, shape in enumerate(SHAPES):
+        if np.prod(shape) < 4096:
+            continue  # (float32 moments: the judge is of 8-bit ones)
+        np.testing.assert_allclose(ws[k].asnumpy().ravel(), expected[k], rtol=2e-6, atol=1e-7,
+                                   err_msg="%s %s" % (option, shape))
+        state = updater.states[k]
+        np.testing.assert_array_equal(state[0].asnumpy().ravel(), states[k].mean)
+        np.testing.assert_array_equal(state[2].asnumpy().ravel(), states[k].var)
+        if option == "ema":
+            np.testing.assert_allclose(state[-1].asnumpy().ravel(), averages[k], rtol=2e-6,
+                                       atol=1e-7)
