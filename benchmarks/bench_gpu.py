@@ -41,7 +41,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
-from cuda_interface import FLOAT16, FLOAT32, Group, LambParams, c_array, load  # noqa: E402
+from cuda_interface import FLOAT16, FLOAT32, PP, Group, LambParams, c_array, load  # noqa: E402
 from param_sets import PARAM_SETS  # noqa: E402
 
 # Bytes per parameter that one step must move.
@@ -51,6 +51,7 @@ from param_sets import PARAM_SETS  # noqa: E402
 LAMB_BYTES = {"fp32": 40, "fp16": 40}
 PHASE_BYTES = {"fp32": (24, 16), "fp16": (22, 18)}
 ADAMW_BYTES = 28  # fp32: reads p, g, m, v; writes p, m, v
+Q8_BYTES = {"fp32": 22, "fp16": 22}  # 8-bit moments: 12 + 10 (fp16: 10 + 12)
 LR, WD, BETA1, BETA2, EPS = 1e-3, 0.01, 0.9, 0.999, 1e-6
 
 
@@ -85,8 +86,9 @@ def copy_bandwidth(nbytes=1 << 30):
     return 2 * nbytes / seconds
 
 
-def mxlamb_step(lib, params, grads, means, variances, model_weights, stages):
-    """A step function over the C interface; host step counts, advanced by each call."""
+def mxlamb_step(lib, params, grads, means, variances, model_weights, stages, scales=None):
+    """A step function over the C interface; host step counts, advanced by each call.
+    ``scales``: (mean scales, var scales) of 8-bit moments (means, variances: uint8 codes)."""
     n = len(params)
     ptrs = lambda ts: c_array(ctypes.c_void_p, [t.data_ptr() for t in ts])  # noqa: E731
     counts = c_array(ctypes.c_double, [1.0] * n)
@@ -100,6 +102,10 @@ def mxlamb_step(lib, params, grads, means, variances, model_weights, stages):
                   weights_lowp=ptrs(model_weights) if model_weights else None,
                   sizes=keep["sizes"], lrs=keep["lrs"], wds=keep["wds"], step_counts=counts,
                   params=LambParams(BETA1, BETA2, EPS), rescale_grad=1.0, clipnorm=-1.0)
+    if scales is not None:
+        group.mean_scales = ctypes.cast(ptrs(scales[0]), PP)
+        group.var_scales = ctypes.cast(ptrs(scales[1]), PP)
+        keep["scales"] = (group.mean_scales, group.var_scales, scales)
     nbytes = lib.mxlamb_cuda_workspace_bytes(ctypes.byref(group))
     workspace = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
     sumsq = torch.zeros((n, 2), dtype=torch.float64, device="cuda")
@@ -296,6 +302,19 @@ def main():
                        mxlamb_step(lib, params, grads, state[0], state[1], model_weights,
                                    stages), numel, nbytes)
                 del state
+            # 8-bit moments (state_bits=8) for the tensors of 4,096 elements or more: read w,
+            # g, m8, v8 and write m8, v8; then read w, m8, v8 and write w (22 B/param in fp32,
+            # fp16 as its float32 case less 2 + 2; the block scales and the small tensors'
+            # float32 moments add under 1%). Every tensor is 8-bit here, as one group.
+            codes = ([torch.zeros(p.shape, dtype=torch.uint8, device="cuda") for p in params],
+                     [torch.zeros(p.shape, dtype=torch.uint8, device="cuda") for p in params])
+            block_scales = tuple([torch.zeros((p.numel() + 255) // 256, device="cuda")
+                                  for p in params] for _ in range(2))
+            report(model, precision, "mxlamb step, 8-bit moments",
+                   mxlamb_step(lib, params, grads, codes[0], codes[1], model_weights,
+                               ["mxlamb_cuda_step"], scales=block_scales), numel,
+                   Q8_BYTES[precision])
+            del codes, block_scales
             if "foreach" in peers:
                 state = ([torch.zeros_like(p) for p in params],
                          [torch.zeros_like(p) for p in params])

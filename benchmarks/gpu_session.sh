@@ -101,7 +101,7 @@ fi
 if wants memcheck; then
   PYTORCH_NO_CUDA_MEMORY_CACHING=1 MXLAMB_CUDA_LIB=$LIB timeout "$(cap 80)" \
     compute-sanitizer --tool memcheck --error-exitcode 99 "${PYTEST[@]}" tests/test_cuda.py \
-    -k "($GPU_TESTS) and (awkward or bit_identical or (matches_the_reference and plain))" \
+    -k "($GPU_TESTS) and (awkward or bit_identical or 8_bit or (matches_the_reference and plain))" \
     >> "$OUT/sanitizer.log" 2>&1
   summary "compute-sanitizer memcheck" $?
 fi

@@ -59,7 +59,8 @@ class Group(ctypes.Structure):
                 ("layer_adaptation", ctypes.POINTER(ctypes.c_ubyte)),
                 ("params", LambParams), ("rescale_grad", ctypes.c_double),
                 ("clipnorm", ctypes.c_double),
-                ("control", P), ("grad_sumsq", P), ("counts", P)]
+                ("control", P), ("grad_sumsq", P), ("counts", P),
+                ("mean_scales", PP), ("var_scales", PP), ("vmax_scales", PP)]
 
 
 class GradStats(ctypes.Structure):

@@ -28,8 +28,9 @@ import sys
 import numpy as np
 import pytest
 
-from cuda_interface import (FLAGS, BFLOAT16, FLOAT32, FLOAT64, GradStats, GradStatsParams, Group,
-                            LambParams, bfloat16_bits, c_array, find_device, load, storage)
+from cuda_interface import (FLAGS, BFLOAT16, FLOAT32, FLOAT64, PP, GradStats, GradStatsParams,
+                            Group, LambParams, bfloat16_bits, c_array, find_device, load,
+                            storage)
 from reference import ReferenceAdamW, ReferenceLAMB, ReferenceStep
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -760,3 +761,101 @@ def test_cuda_skipped_step_touches_nothing(gpu_lib):
                                           err_msg=name)
     assert np.isnan(after["sumsq"]).all()
     assert after["control"][1] == 0.0 and after["step_state"][2] == 1.0
+
+
+# ---------------------------------------------------------------- 8-bit moments (state_bits=8)
+
+Q8_SIZES = [90000, 70001, 16389, 4096]  # several chunks, a partial last block, one block only
+
+
+@needs_gpu
+@pytest.mark.parametrize("config", ["lamb", "adamw amsgrad", "float16 decoupled"])
+def test_cuda_8_bit_moments_equal_the_judge(gpu_lib, config, monkeypatch):
+    """The GPU's 8-bit moments against tests/quantized_reference.py over several steps: codes
+    and scales bit for bit, weights to float32 rounding; and the same bits with 1 block as
+    with the device's grid."""
+    if MODEL:
+        pytest.skip("cuda_model.py models float moments only; the kernels face the judge here")
+    from quantized_reference import QuantizedLAMB
+    adamw = config.startswith("adamw")
+    half = config.startswith("float16")
+    decay = 0.01 if "decoupled" in config else 0.0
+    rng = np.random.RandomState(3)
+    weights = [(rng.randn(n) * 0.1).astype(np.float32) for n in Q8_SIZES]
+    scales = [np.exp(rng.randn(n)).astype(np.float32) * 0.01 for n in Q8_SIZES]
+    grads = [[(rng.randn(n) * sc).astype(np.float16 if half else np.float32)
+              for n, sc in zip(Q8_SIZES, scales)] for _ in range(4)]
+    judge = QuantizedLAMB(epsilon=1e-7 if adamw else 1e-6, layer_adaptation=not adamw,
+                          epsilon_hat=adamw, amsgrad=adamw)
+    states = [judge.moments(n) for n in Q8_SIZES]
+    expected = [w.copy() for w in weights]
+    for t, step_grads in enumerate(grads, start=1):
+        for k in range(len(Q8_SIZES)):
+            expected[k] = judge.step(expected[k], step_grads[k].astype(np.float32), states[k],
+                                     t, 0.01, wd=0.0 if decay else 0.01, decay=decay)
+    runs = []
+    for blocks in ("1", None):
+        if blocks is None:
+            monkeypatch.delenv("MXLAMB_CUDA_MAX_BLOCKS", raising=False)
+        else:
+            monkeypatch.setenv("MXLAMB_CUDA_MAX_BLOCKS", blocks)
+        runs.append(_run_8_bit(gpu_lib, weights, grads, adamw, half, decay))
+    for name in runs[0]:
+        np.testing.assert_array_equal(runs[0][name], runs[1][name], err_msg=name)
+    for k in range(len(Q8_SIZES)):
+        got = {name: runs[1][name][k] for name in runs[1]}
+        for name in ("mean", "mean_scale", "var", "var_scale") + (
+                ("var_max", "var_max_scale") if adamw else ()):
+            np.testing.assert_array_equal(got[name], getattr(states[k], name),
+                                          err_msg="%d %s" % (Q8_SIZES[k], name))
+        np.testing.assert_allclose(got["weight"], expected[k], rtol=2e-6, atol=1e-7)
+        if half:
+            np.testing.assert_array_equal(got["lowp"], got["weight"].astype(np.float16))
+
+
+def _run_8_bit(lib, weights, grads, adamw, half, decay):
+    """Four one-call steps of the GPU kernels with 8-bit moments; the arrays, on the host."""
+    dev, n = DEVICE, len(weights)
+    blocks = [-(-w.size // 256) for w in weights]
+    arrays = {"weight": [dev.array(w) for w in weights],
+              "mean": [dev.array(np.zeros(w.size, np.uint8)) for w in weights],
+              "var": [dev.array(np.zeros(w.size, np.uint8)) for w in weights],
+              "mean_scale": [dev.array(np.zeros(b, np.float32)) for b in blocks],
+              "var_scale": [dev.array(np.zeros(b, np.float32)) for b in blocks]}
+    if adamw:
+        arrays["var_max"] = [dev.array(np.zeros(w.size, np.uint8)) for w in weights]
+        arrays["var_max_scale"] = [dev.array(np.zeros(b, np.float32)) for b in blocks]
+    if half:
+        arrays["lowp"] = [dev.array(w.astype(np.float16)) for w in weights]
+    ptrs = lambda name: c_array(ctypes.c_void_p, [dev.ptr(a) for a in arrays[name]])  # noqa
+    keep = {}
+    for step, step_grads in enumerate(grads, start=1):
+        device_grads = [dev.array(g) for g in step_grads]
+        keep = dict(
+            grads=c_array(ctypes.c_void_p, [dev.ptr(g) for g in device_grads]),
+            dtypes=c_array(ctypes.c_int, [FLAGS["float16" if half else "float32"]] * n),
+            sizes=c_array(ctypes.c_int64, [w.size for w in weights]),
+            lrs=c_array(ctypes.c_double, [0.01] * n),
+            wds=c_array(ctypes.c_double, [0.0 if decay else 0.01] * n),
+            decays=c_array(ctypes.c_double, [decay] * n) if decay else None,
+            counts=c_array(ctypes.c_double, [float(step)] * n),
+            adapt=c_array(ctypes.c_ubyte, [0 if adamw else 1] * n),
+            **{name: ptrs(name) for name in arrays})
+        g = Group(num_tensors=n, math_dtype=FLOAT32, lowp_dtype=FLAGS["float16"],
+                  weights=keep["weight"], grads=keep["grads"], grad_dtypes=keep["dtypes"],
+                  means=keep["mean"], vars=keep["var"], vmaxes=keep.get("var_max"),
+                  weights_lowp=keep.get("lowp"), sizes=keep["sizes"], lrs=keep["lrs"],
+                  wds=keep["wds"], decays=keep["decays"], step_counts=keep["counts"],
+                  layer_adaptation=keep["adapt"],
+                  params=LambParams(epsilon=1e-7 if adamw else 1e-6, epsilon_hat=adamw),
+                  rescale_grad=1.0, clipnorm=-1.0,
+                  mean_scales=ctypes.cast(keep["mean_scale"], PP),
+                  var_scales=ctypes.cast(keep["var_scale"], PP),
+                  vmax_scales=ctypes.cast(keep["var_max_scale"], PP) if adamw else None)
+        nbytes = lib.mxlamb_cuda_workspace_bytes(ctypes.byref(g))
+        ws = dev.workspace(nbytes)
+        sumsq = dev.array(np.zeros((n, 2)))
+        assert lib.mxlamb_cuda_step(ctypes.byref(g), dev.ptr(sumsq), dev.ptr(ws), nbytes,
+                                    dev.stream()) == 0
+        dev.synchronize()
+    return {name: [dev.host(a) for a in values] for name, values in arrays.items()}

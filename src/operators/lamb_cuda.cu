@@ -68,6 +68,9 @@ struct TensorEntry {
   void* vmax;
   void* average;
   void* lowp;
+  float* mean_scales;  // 8-bit moments: the block scales (mean, var, vmax are codes); or NULL
+  float* var_scales;
+  float* vmax_scales;
   int64_t n;
   int64_t first_chunk;
   double lr, wd, decay, step_count;
@@ -375,6 +378,128 @@ __device__ __forceinline__ void phase1_chunk(const TensorEntry& e, int64_t begin
   });
 }
 
+// ------------------------------------------------------------------------- 8-bit moments
+
+// With 8-bit moments (lamb_math.h, state_bits=8) a warp takes one block of kStateBlock
+// elements at a time, lane l its elements l, l + 32, ... (kPerLane of them), the warps of the
+// CUDA block taking the chunk's blocks in turn: the block's scales are a warp max
+// (__reduce_max_sync on the magnitudes' bits: exact in any order).
+constexpr int kWarps = kBlock / 32;
+constexpr int kPerLane = kStateBlock / 32;
+static_assert(kChunk % kStateBlock == 0, "chunks begin at a block's first element");
+
+__device__ __forceinline__ uint32_t warp_max(uint32_t x) {
+  return __reduce_max_sync(0xffffffffu, x);
+}
+
+template <typename G>
+__device__ __forceinline__ void phase1_q8_chunk(const TensorEntry& e, int64_t begin, int64_t end,
+                                                const StepCoeffs<float>& s,
+                                                const TensorCoeffs<float>& c,
+                                                double* weight_sumsq, double* update_sumsq) {
+  const float* weight = static_cast<const float*>(e.weight);
+  const G* grad = static_cast<const G*>(e.grad);
+  uint8_t* mean = static_cast<uint8_t*>(e.mean);
+  uint8_t* var = static_cast<uint8_t*>(e.var);
+  uint8_t* vmax = static_cast<uint8_t*>(e.vmax);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t first = begin + int64_t{warp} * kStateBlock; first < end;
+       first += int64_t{kWarps} * kStateBlock) {
+    const int64_t block = first / kStateBlock;
+    float m[kPerLane], v[kPerLane];
+    uint32_t m_largest = 0, v_largest = 0;
+    const float m_scale = e.mean_scales[block], v_scale = e.var_scales[block];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t i = first + k * 32 + lane;
+      m[k] = v[k] = 0.0f;
+      if (i < end) {
+        m[k] = decode_mean(mean[i], m_scale);
+        v[k] = decode_var(var[i], v_scale);
+        update_moments(scaled_grad(static_cast<float>(widen(grad[i])), s, c), &m[k], &v[k], s);
+      }
+      m_largest = max(m_largest, magnitude_bits(m[k]));
+      v_largest = max(v_largest, magnitude_bits(v[k]));
+    }
+    const float m_stored = block_scale(warp_max(m_largest));
+    const float v_stored = block_scale(warp_max(v_largest));
+    const float m_inverse = inverse_scale(m_stored), v_inverse = inverse_scale(v_stored);
+    if (lane == 0) {
+      e.mean_scales[block] = m_stored;
+      e.var_scales[block] = v_stored;
+    }
+    uint32_t x_largest = 0;
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t i = first + k * 32 + lane;
+      if (i >= end) continue;
+      const uint8_t mc = encode_mean(m[k], m_inverse), vc = encode_var(v[k], v_inverse);
+      mean[i] = mc;
+      var[i] = vc;
+      m[k] = decode_mean(mc, m_stored);
+      v[k] = decode_var(vc, v_stored);
+      if (vmax != nullptr) {
+        v[k] = amsgrad_var(decode_var(vmax[i], e.vmax_scales[block]), v[k]);
+        x_largest = max(x_largest, magnitude_bits(v[k]));
+      }
+    }
+    if (vmax != nullptr) {  // the running max of the stored v, itself stored in 8 bits
+      const float x_stored = block_scale(warp_max(x_largest));
+      const float x_inverse = inverse_scale(x_stored);
+      __syncwarp();  // (every lane has read the old scale)
+      if (lane == 0) e.vmax_scales[block] = x_stored;
+#pragma unroll
+      for (int k = 0; k < kPerLane; ++k) {
+        const int64_t i = first + k * 32 + lane;
+        if (i >= end) continue;
+        const uint8_t xc = encode_var(v[k], x_inverse);
+        vmax[i] = xc;
+        v[k] = decode_var(xc, x_stored);
+      }
+    }
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t i = first + k * 32 + lane;
+      if (i >= end) continue;
+      const float w = decayed(weight[i], c);
+      const float u = raw_update(w, m[k], v[k], c);
+      *weight_sumsq += static_cast<double>(w) * w;
+      *update_sumsq += static_cast<double>(u) * u;
+    }
+  }
+}
+
+template <typename L>
+__device__ __forceinline__ void phase2_q8_chunk(const TensorEntry& e, int64_t begin, int64_t end,
+                                                const TensorCoeffs<float>& c, float step) {
+  const float* weight = static_cast<const float*>(e.weight);
+  float* weight_out = static_cast<float*>(e.weight_out);
+  const uint8_t* mean = static_cast<const uint8_t*>(e.mean);
+  // Under AMSGrad u is made from the running max, as in phase 1.
+  const uint8_t* var = static_cast<const uint8_t*>(e.vmax != nullptr ? e.vmax : e.var);
+  const float* var_scales = e.vmax != nullptr ? e.vmax_scales : e.var_scales;
+  float* average = static_cast<float*>(e.average);
+  L* lowp = static_cast<L*>(e.lowp);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  for (int64_t first = begin + int64_t{warp} * kStateBlock; first < end;
+       first += int64_t{kWarps} * kStateBlock) {
+    const int64_t block = first / kStateBlock;
+    const float m_scale = e.mean_scales[block], v_scale = var_scales[block];
+#pragma unroll
+    for (int k = 0; k < kPerLane; ++k) {
+      const int64_t i = first + k * 32 + lane;
+      if (i >= end) continue;
+      const float w = phase2_element(decayed(weight[i], c), decode_mean(mean[i], m_scale),
+                                     decode_var(var[i], v_scale), c, step);
+      weight_out[i] = w;
+      if (average != nullptr) average[i] = moving_average(average[i], w, c.ema);
+      if constexpr (!std::is_same<L, void>::value) {
+        if (lowp != nullptr) lowp[i] = narrow<L>(w);
+      }
+    }
+  }
+}
+
 template <typename T>
 __global__ void __launch_bounds__(kBlock)
     phase1_kernel(ChunkArgs a, StepCoeffs<T> step, const TensorCoeffs<T>* coeffs) {
@@ -386,6 +511,23 @@ __global__ void __launch_bounds__(kBlock)
     const int64_t begin = (c - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
     double w2 = 0.0, u2 = 0.0;
+    if constexpr (std::is_same<T, float>::value) {
+      if (e.mean_scales != nullptr) {
+        switch (e.grad_dtype) {
+          case MXLAMB_FLOAT16: phase1_q8_chunk<__half>(e, begin, end, step, tc, &w2, &u2); break;
+          case MXLAMB_BFLOAT16:
+            phase1_q8_chunk<__nv_bfloat16>(e, begin, end, step, tc, &w2, &u2);
+            break;
+          default: phase1_q8_chunk<float>(e, begin, end, step, tc, &w2, &u2); break;
+        }
+        block_sum2(&w2, &u2);
+        if (threadIdx.x == 0) {
+          a.partials[2 * c] = w2;
+          a.partials[2 * c + 1] = u2;
+        }
+        continue;
+      }
+    }
     switch (e.grad_dtype) {
       case MXLAMB_FLOAT16: phase1_chunk<T, __half>(e, begin, end, step, tc, &w2, &u2); break;
       case MXLAMB_BFLOAT16:
@@ -490,6 +632,18 @@ __global__ void __launch_bounds__(kBlock)
     const T size = step_size(step, tc, sumsq[2 * t], sumsq[2 * t + 1], e.flags & kAdaptation);
     const int64_t begin = (c - e.first_chunk) * kChunk;
     const int64_t end = begin + kChunk < e.n ? begin + kChunk : e.n;
+    if constexpr (std::is_same<T, float>::value) {
+      if (e.mean_scales != nullptr) {
+        if (e.lowp == nullptr) {
+          phase2_q8_chunk<void>(e, begin, end, tc, size);
+        } else if (lowp_dtype == MXLAMB_BFLOAT16) {
+          phase2_q8_chunk<__nv_bfloat16>(e, begin, end, tc, size);
+        } else {
+          phase2_q8_chunk<__half>(e, begin, end, tc, size);
+        }
+        continue;
+      }
+    }
     if (e.lowp == nullptr) {
       phase2_chunk<T, void>(e, begin, end, tc, size);
     } else if (lowp_dtype == MXLAMB_BFLOAT16) {
@@ -609,6 +763,9 @@ cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
     e->vmax = at(g.vmaxes);
     e->average = at(g.averages);
     e->lowp = at(g.weights_lowp);
+    e->mean_scales = g.mean_scales != nullptr ? g.mean_scales[t] : nullptr;
+    e->var_scales = g.var_scales != nullptr ? g.var_scales[t] : nullptr;
+    e->vmax_scales = g.vmax_scales != nullptr ? g.vmax_scales[t] : nullptr;
     e->n = g.sizes != nullptr ? g.sizes[t] : 0;
     e->first_chunk = first_chunk;
     first_chunk += chunks_of(e->n);
@@ -620,6 +777,7 @@ cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
     e->stat_row = g.stat_rows != nullptr ? g.stat_rows[t] : 0;
     e->grad_dtype = g.grad_dtypes != nullptr ? g.grad_dtypes[t] : MXLAMB_FLOAT32;
     const bool aligned =
+        g.mean_scales == nullptr &&  // (8-bit moments: loads of their own, see phase1_q8_chunk)
         vector_aligned(e->weight, math_bytes) && vector_aligned(e->weight_out, math_bytes) &&
         vector_aligned(e->grad, dtype_bytes(e->grad_dtype)) &&
         vector_aligned(e->mean, math_bytes) && vector_aligned(e->var, math_bytes) &&
@@ -648,6 +806,14 @@ bool valid(const MxlambCudaGroup* g, void* ws, size_t bytes, bool phase1, Layout
   // A float64 master has no low-precision copy (the C interface would round it twice).
   if (g->weights_lowp != nullptr && g->math_dtype == MXLAMB_FLOAT64) return false;
   if (g->clipnorm > 0 && g->grad_sumsq == nullptr) return false;  // as the CPU refuses it
+  // 8-bit moments: float32 math, scales for both moments (and vmax's with vmaxes), none
+  // without them.
+  const bool quantized = g->mean_scales != nullptr;
+  if (quantized && (g->math_dtype != MXLAMB_FLOAT32 || g->var_scales == nullptr ||
+                    (g->vmaxes != nullptr) != (g->vmax_scales != nullptr))) {
+    return false;
+  }
+  if (!quantized && (g->var_scales != nullptr || g->vmax_scales != nullptr)) return false;
   if (g->num_tensors > 0 &&
       (g->lrs == nullptr || g->wds == nullptr ||
        (g->counts != nullptr ? g->count_slots == nullptr : g->step_counts == nullptr) ||
@@ -674,6 +840,10 @@ bool valid(const MxlambCudaGroup* g, void* ws, size_t bytes, bool phase1, Layout
     if (g->weights[t] == nullptr || g->means[t] == nullptr || g->vars[t] == nullptr ||
         missing(g->weights_out) || missing(g->vmaxes) || missing(g->averages) ||
         missing(g->weights_lowp) || (phase1 && g->grads[t] == nullptr)) {
+      return false;
+    }
+    auto no_scales = [t](float* const* scales) { return scales != nullptr && scales[t] == nullptr; };
+    if (no_scales(g->mean_scales) || no_scales(g->var_scales) || no_scales(g->vmax_scales)) {
       return false;
     }
   }

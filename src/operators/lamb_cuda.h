@@ -79,6 +79,12 @@ struct MxlambCudaGroup {
   const double* control;        /* (2,) [multiplier, apply] from mxlamb_cuda_grad_stats */
   const double* grad_sumsq;     /* (P,) from mxlamb_cuda_grad_stats */
   double* counts;               /* applied-step counts: phase 1 adds 1, phase 2 reads */
+  /* 8-bit moments (state_bits=8, lamb_math.h; math_dtype FLOAT32): each tensor's block scales
+   * (float, ceil(n / 256)) of mean, var and vmax; means, vars and vmaxes are then their uint8
+   * codes. NULL: float moments. vmax_scales: with vmaxes. */
+  float* const* mean_scales;
+  float* const* var_scales;
+  float* const* vmax_scales;
 };
 
 /* Device workspace bytes that any call on this group needs. */
