@@ -381,15 +381,88 @@ __device__ __forceinline__ void phase1_chunk(const TensorEntry& e, int64_t begin
 // ------------------------------------------------------------------------- 8-bit moments
 
 // With 8-bit moments (lamb_math.h, state_bits=8) a warp takes one block of kStateBlock
-// elements at a time, lane l its elements l, l + 32, ... (kPerLane of them), the warps of the
-// CUDA block taking the chunk's blocks in turn: the block's scales are a warp max
+// elements at a time, lane l its kPerLane consecutive elements from l * kPerLane (16-byte loads
+// and stores where the tensor's arrays are aligned, all of them loaded before any store), the
+// warps of the CUDA block taking the chunk's blocks in turn. A block's scales are a warp max
 // (__reduce_max_sync on the magnitudes' bits: exact in any order).
 constexpr int kWarps = kBlock / 32;
 constexpr int kPerLane = kStateBlock / 32;
+static_assert(kPerLane == 2 * kVec, "a lane's elements are two packs");
 static_assert(kChunk % kStateBlock == 0, "chunks begin at a block's first element");
 
 __device__ __forceinline__ uint32_t warp_max(uint32_t x) {
   return __reduce_max_sync(0xffffffffu, x);
+}
+
+// A lane's kPerLane elements from i (count of them in the tensor), as two packs.
+template <typename T, typename E>
+__device__ __forceinline__ void load_lane(const E* p, int64_t i, int count, bool vector,
+                                          T (&x)[kPerLane]) {
+  T low[kVec], high[kVec];
+  load(p, i, count < kVec ? count : kVec, vector, low);
+  load(p, i + kVec, count > kVec ? count - kVec : 0, vector, high);
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    x[k] = low[k];
+    x[k + kVec] = high[k];
+  }
+}
+
+template <typename E, typename T>
+__device__ __forceinline__ void store_lane(E* p, int64_t i, int count, bool vector,
+                                           const T (&x)[kPerLane]) {
+  T low[kVec], high[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    low[k] = x[k];
+    high[k] = x[k + kVec];
+  }
+  store(p, i, count < kVec ? count : kVec, vector, low);
+  store(p, i + kVec, count > kVec ? count - kVec : 0, vector, high);
+}
+
+template <typename E>
+__device__ __forceinline__ void store_lane_rounded(E* p, int64_t i, int count, bool vector,
+                                                   const float (&x)[kPerLane]) {
+  float low[kVec], high[kVec];
+#pragma unroll
+  for (int k = 0; k < kVec; ++k) {
+    low[k] = x[k];
+    high[k] = x[k + kVec];
+  }
+  store_rounded(p, i, count < kVec ? count : kVec, vector, low);
+  store_rounded(p, i + kVec, count > kVec ? count - kVec : 0, vector, high);
+}
+
+struct alignas(8) CodePack {
+  uint8_t c[kPerLane];
+};
+
+__device__ __forceinline__ CodePack load_codes(const uint8_t* p, int64_t i, int count,
+                                               bool vector) {
+  if (vector) return *reinterpret_cast<const CodePack*>(p + i);
+  CodePack pack;
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) pack.c[k] = k < count ? p[i + k] : 0;
+  return pack;
+}
+
+__device__ __forceinline__ void store_codes(uint8_t* p, int64_t i, int count, bool vector,
+                                            const CodePack& pack) {
+  if (vector) {
+    *reinterpret_cast<CodePack*>(p + i) = pack;
+    return;
+  }
+#pragma unroll
+  for (int k = 0; k < kPerLane; ++k) {
+    if (k < count) p[i + k] = pack.c[k];
+  }
+}
+
+// The lane's first element of the block at `first`, and how many of its elements the tensor
+// has (0..kPerLane).
+__device__ __forceinline__ int lane_count(int64_t i, int64_t end) {
+  return i >= end ? 0 : (end - i < kPerLane ? static_cast<int>(end - i) : kPerLane);
 }
 
 template <typename G>
@@ -397,8 +470,6 @@ __device__ __forceinline__ void phase1_q8_chunk(const TensorEntry& e, int64_t be
                                                 const StepCoeffs<float>& s,
                                                 const TensorCoeffs<float>& c,
                                                 double* weight_sumsq, double* update_sumsq) {
-  const float* weight = static_cast<const float*>(e.weight);
-  const G* grad = static_cast<const G*>(e.grad);
   uint8_t* mean = static_cast<uint8_t*>(e.mean);
   uint8_t* var = static_cast<uint8_t*>(e.var);
   uint8_t* vmax = static_cast<uint8_t*>(e.vmax);
@@ -406,21 +477,28 @@ __device__ __forceinline__ void phase1_q8_chunk(const TensorEntry& e, int64_t be
   for (int64_t first = begin + int64_t{warp} * kStateBlock; first < end;
        first += int64_t{kWarps} * kStateBlock) {
     const int64_t block = first / kStateBlock;
-    float m[kPerLane], v[kPerLane];
-    uint32_t m_largest = 0, v_largest = 0;
+    const int64_t i = first + lane * kPerLane;
+    const int count = lane_count(i, end);
+    const bool vector = (e.flags & kAligned) && count == kPerLane;
+    float w[kPerLane], g[kPerLane], m[kPerLane], v[kPerLane];
+    load_lane(static_cast<const float*>(e.weight), i, count, vector, w);
+    load_lane(static_cast<const G*>(e.grad), i, count, vector, g);
+    CodePack mc = load_codes(mean, i, count, vector), vc = load_codes(var, i, count, vector);
+    CodePack xc;
+    if (vmax != nullptr) xc = load_codes(vmax, i, count, vector);
     const float m_scale = e.mean_scales[block], v_scale = e.var_scales[block];
+    const float x_scale = vmax != nullptr ? e.vmax_scales[block] : 0.0f;
+    uint32_t m_largest = 0, v_largest = 0;
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = first + k * 32 + lane;
-      m[k] = v[k] = 0.0f;
-      if (i < end) {
-        m[k] = decode_mean(mean[i], m_scale);
-        v[k] = decode_var(var[i], v_scale);
-        update_moments(scaled_grad(static_cast<float>(widen(grad[i])), s, c), &m[k], &v[k], s);
-      }
+      m[k] = decode_mean(mc.c[k], m_scale);
+      v[k] = decode_var(vc.c[k], v_scale);
+      update_moments(scaled_grad(g[k], s, c), &m[k], &v[k], s);
+      if (k >= count) m[k] = v[k] = 0.0f;  // (past the tensor's end: in no maximum)
       m_largest = max(m_largest, magnitude_bits(m[k]));
       v_largest = max(v_largest, magnitude_bits(v[k]));
     }
+    // (every lane read the old scales before this, the warp's first synchronisation)
     const float m_stored = block_scale(warp_max(m_largest));
     const float v_stored = block_scale(warp_max(v_largest));
     const float m_inverse = inverse_scale(m_stored), v_inverse = inverse_scale(v_stored);
@@ -431,39 +509,34 @@ __device__ __forceinline__ void phase1_q8_chunk(const TensorEntry& e, int64_t be
     uint32_t x_largest = 0;
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = first + k * 32 + lane;
-      if (i >= end) continue;
-      const uint8_t mc = encode_mean(m[k], m_inverse), vc = encode_var(v[k], v_inverse);
-      mean[i] = mc;
-      var[i] = vc;
-      m[k] = decode_mean(mc, m_stored);
-      v[k] = decode_var(vc, v_stored);
+      mc.c[k] = encode_mean(m[k], m_inverse);
+      vc.c[k] = encode_var(v[k], v_inverse);
+      m[k] = decode_mean(mc.c[k], m_stored);
+      v[k] = decode_var(vc.c[k], v_stored);
       if (vmax != nullptr) {
-        v[k] = amsgrad_var(decode_var(vmax[i], e.vmax_scales[block]), v[k]);
+        v[k] = k < count ? amsgrad_var(decode_var(xc.c[k], x_scale), v[k]) : 0.0f;
         x_largest = max(x_largest, magnitude_bits(v[k]));
       }
     }
+    store_codes(mean, i, count, vector, mc);
+    store_codes(var, i, count, vector, vc);
     if (vmax != nullptr) {  // the running max of the stored v, itself stored in 8 bits
       const float x_stored = block_scale(warp_max(x_largest));
       const float x_inverse = inverse_scale(x_stored);
-      __syncwarp();  // (every lane has read the old scale)
       if (lane == 0) e.vmax_scales[block] = x_stored;
 #pragma unroll
       for (int k = 0; k < kPerLane; ++k) {
-        const int64_t i = first + k * 32 + lane;
-        if (i >= end) continue;
-        const uint8_t xc = encode_var(v[k], x_inverse);
-        vmax[i] = xc;
-        v[k] = decode_var(xc, x_stored);
+        xc.c[k] = encode_var(v[k], x_inverse);
+        v[k] = decode_var(xc.c[k], x_stored);
       }
+      store_codes(vmax, i, count, vector, xc);
     }
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = first + k * 32 + lane;
-      if (i >= end) continue;
-      const float w = decayed(weight[i], c);
-      const float u = raw_update(w, m[k], v[k], c);
-      *weight_sumsq += static_cast<double>(w) * w;
+      if (k >= count) continue;
+      const float wk = decayed(w[k], c);
+      const float u = raw_update(wk, m[k], v[k], c);
+      *weight_sumsq += static_cast<double>(wk) * wk;
       *update_sumsq += static_cast<double>(u) * u;
     }
   }
@@ -472,30 +545,34 @@ __device__ __forceinline__ void phase1_q8_chunk(const TensorEntry& e, int64_t be
 template <typename L>
 __device__ __forceinline__ void phase2_q8_chunk(const TensorEntry& e, int64_t begin, int64_t end,
                                                 const TensorCoeffs<float>& c, float step) {
-  const float* weight = static_cast<const float*>(e.weight);
-  float* weight_out = static_cast<float*>(e.weight_out);
-  const uint8_t* mean = static_cast<const uint8_t*>(e.mean);
   // Under AMSGrad u is made from the running max, as in phase 1.
   const uint8_t* var = static_cast<const uint8_t*>(e.vmax != nullptr ? e.vmax : e.var);
   const float* var_scales = e.vmax != nullptr ? e.vmax_scales : e.var_scales;
   float* average = static_cast<float*>(e.average);
-  L* lowp = static_cast<L*>(e.lowp);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int64_t first = begin + int64_t{warp} * kStateBlock; first < end;
        first += int64_t{kWarps} * kStateBlock) {
     const int64_t block = first / kStateBlock;
+    const int64_t i = first + lane * kPerLane;
+    const int count = lane_count(i, end);
+    if (count == 0) continue;
+    const bool vector = (e.flags & kAligned) && count == kPerLane;
+    float w[kPerLane], avg[kPerLane];
+    load_lane(static_cast<const float*>(e.weight), i, count, vector, w);
+    if (average != nullptr) load_lane(static_cast<const float*>(average), i, count, vector, avg);
+    const CodePack mc = load_codes(static_cast<const uint8_t*>(e.mean), i, count, vector);
+    const CodePack vc = load_codes(var, i, count, vector);
     const float m_scale = e.mean_scales[block], v_scale = var_scales[block];
 #pragma unroll
     for (int k = 0; k < kPerLane; ++k) {
-      const int64_t i = first + k * 32 + lane;
-      if (i >= end) continue;
-      const float w = phase2_element(decayed(weight[i], c), decode_mean(mean[i], m_scale),
-                                     decode_var(var[i], v_scale), c, step);
-      weight_out[i] = w;
-      if (average != nullptr) average[i] = moving_average(average[i], w, c.ema);
-      if constexpr (!std::is_same<L, void>::value) {
-        if (lowp != nullptr) lowp[i] = narrow<L>(w);
-      }
+      w[k] = phase2_element(decayed(w[k], c), decode_mean(mc.c[k], m_scale),
+                            decode_var(vc.c[k], v_scale), c, step);
+      if (average != nullptr) avg[k] = moving_average(avg[k], w[k], c.ema);
+    }
+    store_lane(static_cast<float*>(e.weight_out), i, count, vector, w);
+    if (average != nullptr) store_lane(average, i, count, vector, avg);
+    if constexpr (!std::is_same<L, void>::value) {
+      if (e.lowp != nullptr) store_lane_rounded(static_cast<L*>(e.lowp), i, count, vector, w);
     }
   }
 }
@@ -776,12 +853,13 @@ cudaError_t upload_group(const MxlambCudaGroup& g, const Layout& l, char* ws,
     e->count_slot = g.count_slots != nullptr ? g.count_slots[t] : 0;
     e->stat_row = g.stat_rows != nullptr ? g.stat_rows[t] : 0;
     e->grad_dtype = g.grad_dtypes != nullptr ? g.grad_dtypes[t] : MXLAMB_FLOAT32;
+    // (8-bit moments: their codes kPerLane = 8 bytes at a time, as the 2-byte vectors' 8)
+    const int state_bytes = g.mean_scales != nullptr ? 2 : math_bytes;
     const bool aligned =
-        g.mean_scales == nullptr &&  // (8-bit moments: loads of their own, see phase1_q8_chunk)
         vector_aligned(e->weight, math_bytes) && vector_aligned(e->weight_out, math_bytes) &&
         vector_aligned(e->grad, dtype_bytes(e->grad_dtype)) &&
-        vector_aligned(e->mean, math_bytes) && vector_aligned(e->var, math_bytes) &&
-        vector_aligned(e->vmax, math_bytes) && vector_aligned(e->average, math_bytes) &&
+        vector_aligned(e->mean, state_bytes) && vector_aligned(e->var, state_bytes) &&
+        vector_aligned(e->vmax, state_bytes) && vector_aligned(e->average, math_bytes) &&
         vector_aligned(e->lowp, 2);
     const bool adapt = g.layer_adaptation == nullptr || g.layer_adaptation[t] != 0;
     e->flags = (aligned ? kAligned : 0) | (adapt ? kAdaptation : 0) | (last[t] ? kLastOfSlot : 0);
