@@ -23,9 +23,10 @@ They run on mxlamb's operators (no second copy of the math) with Keras' meanings
   as Keras evaluates its ``LearningRateSchedule`` objects.
 
 ``**kwargs`` are MXNet's Optimizer arguments (``rescale_grad``, ``multi_precision``,
-``param_idx2name``, ``begin_num_update``, ...). MXNet's ``wd``, ``clip_gradient`` and
-``lr_scheduler`` have Keras' spellings here (``weight_decay``, ``clipvalue``,
-``learning_rate``) and are refused, so that one value cannot mean two things. Checked against
+``param_idx2name``, ``begin_num_update``, ...) and mxlamb's ``aggregate_num``,
+``use_fused_step`` and ``state_bits`` (8-bit moments, docs/8bit.md). MXNet's ``wd``,
+``clip_gradient`` and ``lr_scheduler`` have Keras' spellings here (``weight_decay``,
+``clipvalue``, ``learning_rate``) and are refused, so that one value cannot mean two things. Checked against
 Keras 3.15.1 itself (tests/test_keras.py, on trajectories recorded by
 tests/keras_reference/record.py).
 """

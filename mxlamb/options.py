@@ -165,7 +165,8 @@ class Options:
         if loss_scaler is not None and not isinstance(loss_scaler, LossScaler):
             raise ValueError("LAMB: loss_scaler must be an mxlamb.LossScaler or None, got %r"
                              % (loss_scaler,))
-        if state_bits not in (8, 32) or isinstance(state_bits, bool):
+        if not isinstance(state_bits, numbers.Integral) or isinstance(state_bits, bool) \
+                or state_bits not in (8, 32):
             raise ValueError("LAMB: state_bits must be 32 (float32 moments) or 8 (8-bit moments "
                              "for tensors of 4,096 elements or more), got %r" % (state_bits,))
         return cls(

@@ -225,8 +225,9 @@ def _quantized_moments(weight, options, describe):
                          "(float32 weights, or float16/bfloat16 with multi_precision=True)"
                          % (describe(), dtype_name(weight.dtype)))
     if weight.context.device_type == "gpu":
-        raise ValueError("%s is on %s; state_bits=8 runs on the CPU operators (the CUDA "
-                         "kernels keep float32 moments)" % (describe(), weight.context))
+        raise ValueError("%s is on %s; state_bits=8 runs on the CPU operators (the MXNet GPU "
+                         "operators do not pass 8-bit moments to the CUDA kernels yet)"
+                         % (describe(), weight.context))
     arrays = []
     for name, dtype, shape in layout_of(options, weight.shape, _FLOAT32):
         if name in ("mean", "var", "var_max") or name.endswith("_scale"):
@@ -332,9 +333,11 @@ def check(weight, grad, state, options, multi_precision, refuse):
         refuse("state is not %s" % expected)
     if len(arrays_tuple) != len(layout) or not all(isinstance(a, ndarray.NDArray)
                                                    for a in arrays_tuple + (master,)):
-        refuse("state is not %s (made with other options%s, or for a weight of another dtype: "
-               "Parameter.cast?)" % (expected, "; this optimizer has state_bits=%d"
-                                     % options.state_bits if options.state_bits != 32 else ""))
+        eight_bit = any(isinstance(a, ndarray.NDArray) and numpy.dtype(a.dtype) == _UINT8
+                        for a in arrays_tuple)
+        refuse("state is not %s: made with other options (%s), or for a weight of another "
+               "dtype (Parameter.cast?)" % (expected, "this optimizer has state_bits=%d%s" % (
+                   options.state_bits, ", the state has 8-bit moments" if eight_bit else "")))
     named = dict(zip(layout, arrays_tuple))
     wanted = [("weight32", master, math_dtype, weight.shape)] + [
         (name, named[name], dtype, shape) for name, dtype, shape in specs]

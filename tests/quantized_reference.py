@@ -6,8 +6,13 @@ moments), codes that are minifloats without subnormals made from the float32 bit
 
 - m: sign bit + magnitude E4M3: code c in 1..120 is 2^(c // 8 - 15) * (1 + (c % 8) / 8);
 - v: E5M3: code c in 1..248 is 2^(c // 8 - 31) * (1 + (c % 8) / 8); a positive v is never 0;
-- code 0 is 0; a value is rounded to the nearest code, ties to the even mantissa (an integer
-  rounding of the float32 bits), and values above 1 (and NaN) to 1.
+- code 0 is 0, whatever the scale; x = |value| * (1 / scale) in float32 (1 / scale is 0 for a
+  scale of 0 or below float32's normal range) is rounded to the nearest code value, ties to the
+  even code (the even mantissa), and x above 1 (and NaN) to 1.
+
+The codes here are found by a search for the nearest value in float64 over the code table, not
+by the kernels' integer rounding of the float32 bits, so the tests compare two ways of reaching
+the same definition.
 
 One step of a tensor, in float32 where the kernels compute in float32 (every operation rounds
 to float32, no fused multiply-add, as NumPy does), norms in float64:
@@ -55,16 +60,19 @@ class Minifloat:
         return np.where(code == 0, 0.0, out)
 
     def encode(self, x, positive):
-        """Codes of x >= 0 (float32), rounded to nearest even; ``positive``: at least 1."""
-        b = bits(x)
-        with np.errstate(over="ignore"):
-            rounded = (b + U32((1 << (self.shift - 1)) - 1) + ((b >> U32(self.shift)) & U32(1))) \
-                >> U32(self.shift)
-        smallest_half = F32(self.value(1) / 2)
-        small = np.where(positive | (values(b) >= smallest_half), 1, 0).astype(U32)
-        # (NaN compares False above; its bits round above the bias, to `one`)
-        code = np.where(rounded > U32(self.bias), rounded - U32(self.bias), small)
-        return np.minimum(code, U32(self.one))
+        """Codes of x >= 0 (float32): the nearest code value, ties to the even code, x > 1
+        and NaN to `one`; ``positive``: at least code 1."""
+        table = self.value(np.arange(self.one + 1))  # increasing, table[one] = 1
+        x = np.asarray(x, dtype=np.float64)
+        clean = np.where(np.isnan(x), 1.0, np.minimum(x, 1.0))
+        above = np.searchsorted(table, clean).clip(1, self.one)  # table[above-1] < x <= ...
+        low, high = table[above - 1], table[above]
+        down, up = clean - low, high - clean
+        code = np.where(down < up, above - 1, above)
+        tie = down == up
+        code = np.where(tie & ((above - 1) % 2 == 0), above - 1, code)
+        code = np.where(np.asarray(positive) & (code == 0), 1, code)
+        return code.astype(U32)
 
     def decode(self, code):
         code = np.asarray(code, dtype=U32)
@@ -102,8 +110,10 @@ def encode_mean(m, scales):
 
 def decode_mean(codes, scales):
     codes = codes.astype(U32)
-    magnitude = MEAN.decode(codes & U32(0x7F)) * per_element(scales, codes.size)
-    return values(bits(magnitude) | ((codes & U32(0x80)) << U32(24)))
+    with np.errstate(invalid="ignore"):
+        magnitude = MEAN.decode(codes & U32(0x7F)) * per_element(scales, codes.size)
+    signed = values(bits(magnitude) | ((codes & U32(0x80)) << U32(24)))
+    return np.where((codes & U32(0x7F)) == 0, F32(0), signed)
 
 
 def encode_var(v, scales):
@@ -111,7 +121,9 @@ def encode_var(v, scales):
 
 
 def decode_var(codes, scales):
-    return VAR.decode(codes.astype(U32)) * per_element(scales, codes.size)
+    codes = codes.astype(U32)
+    with np.errstate(invalid="ignore"):
+        return np.where(codes == 0, F32(0), VAR.decode(codes) * per_element(scales, codes.size))
 
 
 def store(x, encode, decode):

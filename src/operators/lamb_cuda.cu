@@ -920,7 +920,9 @@ bool valid(const MxlambCudaGroup* g, void* ws, size_t bytes, bool phase1, Layout
         missing(g->weights_lowp) || (phase1 && g->grads[t] == nullptr)) {
       return false;
     }
-    auto no_scales = [t](float* const* scales) { return scales != nullptr && scales[t] == nullptr; };
+    auto no_scales = [t](float* const* scales) {
+      return scales != nullptr && scales[t] == nullptr;
+    };
     if (no_scales(g->mean_scales) || no_scales(g->var_scales) || no_scales(g->vmax_scales)) {
       return false;
     }

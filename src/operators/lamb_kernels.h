@@ -60,9 +60,6 @@ struct GradSpan {
   const void* grad;
   int64_t n;
   DType grad_type;
-  // state_bits=8 (float only): the moments as codes and scales; mean, var and var_max above
-  // are then nullptr.
-  QuantizedMoment q_mean, q_var, q_var_max;
 };
 
 // Phase 1 on a span: updates mean and var, returns sum(w^2) and sum(u^2) of the span.

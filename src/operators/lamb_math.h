@@ -352,7 +352,7 @@ struct Minifloat {
   static constexpr uint32_t kBias = (127u - kEmax) << M;
   static constexpr uint32_t kOne = kEmax << M;
   // Half the smallest positive value 2^-emax (1 + 2^-M), as float32 bits: the rounding point
-  // between code 0 and code 1.
+  // between code 0 and code 1 (a tie goes to code 0, the even one).
   static constexpr uint32_t kHalfSmallest = ((127u - kEmax - 1u) << 23) | (1u << kShift);
 
   // x >= 0 (NaN and x > 1 give kOne), rounded to nearest even. `positive`: x stands for a
@@ -360,7 +360,7 @@ struct Minifloat {
   static MXLAMB_HD uint32_t encode(float x, bool positive) {
     const uint32_t b = float_bits(x);
     const uint32_t rounded = (b + ((1u << (kShift - 1u)) - 1u) + ((b >> kShift) & 1u)) >> kShift;
-    const uint32_t small = positive || b >= kHalfSmallest ? 1u : 0u;
+    const uint32_t small = positive || b > kHalfSmallest ? 1u : 0u;  // (the tie: to 0, even)
     const uint32_t code = rounded > kBias ? rounded - kBias : small;
     return code < kOne ? code : kOne;
   }
@@ -391,16 +391,23 @@ MXLAMB_HD uint8_t encode_mean(float m, float inverse) {
   return static_cast<uint8_t>(magnitude == 0u ? 0u : ((b >> 24) & 0x80u) | magnitude);
 }
 
+// Code 0 (of the magnitude) is 0 whatever the scale: an infinite scale (a v that overflowed
+// float32 from a finite gradient) or a NaN one leaves the block's zeros zero, as float32
+// moments would, rather than 0 * inf = NaN.
 MXLAMB_HD float decode_mean(uint8_t code, float scale) {
   const float magnitude = MeanCode::decode(code & 0x7fu) * scale;
-  return bits_float(float_bits(magnitude) | (static_cast<uint32_t>(code & 0x80u) << 24));
+  const uint32_t sign = static_cast<uint32_t>(code & 0x80u) << 24;
+  const float value = bits_float(float_bits(magnitude) | sign);
+  return (code & 0x7fu) == 0u ? 0.0f : value;
 }
 
 MXLAMB_HD uint8_t encode_var(float v, float inverse) {
   return static_cast<uint8_t>(VarCode::encode(v * inverse, float_bits(v) != 0u));
 }
 
-MXLAMB_HD float decode_var(uint8_t code, float scale) { return VarCode::decode(code) * scale; }
+MXLAMB_HD float decode_var(uint8_t code, float scale) {
+  return code == 0u ? 0.0f : VarCode::decode(code) * scale;
+}
 
 }  // namespace mxlamb
 

@@ -44,8 +44,8 @@ struct CudaGroup {
     if (!parse_step(op, attrs, &s)) return false;
     if (!decode_group(op, s, in, out, &decoded)) return false;
     if (decoded.quantized) {
-      return fail(op.name, "state_bits=8 runs on the CPU operators; the CUDA kernels have "
-                           "float32 moments only");
+      return fail(op.name, "state_bits=8 runs on the CPU operators; these GPU forwards do "
+                           "not pass 8-bit moments to the CUDA kernels yet");
     }
     const int n = s.inputs.num_tensors();
     const bool phase2 = &op == &kPhase2Op;
