@@ -16,8 +16,8 @@ $(STAMP): setup.py setup.cfg pyproject.toml build_backend.py requirements.txt $(
 
 install: $(STAMP)
 
-# The main job: a tiny BERT pretrained (masked LM + next sentence) with mxlamb, MXNet's LAMB
-# and Adam; loss curves in bert_out/loss_curves.png.
+# The main job: a tiny BERT pretrained (masked LM + next sentence) with mxlamb (float32 and
+# 8-bit moments), MXNet's LAMB and Adam; loss curves in bert_out/loss_curves.png.
 demo: $(STAMP)
 	$(BIN)/python examples/bert_pretrain.py --out-dir bert_out
 
