@@ -58,8 +58,9 @@ import numpy
 from mxnet import ndarray
 
 from .lamb import LAMB
-from .options import warn_trap
-from .state import LOW_PRECISION, decode_moment, dtype_name, encode_moment, layout_of, legacy
+from .options import MOMENTS, warn_trap, with_scales
+from .state import (LOW_PRECISION, decode_moment, dtype_name, encode_moment, layout_of, legacy,
+                    quantized)
 
 __all__ = ["save_states", "load_states", "convert_lamb"]
 
@@ -433,21 +434,9 @@ def _expected_state(optimizer, weight):
 
 def _file_names(names, state_bits, shape):
     """The names of the arrays a file's state holds for a parameter of ``shape``: the file's
-    layout, and with state_bits 8 each moment's block scales after it where the parameter is
-    large enough (mxlamb.state.quantized)."""
-    from .state import QUANTIZED_MIN_ELEMENTS
+    layout, with each moment's block scales where the file's state_bits made it 8-bit."""
     size = int(numpy.prod(shape)) if shape else 1
-    if state_bits != 8 or size < QUANTIZED_MIN_ELEMENTS:
-        return names
-    out = []
-    for name in names:
-        out.append(name)
-        if name in _MOMENTS:
-            out.append(name + "_scale")
-    return out
-
-
-_MOMENTS = ("mean", "var", "var_max")
+    return with_scales(names) if quantized(state_bits, size) else names
 
 
 def _scale_of(name):
@@ -459,7 +448,7 @@ def _convert_moments(values, expected):
     """The file's moments in the loading optimizer's format (8-bit or float32): True where
     they were converted."""
     converted = False
-    for name in _MOMENTS:
+    for name in MOMENTS:
         if name not in values or name not in expected:
             continue
         file_quantized = (name + "_scale") in values

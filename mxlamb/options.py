@@ -214,17 +214,31 @@ class Options:
     @property
     def state_layout(self):
         """The names of a parameter's state arrays, in order, where its moments are float."""
-        return self.layout(quantized=False)
-
-    def layout(self, quantized):
-        """The names of a parameter's state arrays, in order: with 8-bit moments
-        (``quantized``), each moment's codes are followed by its block scales."""
-        scales = ["mean_scale", "var_scale", "var_max_scale"] if quantized else [None] * 3
-        names = [n for n in ("mean", scales[0], "var", scales[1]) if n]
+        names = ["mean", "var"]
         if self.amsgrad:
-            names += [n for n in ("var_max", scales[2]) if n]
+            names.append("var_max")
         if self.use_ema:
             names.append("average")
         if self.gradient_accumulation_steps is not None:
             names.append("accum")
         return names
+
+    def layout(self, quantized):
+        """The names of a parameter's state arrays, in order: with 8-bit moments
+        (``quantized``), see :func:`with_scales`."""
+        return with_scales(self.state_layout) if quantized else self.state_layout
+
+
+# The moments of a state; with 8-bit moments each is uint8 codes followed by its block scales.
+MOMENTS = ("mean", "var", "var_max")
+
+
+def with_scales(names):
+    """A state's array names where its moments are 8-bit: each moment's codes followed by its
+    block scales (``mean, mean_scale, var, var_scale, ...``)."""
+    out = []
+    for name in names:
+        out.append(name)
+        if name in MOMENTS:
+            out.append(name + "_scale")
+    return out

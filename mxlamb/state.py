@@ -91,9 +91,9 @@ Slots = collections.namedtuple("Slots", ["master", "mean", "var", "var_max", "av
                                          "var_max_scale"])
 
 
-def quantized(options, size):
-    """Whether a tensor of ``size`` elements keeps 8-bit moments under ``options``."""
-    return options.state_bits == 8 and size >= QUANTIZED_MIN_ELEMENTS
+def quantized(state_bits, size):
+    """Whether a tensor of ``size`` elements keeps 8-bit moments under ``state_bits``."""
+    return state_bits == 8 and size >= QUANTIZED_MIN_ELEMENTS
 
 
 def blocks(size):
@@ -104,7 +104,7 @@ def layout_of(options, shape, math_dtype):
     """[(name, dtype, shape)] of the state arrays a parameter of ``shape`` keeps, in order
     (``math_dtype``: of its float moments and optional arrays)."""
     size = int(numpy.prod(shape)) if shape else 1
-    q = quantized(options, size)
+    q = quantized(options.state_bits, size)
     specs = []
     for name in options.layout(q):
         if name.endswith("_scale"):
@@ -175,7 +175,7 @@ def slab_elements(param_dict, options):
         shape = getattr(param, "shape", None)
         if shape is not None and all(shape):
             size = int(numpy.prod(shape))
-            packed = size <= PACKED_MAX_ELEMENTS and not quantized(options, size)
+            packed = size <= PACKED_MAX_ELEMENTS and not quantized(options.state_bits, size)
             wanted += 2 * size if packed else 0
     return wanted or SLAB_ELEMENTS
 
@@ -208,7 +208,7 @@ def create(weight, options, slabs, param_dict, describe):
     zero mean and variance, packed into a slab for a small parameter on the CPU, then the
     optional arrays. ``describe()`` names the parameter in an error."""
     _refuse_weight(weight, describe)
-    if quantized(options, weight.size):
+    if quantized(options.state_bits, weight.size):
         return tuple(_quantized_moments(weight, options, describe)
                      + _optional(weight, options, moments=False))
     if 0 < weight.size <= PACKED_MAX_ELEMENTS and weight.context.device_type == "cpu":

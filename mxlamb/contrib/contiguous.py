@@ -155,7 +155,8 @@ def _flatten(params, optimizer):
                     "and moving them would train on stale gradients" % param.name)
         for j, data in enumerate(param._data):
             if 0 < data.size <= MAX_ELEMENTS and not (
-                    isinstance(optimizer, LAMB) and quantized(optimizer.options, data.size)):
+                    isinstance(optimizer, LAMB)
+                    and quantized(optimizer.options.state_bits, data.size)):
                 members.setdefault((context_of(data), numpy.dtype(data.dtype)), []).append(
                     (param, j))
     buffers = [FlatBuffers(group) for group in members.values()]
