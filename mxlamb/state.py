@@ -19,12 +19,14 @@ another device: a state that no longer says where it lies is stepped through its
 Nothing here keeps a registry of arrays.
 """
 import collections
+import ctypes
 
 import numpy
 
 from mxnet import ndarray
 from mxnet.ndarray.ndarray import _DTYPE_MX_TO_NP
 
+from ._library import native
 from .devices import same_memory
 
 __all__ = ["BFLOAT16", "LOW_PRECISION", "PackedState", "PrecisionState", "MomentSlabs",
@@ -241,8 +243,6 @@ _KINDS = {"mean": 0, "var": 1, "var_max": 1}
 def encode_moment(values, name):
     """A float32 moment (``name``: mean, var or var_max) in lamb_math.h's 8-bit format:
     (codes, block scales), on ``values``' context. Host-side, for conversions of states."""
-    import ctypes
-    from ._library import native
     host = numpy.ascontiguousarray(values.asnumpy(), dtype=numpy.float32).ravel()
     codes = numpy.empty(host.size, numpy.uint8)
     scales = numpy.empty(blocks(host.size), numpy.float32)
@@ -258,8 +258,6 @@ def encode_moment(values, name):
 
 def decode_moment(codes, scales, name):
     """The float32 values of an 8-bit moment (the inverse of :func:`encode_moment`)."""
-    import ctypes
-    from ._library import native
     host = numpy.ascontiguousarray(codes.asnumpy(), dtype=numpy.uint8).ravel()
     host_scales = numpy.ascontiguousarray(scales.asnumpy(), dtype=numpy.float32)
     out = numpy.empty(host.size, numpy.float32)
