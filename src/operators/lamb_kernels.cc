@@ -13,6 +13,11 @@
 #include <immintrin.h>
 #endif
 
+// The 8-bit kernels' lanes (64-byte GCC vectors) meet lamb_math.h's functions, all always
+// inlined: no call passes a vector, so GCC's note that such vectors are passed differently
+// without AVX-512 concerns no call of ours.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 #include "lamb_kernels.h"
 
 #ifndef MXLAMB_ISA
@@ -227,84 +232,181 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
   }
 }
 
-// Phase 1 with 8-bit moments (lamb_math.h, state_bits=8), a block of kStateBlock elements at a
-// time: decode, update, the block's scales; then encode, decode the stored values again, u from
-// those and the sums. The sums take the same lanes as phase1_span (element i to lane
-// i % kSumLanes). kFull: a whole block (its length known to the compiler).
-template <typename GradT, bool kAmsgrad, bool kDecay, bool kFull>
-MXLAMB_INLINE void phase1_q8_block(const Phase1Span<float>& s, int64_t begin, int len,
-                                   const StepCoeffs<float>& step,
-                                   const TensorCoeffs<float>& tensor, double* acc_w,
-                                   double* acc_u) {
-  if constexpr (kFull) len = kStateBlock;
-  const float* __restrict__ w = s.weight + begin;
-  const GradT* __restrict__ g = static_cast<const GradT*>(s.grad) + begin;
-  uint8_t* __restrict__ mc = s.q_mean.codes + begin;
-  uint8_t* __restrict__ vc = s.q_var.codes + begin;
-  const int64_t block = begin / kStateBlock;
-  float grad[kStateBlock], m[kStateBlock], v[kStateBlock];
-  const int full = len - len % kSumLanes;
+// ------------------------------------------------------------------ 8-bit moments, in lanes
+//
+// Phase 1 with 8-bit moments works on kSumLanes elements at a time as GCC vectors (FloatLanes):
+// lamb_math.h's functions instantiated for lanes (Lanes<FloatLanes> below) do every operation
+// lane by lane, the same operations as on one float, so every ISA level (whatever its vector
+// width) gives the same bits as the scalar code (runtime.cc's encode_moment, the CUDA kernels).
+typedef float FloatLanes __attribute__((vector_size(sizeof(float) * kSumLanes)));
+typedef uint32_t BitLanes __attribute__((vector_size(sizeof(uint32_t) * kSumLanes)));
+typedef double DoubleLanes __attribute__((vector_size(sizeof(double) * kSumLanes)));
+
+}  // namespace
+
+template <>
+struct Lanes<FloatLanes> {
+  using Bits = BitLanes;
+  static MXLAMB_INLINE FloatLanes sqrt(FloatLanes x) {
+    FloatLanes root;
+    for (int lane = 0; lane < kSumLanes; ++lane) root[lane] = std::sqrt(x[lane]);
+    return root;
+  }
+};
+
+namespace {
+
+MXLAMB_INLINE FloatLanes load_lanes(const float* x) {
+  FloatLanes lanes;
+  std::memcpy(&lanes, x, sizeof(lanes));
+  return lanes;
+}
+
+MXLAMB_INLINE void store_lanes(float* x, FloatLanes lanes) { std::memcpy(x, &lanes, sizeof(lanes)); }
+
+// A gradient's lanes as floats (float16: widened as widen_block does).
+template <typename GradT>
+MXLAMB_INLINE FloatLanes load_grad_lanes(const GradT* g) {
   if constexpr (std::is_same<GradT, float>::value) {
-    for (int i = 0; i < len; ++i) grad[i] = g[i];
+    return load_lanes(g);
   } else {
-    for (int i = 0; i < full; i += kSumLanes) widen_block(g + i, grad + i);
-    for (int i = full; i < len; ++i) grad[i] = to_float(g[i]);
+    alignas(64) float wide[kSumLanes];
+    widen_block(g, wide);
+    return load_lanes(wide);
   }
-  const float m_scale = s.q_mean.scales[block], v_scale = s.q_var.scales[block];
-  uint32_t m_largest = 0, v_largest = 0;
-  for (int i = 0; i < len; ++i) {
-    float mi = decode_mean(mc[i], m_scale);
-    float vi = decode_var(vc[i], v_scale);
-    update_moments(scaled_grad(grad[i], step, tensor), &mi, &vi, step);
-    m[i] = mi;
-    v[i] = vi;
-    m_largest = m_largest > magnitude_bits(mi) ? m_largest : magnitude_bits(mi);
-    v_largest = v_largest > magnitude_bits(vi) ? v_largest : magnitude_bits(vi);
+}
+
+MXLAMB_INLINE BitLanes load_codes(const uint8_t* codes) {
+  BitLanes lanes;
+  for (int lane = 0; lane < kSumLanes; ++lane) lanes[lane] = codes[lane];
+  return lanes;
+}
+
+MXLAMB_INLINE void store_codes(uint8_t* codes, BitLanes lanes) {
+  for (int lane = 0; lane < kSumLanes; ++lane) codes[lane] = static_cast<uint8_t>(lanes[lane]);
+}
+
+MXLAMB_INLINE BitLanes max_lanes(BitLanes a, BitLanes b) { return a > b ? a : b; }
+
+// The largest of the lanes (an integer max: the same in any order).
+MXLAMB_INLINE uint32_t largest_lane(BitLanes a) {
+  uint32_t largest = 0;
+  for (int lane = 0; lane < kSumLanes; ++lane) largest = largest > a[lane] ? largest : a[lane];
+  return largest;
+}
+
+// x^2 added to the lane accumulators: element i goes to lane i % kSumLanes, widened, squared
+// and added in double, as accumulate_squares does.
+MXLAMB_INLINE void accumulate_square_lanes(FloatLanes x, DoubleLanes* acc) {
+  const DoubleLanes wide = __builtin_convertvector(x, DoubleLanes);
+  *acc += wide * wide;
+}
+
+// The moments of one block: codes and scale, where phase 1 reads and writes them.
+struct BlockMoment {
+  uint8_t* codes;
+  float* scale;
+};
+
+// Phase 1 on one block of kStateBlock elements (a short last block comes zero-padded, see
+// phase1_q8_tail; `valid`: its elements, the rest add nothing to the sums): the moments
+// decoded and updated, the block's scales taken; then encoded, decoded again, u made from the
+// stored values and the sums taken.
+template <typename GradT, bool kAmsgrad, bool kDecay, bool kPadded>
+MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __restrict__ g,
+                                   BlockMoment mean, BlockMoment var, BlockMoment var_max,
+                                   int valid, const StepCoeffs<float>& step,
+                                   const TensorCoeffs<float>& tensor, DoubleLanes* acc_w,
+                                   DoubleLanes* acc_u) {
+  alignas(64) float m[kStateBlock], v[kStateBlock];
+  const float m_scale = *mean.scale, v_scale = *var.scale;
+  BitLanes m_largest{}, v_largest{};
+  for (int i = 0; i < kStateBlock; i += kSumLanes) {
+    FloatLanes mi = decode_mean<FloatLanes>(load_codes(mean.codes + i), m_scale);
+    FloatLanes vi = decode_var<FloatLanes>(load_codes(var.codes + i), v_scale);
+    update_moments(scaled_grad(load_grad_lanes(g + i), step, tensor), &mi, &vi, step);
+    store_lanes(m + i, mi);
+    store_lanes(v + i, vi);
+    m_largest = max_lanes(m_largest, magnitude_bits(mi));
+    v_largest = max_lanes(v_largest, magnitude_bits(vi));
   }
-  const float m_stored = block_scale(m_largest), v_stored = block_scale(v_largest);
+  const float m_stored = block_scale(largest_lane(m_largest));
+  const float v_stored = block_scale(largest_lane(v_largest));
   const float m_inverse = inverse_scale(m_stored), v_inverse = inverse_scale(v_stored);
-  s.q_mean.scales[block] = m_stored;
-  s.q_var.scales[block] = v_stored;
+  *mean.scale = m_stored;
+  *var.scale = v_stored;
+  float x_stored = 0.0f, x_inverse = 0.0f;
   if constexpr (kAmsgrad) {  // the running max of the stored v, itself stored in 8 bits
-    uint8_t* __restrict__ xc = s.q_var_max.codes + begin;
-    const float x_scale = s.q_var_max.scales[block];
-    uint32_t x_largest = 0;
-    for (int i = 0; i < len; ++i) {
-      const uint8_t code = encode_var(v[i], v_inverse);
-      vc[i] = code;
-      v[i] = amsgrad_var(decode_var(xc[i], x_scale), decode_var(code, v_stored));
-      x_largest = x_largest > magnitude_bits(v[i]) ? x_largest : magnitude_bits(v[i]);
+    const float x_scale = *var_max.scale;
+    BitLanes x_largest{};
+    for (int i = 0; i < kStateBlock; i += kSumLanes) {
+      const BitLanes code = encode_var(load_lanes(v + i), v_inverse);
+      store_codes(var.codes + i, code);
+      const FloatLanes largest = amsgrad_var(
+          decode_var<FloatLanes>(load_codes(var_max.codes + i), x_scale),
+          decode_var<FloatLanes>(code, v_stored));
+      store_lanes(v + i, largest);
+      x_largest = max_lanes(x_largest, magnitude_bits(largest));
     }
-    const float x_stored = block_scale(x_largest), x_inverse = inverse_scale(x_stored);
-    s.q_var_max.scales[block] = x_stored;
-    for (int i = 0; i < len; ++i) {
-      const uint8_t code = encode_var(v[i], x_inverse);
-      xc[i] = code;
-      v[i] = decode_var(code, x_stored);  // u is made from the running max
-    }
+    x_stored = block_scale(largest_lane(x_largest));
+    x_inverse = inverse_scale(x_stored);
+    *var_max.scale = x_stored;
   }
-  // Encode, decode the stored values, u; then the sums, kSumLanes elements at a time.
-  float weight[kStateBlock], u[kStateBlock];
+  BitLanes lane_index;
+  for (int lane = 0; lane < kSumLanes; ++lane) lane_index[lane] = static_cast<uint32_t>(lane);
+  DoubleLanes sum_w = *acc_w, sum_u = *acc_u;  // (locals: kept in registers)
+  for (int i = 0; i < kStateBlock; i += kSumLanes) {
+    const BitLanes mcode = encode_mean(load_lanes(m + i), m_inverse);
+    store_codes(mean.codes + i, mcode);
+    FloatLanes vi;
+    if constexpr (kAmsgrad) {  // u is made from the running max
+      const BitLanes xcode = encode_var(load_lanes(v + i), x_inverse);
+      store_codes(var_max.codes + i, xcode);
+      vi = decode_var<FloatLanes>(xcode, x_stored);
+    } else {
+      const BitLanes vcode = encode_var(load_lanes(v + i), v_inverse);
+      store_codes(var.codes + i, vcode);
+      vi = decode_var<FloatLanes>(vcode, v_stored);
+    }
+    FloatLanes weight = load_lanes(w + i);
+    if constexpr (kDecay) weight = decayed(weight, tensor);
+    FloatLanes u = raw_update(weight, decode_mean<FloatLanes>(mcode, m_stored), vi, tensor);
+    if constexpr (kPadded) {  // padding lanes: weight 0, and u 0 (0 / eps, or NaN for eps 0)
+      u = lane_index + static_cast<uint32_t>(i) < static_cast<uint32_t>(valid) ? u : 0.0f;
+    }
+    accumulate_square_lanes(weight, &sum_w);
+    accumulate_square_lanes(u, &sum_u);
+  }
+  *acc_w = sum_w;
+  *acc_u = sum_u;
+}
+
+// A short last block: its elements copied beside zeros (gradient 0, codes 0: moments that
+// stay 0 and add nothing to the scales), the block run, its codes copied back.
+template <typename GradT, bool kAmsgrad, bool kDecay>
+void phase1_q8_tail(const Phase1Span<float>& s, int64_t begin, const StepCoeffs<float>& step,
+                    const TensorCoeffs<float>& tensor, DoubleLanes* acc_w, DoubleLanes* acc_u) {
+  const int len = static_cast<int>(s.n - begin);
+  const int64_t block = begin / kStateBlock;
+  const GradT* g = static_cast<const GradT*>(s.grad) + begin;
+  alignas(64) float w[kStateBlock] = {};
+  GradT grad[kStateBlock] = {};  // (float16: all bits 0 is +0)
+  alignas(64) uint8_t codes[3][kStateBlock] = {};
+  const QuantizedMoment* moments[3] = {&s.q_mean, &s.q_var, &s.q_var_max};
   for (int i = 0; i < len; ++i) {
-    const uint8_t mcode = encode_mean(m[i], m_inverse);
-    mc[i] = mcode;
-    float vi = v[i];
-    if constexpr (!kAmsgrad) {
-      const uint8_t vcode = encode_var(vi, v_inverse);
-      vc[i] = vcode;
-      vi = decode_var(vcode, v_stored);
-    }
-    weight[i] = weight_at<kDecay>(w, i, tensor);
-    u[i] = raw_update(weight[i], decode_mean(mcode, m_stored), vi, tensor);
+    w[i] = s.weight[begin + i];
+    grad[i] = g[i];
   }
-  int padded = len;
-  if constexpr (!kFull) {
-    padded = full == len ? len : full + kSumLanes;
-    for (int i = len; i < padded; ++i) weight[i] = u[i] = 0.0f;  // 0^2 adds nothing
+  BlockMoment padded[3] = {};
+  for (int k = 0; k < 3; ++k) {
+    if (moments[k]->codes == nullptr) continue;
+    std::memcpy(codes[k], moments[k]->codes + begin, len);
+    padded[k] = BlockMoment{codes[k], moments[k]->scales + block};
   }
-  for (int i = 0; i < padded; i += kSumLanes) {
-    accumulate_squares(weight + i, acc_w);
-    accumulate_squares(u + i, acc_u);
+  phase1_q8_block<GradT, kAmsgrad, kDecay, true>(w, grad, padded[0], padded[1], padded[2], len,
+                                                 step, tensor, acc_w, acc_u);
+  for (int k = 0; k < 3; ++k) {
+    if (moments[k]->codes != nullptr) std::memcpy(moments[k]->codes + begin, codes[k], len);
   }
 }
 
@@ -313,49 +415,67 @@ void phase1_q8_span(const Phase1Span<float>& s, const StepCoeffs<float>& step,
                     const TensorCoeffs<float>& tensor, double* weight_sumsq,
                     double* update_sumsq) {
   static_assert(kStateBlock % kSumLanes == 0, "a block is whole groups of lanes");
-  double acc_w[kSumLanes] = {};
-  double acc_u[kSumLanes] = {};
+  const GradT* g = static_cast<const GradT*>(s.grad);
+  auto part = [](const QuantizedMoment& q, int64_t begin) {
+    return BlockMoment{q.codes == nullptr ? nullptr : q.codes + begin,
+                       q.scales == nullptr ? nullptr : q.scales + begin / kStateBlock};
+  };
+  DoubleLanes acc_w{}, acc_u{};
   const int64_t whole = s.n - s.n % kStateBlock;
   for (int64_t begin = 0; begin < whole; begin += kStateBlock) {
-    phase1_q8_block<GradT, kAmsgrad, kDecay, true>(s, begin, kStateBlock, step, tensor, acc_w,
-                                                   acc_u);
+    phase1_q8_block<GradT, kAmsgrad, kDecay, false>(
+        s.weight + begin, g + begin, part(s.q_mean, begin), part(s.q_var, begin),
+        part(s.q_var_max, begin), kStateBlock, step, tensor, &acc_w, &acc_u);
   }
-  if (whole < s.n) {
-    phase1_q8_block<GradT, kAmsgrad, kDecay, false>(s, whole, static_cast<int>(s.n - whole),
-                                                    step, tensor, acc_w, acc_u);
-  }
-  *weight_sumsq = sum_lanes(acc_w);
-  *update_sumsq = sum_lanes(acc_u);
+  if (whole < s.n) phase1_q8_tail<GradT, kAmsgrad, kDecay>(s, whole, step, tensor, &acc_w, &acc_u);
+  double lanes_w[kSumLanes], lanes_u[kSumLanes];
+  std::memcpy(lanes_w, &acc_w, sizeof(lanes_w));
+  std::memcpy(lanes_u, &acc_u, sizeof(lanes_u));
+  *weight_sumsq = sum_lanes(lanes_w);
+  *update_sumsq = sum_lanes(lanes_u);
 }
 
 // Phase 2 with 8-bit moments: per block, its scales once, then the codes decoded as phase 1
-// stored them, so that u is the one whose norm phase 1 took.
+// stored them, so that u is the one whose norm phase 1 took. In lanes, and the elements after
+// the last whole group of lanes one at a time: the same functions, the same bits.
 template <typename LowT, bool kEma, bool kDecay>
 void phase2_q8_span(const Phase2Span<float>& s, const TensorCoeffs<float>& tensor,
                     float step_size) {
   constexpr bool kLowp = !std::is_same<LowT, float>::value;
-  const float* w = s.weight;  // may alias w_out: no __restrict__
+  const float* w = s.weight;  // may alias w_out (element for element): no __restrict__
   float* w_out = s.weight_out;
   LowT* __restrict__ w_lowp = reinterpret_cast<LowT*>(s.model_weight);
   float* __restrict__ avg = s.average;
   const QuantizedMoment qm = s.q_mean, qv = s.q_var;
-  float updated[kStateBlock];
+  const int64_t lanes_end = s.n - s.n % kSumLanes;
   for (int64_t begin = 0; begin < s.n; begin += kStateBlock) {
     const int64_t block = begin / kStateBlock;
-    const int len = s.n - begin < kStateBlock ? static_cast<int>(s.n - begin) : kStateBlock;
+    const int64_t end = s.n - begin < kStateBlock ? s.n : begin + kStateBlock;
     const float m_scale = qm.scales[block], v_scale = qv.scales[block];
-    for (int i = 0; i < len; ++i) {
-      const float mean = decode_mean(qm.codes[begin + i], m_scale);
-      const float var = decode_var(qv.codes[begin + i], v_scale);
-      updated[i] = phase2_element(weight_at<kDecay>(w, begin + i, tensor), mean, var, tensor,
-                                  step_size);
-      w_out[begin + i] = updated[i];
-      if (kEma) avg[begin + i] = moving_average(avg[begin + i], updated[i], tensor.ema);
+    int64_t i = begin;
+    for (; i + kSumLanes <= end && i < lanes_end; i += kSumLanes) {
+      FloatLanes weight = load_lanes(w + i);
+      if constexpr (kDecay) weight = decayed(weight, tensor);
+      const FloatLanes mean = decode_mean<FloatLanes>(load_codes(qm.codes + i), m_scale);
+      const FloatLanes var = decode_var<FloatLanes>(load_codes(qv.codes + i), v_scale);
+      const FloatLanes updated = phase2_element(weight, mean, var, tensor, step_size);
+      store_lanes(w_out + i, updated);
+      if constexpr (kEma) {
+        store_lanes(avg + i, moving_average(load_lanes(avg + i), updated, tensor.ema));
+      }
+      if constexpr (kLowp) {
+        alignas(64) float narrowed[kSumLanes];
+        store_lanes(narrowed, updated);
+        narrow_block(narrowed, w_lowp + i);
+      }
     }
-    if constexpr (kLowp) {
-      const int full = len - len % kSumLanes;
-      for (int i = 0; i < full; i += kSumLanes) narrow_block(updated + i, w_lowp + begin + i);
-      for (int i = full; i < len; ++i) w_lowp[begin + i] = from_float<LowT>(updated[i]);
+    for (; i < end; ++i) {
+      const float updated =
+          phase2_element(weight_at<kDecay>(w, i, tensor), decode_mean(qm.codes[i], m_scale),
+                         decode_var(qv.codes[i], v_scale), tensor, step_size);
+      w_out[i] = updated;
+      if constexpr (kEma) avg[i] = moving_average(avg[i], updated, tensor.ema);
+      if constexpr (kLowp) w_lowp[i] = from_float<LowT>(updated);
     }
   }
 }

@@ -44,6 +44,27 @@ namespace mxlamb {
 // float32 master copy, double for float64 weights. The functions are written once for both;
 // what is computed in double for every T (bias corrections, norms, trust ratio, step size,
 // gradient multipliers) takes double.
+//
+// Lanes. The element functions (scaled_grad, update_moments, amsgrad_var, decayed, raw_update
+// and the 8-bit codes below) take their values as L: one element of type T (the CPU's loops, the
+// CUDA kernels), or a GCC vector of float lanes (the CPU's 8-bit kernels, lamb_kernels.cc), on
+// which every operation is done lane by lane: the same operations, so the same bits, as on one
+// float. Lanes<L> gives what differs: the square root and the type of an L's float32 bits. The
+// CPU kernels specialise it for their vectors.
+template <typename L>
+struct Lanes {
+  using Bits = uint32_t;  // (float lanes only)
+  static MXLAMB_HD L sqrt(L x) { return std::sqrt(x); }
+};
+
+// The bits of x as a To of the same size (memcpy: no aliasing rules broken).
+template <typename To, typename From>
+MXLAMB_HD To bit_cast(const From& x) {
+  static_assert(sizeof(To) == sizeof(From), "bit_cast keeps the size");
+  To to;
+  memcpy(&to, &x, sizeof(to));
+  return to;
+}
 
 // The hyper-parameters of a step as the optimizer gives them, in double. The coefficients
 // below are made from them and rounded to T once, here, for the CPU and the GPU alike.
@@ -205,9 +226,9 @@ MXLAMB_HD void grad_stats_control(const GradStatsParams& p, double total_sumsq, 
 
 // Clip without fminf/fmaxf: those turn a NaN gradient into +-clip_gradient, i.e. a finite but
 // wrong update. Plain comparisons are false for NaN, so NaN propagates as it does in MXNet.
-template <typename T>
-MXLAMB_HD T scaled_grad(T grad, const StepCoeffs<T>& s, const TensorCoeffs<T>& t) {
-  T g = grad * t.grad_scale;
+template <typename L, typename T>
+MXLAMB_HD L scaled_grad(L grad, const StepCoeffs<T>& s, const TensorCoeffs<T>& t) {
+  L g = grad * t.grad_scale;
   if (s.clip_gradient >= T(0)) {
     g = g > s.clip_gradient ? s.clip_gradient : g;
     g = g < -s.clip_gradient ? -s.clip_gradient : g;
@@ -215,32 +236,32 @@ MXLAMB_HD T scaled_grad(T grad, const StepCoeffs<T>& s, const TensorCoeffs<T>& t
   return g;
 }
 
-template <typename T>
-MXLAMB_HD void update_moments(T g, T* mean, T* var, const StepCoeffs<T>& s) {
+template <typename L, typename T>
+MXLAMB_HD void update_moments(L g, L* mean, L* var, const StepCoeffs<T>& s) {
   *mean = s.beta1 * *mean + s.one_minus_beta1 * g;
   *var = s.beta2 * *var + s.one_minus_beta2 * g * g;
 }
 
 // AMSGrad (Reddi et al.; Keras' amsgrad): the largest second moment so far replaces v.
 // A NaN v propagates (the comparison is false).
-template <typename T>
-MXLAMB_HD T amsgrad_var(T var_max, T var) { return var <= var_max ? var_max : var; }
+template <typename L>
+MXLAMB_HD L amsgrad_var(L var_max, L var) { return var <= var_max ? var_max : var; }
 
 // The weight a step starts from: with decoupled decay (Keras' weight_decay) the decayed
 // weight w - w * decay * lr, in Keras' order of operations; it is the weight whose norm the
 // trust ratio takes and the one the update is applied to. Without, the weight itself.
-template <typename T>
-MXLAMB_HD T decayed(T weight, const TensorCoeffs<T>& t) {
+template <typename L, typename T>
+MXLAMB_HD L decayed(L weight, const TensorCoeffs<T>& t) {
   return t.decoupled ? weight - weight * t.decay * t.decay_lr : weight;
 }
 
 // Epsilon is added outside the square root, and weight decay is part of u (as in MXNet), so
 // it is scaled by the trust ratio too.
-template <typename T>
-MXLAMB_HD T raw_update(T weight, T mean, T var, const TensorCoeffs<T>& t) {
-  const T mean_hat = mean * t.inv_bias1;
-  const T var_hat = var * t.inv_bias2;
-  return mean_hat / (std::sqrt(var_hat) + t.epsilon) + t.wd * weight;
+template <typename L, typename T>
+MXLAMB_HD L raw_update(L weight, L mean, L var, const TensorCoeffs<T>& t) {
+  const L mean_hat = mean * t.inv_bias1;
+  const L var_hat = var * t.inv_bias2;
+  return mean_hat / (Lanes<L>::sqrt(var_hat) + t.epsilon) + t.wd * weight;
 }
 
 // Phase 1 of one element: the moments updated in place, u returned. The moments are read
@@ -292,20 +313,20 @@ MXLAMB_HD T step_size(const StepCoeffs<T>& s, const TensorCoeffs<T>& t, double w
                         trust_ratio(weight_sumsq, update_sumsq, s.lower_bound, s.upper_bound));
 }
 
-template <typename T>
-MXLAMB_HD T apply_update(T weight, T update, T step) {
+template <typename L, typename T>
+MXLAMB_HD L apply_update(L weight, L update, T step) {
   return weight - step * update;
 }
 
 // Phase 2 of one element: the updated weight, from u recomputed out of the updated moments
 // (var: the running max under AMSGrad). `weight` is decayed(w) where decay is decoupled.
-template <typename T>
-MXLAMB_HD T phase2_element(T weight, T mean, T var, const TensorCoeffs<T>& t, T step) {
+template <typename L, typename T>
+MXLAMB_HD L phase2_element(L weight, L mean, L var, const TensorCoeffs<T>& t, T step) {
   return apply_update(weight, raw_update(weight, mean, var, t), step);
 }
 
-template <typename T>
-MXLAMB_HD T moving_average(T average, T weight, const EmaCoeffs<T>& e) {
+template <typename L, typename T>
+MXLAMB_HD L moving_average(L average, L weight, const EmaCoeffs<T>& e) {
   return e.momentum * average + e.one_minus_momentum * weight;
 }
 
@@ -329,17 +350,12 @@ MXLAMB_HD T moving_average(T average, T weight, const EmaCoeffs<T>& e) {
 // whose norm phase 1 took.
 constexpr int kStateBlock = 256;
 
-MXLAMB_HD uint32_t float_bits(float x) {
-  uint32_t b;
-  memcpy(&b, &x, sizeof(b));
-  return b;
-}
+MXLAMB_HD uint32_t float_bits(float x) { return bit_cast<uint32_t>(x); }
 
-MXLAMB_HD float bits_float(uint32_t b) {
-  float x;
-  memcpy(&x, &b, sizeof(x));
-  return x;
-}
+MXLAMB_HD float bits_float(uint32_t b) { return bit_cast<float>(b); }
+
+// The codes below take and give float lanes F (one float, or the CPU's vectors) and their bits
+// U = Lanes<F>::Bits: a code is a U (one code per lane; the caller stores its low byte).
 
 // The unsigned minifloat of E exponent and M mantissa bits, code 0 the zero: code c > 0 is
 // 2^(c / 2^M - emax) * (1 + (c mod 2^M) / 2^M), emax = 2^E - 1. kOne (1.0) is the largest code
@@ -355,18 +371,20 @@ struct Minifloat {
   // between code 0 and code 1 (a tie goes to code 0, the even one).
   static constexpr uint32_t kHalfSmallest = ((127u - kEmax - 1u) << 23) | (1u << kShift);
 
-  // x >= 0 (NaN and x > 1 give kOne), rounded to nearest even. `positive`: x stands for a
-  // value > 0, which then gets at least code 1.
-  static MXLAMB_HD uint32_t encode(float x, bool positive) {
-    const uint32_t b = float_bits(x);
-    const uint32_t rounded = (b + ((1u << (kShift - 1u)) - 1u) + ((b >> kShift) & 1u)) >> kShift;
-    const uint32_t small = positive || b > kHalfSmallest ? 1u : 0u;  // (the tie: to 0, even)
-    const uint32_t code = rounded > kBias ? rounded - kBias : small;
+  // x >= 0 (NaN and x > 1 give kOne), rounded to nearest even. `positive` non-zero: x stands
+  // for a value > 0, which then gets at least code 1.
+  template <typename F, typename U = typename Lanes<F>::Bits>
+  static MXLAMB_HD U encode(F x, U positive) {
+    const U b = bit_cast<U>(x);
+    const U rounded = (b + ((1u << (kShift - 1u)) - 1u) + ((b >> kShift) & 1u)) >> kShift;
+    const U small = positive != 0u || b > kHalfSmallest ? 1u : 0u;  // (the tie: to 0, even)
+    const U code = rounded > kBias ? rounded - kBias : small;
     return code < kOne ? code : kOne;
   }
 
-  static MXLAMB_HD float decode(uint32_t code) {
-    return code == 0u ? 0.0f : bits_float((code << kShift) + (kBias << kShift));
+  template <typename F>
+  static MXLAMB_HD F decode(typename Lanes<F>::Bits code) {
+    return bit_cast<F>(code == 0u ? 0u : (code << kShift) + (kBias << kShift));
   }
 };
 
@@ -375,7 +393,10 @@ using VarCode = Minifloat<5, 3>;
 
 // |x| as float32 bits: their unsigned order is the order of the magnitudes (NaN above
 // infinity), so a block's largest is an integer max, exact in any order.
-MXLAMB_HD uint32_t magnitude_bits(float x) { return float_bits(x) & 0x7fffffffu; }
+template <typename F>
+MXLAMB_HD typename Lanes<F>::Bits magnitude_bits(F x) {
+  return bit_cast<typename Lanes<F>::Bits>(x) & 0x7fffffffu;
+}
 
 // A block's scale from the largest magnitude_bits of its values.
 MXLAMB_HD float block_scale(uint32_t largest_magnitude) { return bits_float(largest_magnitude); }
@@ -385,28 +406,35 @@ MXLAMB_HD float inverse_scale(float scale) {
   return scale >= 0x1p-126f ? 1.0f / scale : 0.0f;
 }
 
-MXLAMB_HD uint8_t encode_mean(float m, float inverse) {
-  const uint32_t b = float_bits(m);
-  const uint32_t magnitude = MeanCode::encode(bits_float(b & 0x7fffffffu) * inverse, false);
-  return static_cast<uint8_t>(magnitude == 0u ? 0u : ((b >> 24) & 0x80u) | magnitude);
+template <typename F, typename U = typename Lanes<F>::Bits>
+MXLAMB_HD U encode_mean(F m, float inverse) {
+  const U b = bit_cast<U>(m);
+  const U magnitude = MeanCode::encode(bit_cast<F>(b & 0x7fffffffu) * inverse, U{});
+  return magnitude == 0u ? 0u : ((b >> 24) & 0x80u) | magnitude;
 }
 
 // Code 0 (of the magnitude) is 0 whatever the scale: an infinite scale (a v that overflowed
 // float32 from a finite gradient) or a NaN one leaves the block's zeros zero, as float32
-// moments would, rather than 0 * inf = NaN.
-MXLAMB_HD float decode_mean(uint8_t code, float scale) {
-  const float magnitude = MeanCode::decode(code & 0x7fu) * scale;
-  const uint32_t sign = static_cast<uint32_t>(code & 0x80u) << 24;
-  const float value = bits_float(float_bits(magnitude) | sign);
-  return (code & 0x7fu) == 0u ? 0.0f : value;
+// moments would, rather than 0 * inf = NaN. F: float unless given.
+template <typename F = float>
+MXLAMB_HD F decode_mean(typename Lanes<F>::Bits code, float scale) {
+  using U = typename Lanes<F>::Bits;
+  const U magnitude_code = code & 0x7fu;
+  const F magnitude = MeanCode::decode<F>(magnitude_code) * scale;
+  const U value = bit_cast<U>(magnitude) | ((code & 0x80u) << 24);
+  return bit_cast<F>(magnitude_code == 0u ? 0u : value);
 }
 
-MXLAMB_HD uint8_t encode_var(float v, float inverse) {
-  return static_cast<uint8_t>(VarCode::encode(v * inverse, float_bits(v) != 0u));
+template <typename F, typename U = typename Lanes<F>::Bits>
+MXLAMB_HD U encode_var(F v, float inverse) {
+  return VarCode::encode(v * inverse, bit_cast<U>(v));
 }
 
-MXLAMB_HD float decode_var(uint8_t code, float scale) {
-  return code == 0u ? 0.0f : VarCode::decode(code) * scale;
+template <typename F = float>
+MXLAMB_HD F decode_var(typename Lanes<F>::Bits code, float scale) {
+  using U = typename Lanes<F>::Bits;
+  const F value = VarCode::decode<F>(code) * scale;
+  return bit_cast<F>(code == 0u ? 0u : bit_cast<U>(value));
 }
 
 }  // namespace mxlamb
