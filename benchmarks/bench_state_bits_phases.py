@@ -1,13 +1,20 @@
 """Where the 8-bit step's time goes: the operators' phases on one large tensor, float32 moments
-against 8-bit ones, on 1 and 2 mxlamb threads.
+against 8-bit ones, on 1 and 2 mxlamb threads; and the phase kernels' arithmetic alone.
 
     python benchmarks/bench_state_bits_phases.py [--elements 33554432] [--repeats 5]
 
 Times (the lowest of --repeats, after one warm-up, mx.nd.waitall() before reading the clock)
 mxlamb_step (both phases in one call), mxlamb_phase1 and mxlamb_phase2 on one tensor, with
-float32 moments and with state_bits=8 (codes and block scales), called directly. Nothing is
-asserted; docs/8bit.md#speed quotes a run.
+float32 moments and with state_bits=8 (codes and block scales), called directly.
+
+Then the arithmetic: each phase kernel of the active ISA level on one span of --cache-elements
+elements, small enough to stay in the core's cache, on one thread (mxlamb_phase_arithmetic_seconds,
+src/operators/bench_probe.cc), in ns per element. With memory free, a step on T threads cannot
+take less than (phase 1 + phase 2) x elements / T: the script prints that floor for the large
+tensor on 2 threads beside the float32 step's measured time. Nothing is asserted;
+docs/8bit.md#speed quotes a run.
 """
+import ctypes
 import argparse
 import time
 
@@ -37,6 +44,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--elements", type=int, default=1 << 25)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--cache-elements", type=int, default=1 << 15)
+    parser.add_argument("--cache-repeats", type=int, default=2000)
     args = parser.parse_args()
     n = args.elements
     rng = np.random.RandomState(0)
@@ -70,6 +79,23 @@ def main():
     _library.native.mxlamb_set_num_threads(0)
     for name, (one, two) in results.items():
         print("%-16s %12.1f %12.1f" % (name, one, two))
+
+    probe = _library.native.mxlamb_phase_arithmetic_seconds
+    probe.restype = ctypes.c_double
+    probe.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int]
+    small = args.cache_elements
+    kinds = [("phase 1 float32", 0), ("phase 1 8-bit", 1), ("phase 2 float32", 2),
+             ("phase 2 8-bit", 3)]
+    arithmetic = {name: probe(kind, small, args.cache_repeats) / small * 1e9
+                  for name, kind in kinds}
+    print("\narithmetic: one span of %d elements in cache, one thread, ns per element" % small)
+    for name, _ in kinds:
+        print("%-16s %12.3f" % (name, arithmetic[name]))
+    for moments in ("float32", "8-bit"):
+        per_element = arithmetic["phase 1 " + moments] + arithmetic["phase 2 " + moments]
+        floor = per_element * n / 2 * 1e-6
+        print("step %-7s arithmetic floor on 2 threads: %.1f ms (%.2f x the float32 step "
+              "measured above)" % (moments, floor, floor / results["step float32"][1]))
 
 
 if __name__ == "__main__":

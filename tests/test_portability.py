@@ -19,12 +19,13 @@ from mxlamb import _library
 OBJDUMP = shutil.which("objdump")
 pytestmark = pytest.mark.skipif(OBJDUMP is None, reason="needs objdump (binutils)")
 
-# What mxlamb/_library.py, mxlamb/contrib/contiguous.py, the tests and benchmarks/bench_step.py
-# call through ctypes.
+# What mxlamb/_library.py, mxlamb/contrib/contiguous.py, the tests, benchmarks/bench_step.py and
+# benchmarks/bench_state_bits_phases.py call through ctypes.
 CTYPES_FUNCTIONS = {"mxlamb_built_for_mxnet", "mxlamb_active_isa", "mxlamb_isa_error",
                     "mxlamb_set_isa", "mxlamb_num_threads", "mxlamb_set_num_threads",
                     "mxlamb_rmw_seconds", "mxlamb_fresh_grads", "mxlamb_first_written",
-                    "mxlamb_encode_moment", "mxlamb_decode_moment"}
+                    "mxlamb_encode_moment", "mxlamb_decode_moment",
+                    "mxlamb_phase_arithmetic_seconds"}
 # Version families whose newest version libmxnet.so does not bound usefully: OMP_2.0
 # (omp_get_wtime) has been in libgomp since its first release (GCC 4.2).
 FLOOR = {"OMP": (2, 0)}
