@@ -230,6 +230,40 @@ def test_same_bits_on_every_isa_level_thread_count_and_grouping(case):
         assert digest == first, key
 
 
+@pytest.mark.parametrize("grad_dtype", ["float32", "float16"])
+def test_phase1_sums_codes_and_scales_are_the_same_bits_on_every_isa_level(grad_dtype):
+    """mxlamb_phase1 with 8-bit moments, called directly: its float64 sums of squares (which
+    the weights see only through a float32 step size), codes and scales, bit for bit on every
+    ISA level and thread count, on sizes that end inside a block and inside a group of lanes."""
+    rng = np.random.RandomState(3)
+    attrs = dict(num_tensors=1, lrs="0.01", wds="0.01", step_counts="2", state_bits=8,
+                 multi_precision=grad_dtype == "float16")  # (float16 gradients of a master)
+    before_isa = _library.native.mxlamb_active_isa()
+    before_threads = _library.native.mxlamb_num_threads()
+    for n in (4096 + 7, 70001, 300 * 300):
+        w = (rng.randn(n) * 0.1).astype(np.float32)
+        g = (rng.randn(n) * 0.01).astype(grad_dtype)
+        codes = rng.randint(0, 256, size=(2, n)).astype(np.uint8)
+        scales = rng.uniform(1e-6, 1e-3, size=(2, (n + BLOCK - 1) // BLOCK)).astype(np.float32)
+        runs = {}
+        try:
+            for isa in supported_isas():
+                for threads in (1, 2):
+                    assert _library.native.mxlamb_set_isa(isa.encode())
+                    _library.native.mxlamb_set_num_threads(threads)
+                    state = [mx.nd.array(x, dtype=x.dtype) for x in (*codes, *scales)]
+                    table = mx.nd.mxlamb_phase1(mx.nd.array(w), mx.nd.array(g, dtype=grad_dtype),
+                                                *state, **attrs)
+                    runs[(isa, threads)] = [x.asnumpy().tobytes() for x in [table] + state]
+        finally:
+            _library.native.mxlamb_set_isa(before_isa)
+            _library.native.mxlamb_set_num_threads(before_threads)
+        first = next(iter(runs.values()))
+        for key, result in runs.items():
+            assert result == first, (n, key)
+        assert np.frombuffer(first[0], np.float64)[:2].all()  # (sums that are not 0)
+
+
 def test_step_and_fused_step_give_the_same_bits():
     weights, grads = _inputs()
     results = []

@@ -13,11 +13,6 @@
 #include <immintrin.h>
 #endif
 
-// The 8-bit kernels' lanes (64-byte GCC vectors) meet lamb_math.h's functions, all always
-// inlined: no call passes a vector, so GCC's note that such vectors are passed differently
-// without AVX-512 concerns no call of ours.
-#pragma GCC diagnostic ignored "-Wpsabi"
-
 #include "lamb_kernels.h"
 
 #ifndef MXLAMB_ISA
@@ -234,13 +229,26 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
 
 // ------------------------------------------------------------------ 8-bit moments, in lanes
 //
-// Phase 1 with 8-bit moments works on kSumLanes elements at a time as GCC vectors (FloatLanes):
-// lamb_math.h's functions instantiated for lanes (Lanes<FloatLanes> below) do every operation
-// lane by lane, the same operations as on one float, so every ISA level (whatever its vector
-// width) gives the same bits as the scalar code (runtime.cc's encode_moment, the CUDA kernels).
-typedef float FloatLanes __attribute__((vector_size(sizeof(float) * kSumLanes)));
-typedef uint32_t BitLanes __attribute__((vector_size(sizeof(uint32_t) * kSumLanes)));
-typedef double DoubleLanes __attribute__((vector_size(sizeof(double) * kSumLanes)));
+// The 8-bit kernels work on kLanes elements at a time as GCC vectors (FloatLanes), one vector
+// register of floats wide: 16 on AVX-512, 8 on AVX2, 4 on the baseline (wider ones are not
+// vector code on the narrower levels). lamb_math.h's functions instantiated for lanes
+// (Lanes<FloatLanes> below) do every operation lane by lane, the same operations as on one
+// float, so every ISA level gives the same bits as the scalar code (runtime.cc's encode_moment,
+// the CUDA kernels). The sums keep kSumLanes lanes whatever the width: element i goes to lane
+// i % kSumLanes, kSumLanes / kLanes vectors of accumulators taken in turn.
+#if defined(__AVX512F__)
+constexpr int kLanes = 16;
+#elif defined(__AVX2__)
+constexpr int kLanes = 8;
+#else
+constexpr int kLanes = 4;
+#endif
+constexpr int kAccumulators = kSumLanes / kLanes;
+static_assert(kSumLanes % kLanes == 0 && kStateBlock % kSumLanes == 0,
+              "a block is whole groups of lanes, and lanes meet the same accumulator each time");
+typedef float FloatLanes __attribute__((vector_size(sizeof(float) * kLanes)));
+typedef uint32_t BitLanes __attribute__((vector_size(sizeof(uint32_t) * kLanes)));
+typedef double DoubleLanes __attribute__((vector_size(sizeof(double) * kLanes)));
 
 }  // namespace
 
@@ -249,7 +257,7 @@ struct Lanes<FloatLanes> {
   using Bits = BitLanes;
   static MXLAMB_INLINE FloatLanes sqrt(FloatLanes x) {
     FloatLanes root;
-    for (int lane = 0; lane < kSumLanes; ++lane) root[lane] = std::sqrt(x[lane]);
+    for (int lane = 0; lane < kLanes; ++lane) root[lane] = std::sqrt(x[lane]);
     return root;
   }
 };
@@ -264,26 +272,14 @@ MXLAMB_INLINE FloatLanes load_lanes(const float* x) {
 
 MXLAMB_INLINE void store_lanes(float* x, FloatLanes lanes) { std::memcpy(x, &lanes, sizeof(lanes)); }
 
-// A gradient's lanes as floats (float16: widened as widen_block does).
-template <typename GradT>
-MXLAMB_INLINE FloatLanes load_grad_lanes(const GradT* g) {
-  if constexpr (std::is_same<GradT, float>::value) {
-    return load_lanes(g);
-  } else {
-    alignas(64) float wide[kSumLanes];
-    widen_block(g, wide);
-    return load_lanes(wide);
-  }
-}
-
 MXLAMB_INLINE BitLanes load_codes(const uint8_t* codes) {
   BitLanes lanes;
-  for (int lane = 0; lane < kSumLanes; ++lane) lanes[lane] = codes[lane];
+  for (int lane = 0; lane < kLanes; ++lane) lanes[lane] = codes[lane];
   return lanes;
 }
 
 MXLAMB_INLINE void store_codes(uint8_t* codes, BitLanes lanes) {
-  for (int lane = 0; lane < kSumLanes; ++lane) codes[lane] = static_cast<uint8_t>(lanes[lane]);
+  for (int lane = 0; lane < kLanes; ++lane) codes[lane] = static_cast<uint8_t>(lanes[lane]);
 }
 
 MXLAMB_INLINE BitLanes max_lanes(BitLanes a, BitLanes b) { return a > b ? a : b; }
@@ -291,16 +287,22 @@ MXLAMB_INLINE BitLanes max_lanes(BitLanes a, BitLanes b) { return a > b ? a : b;
 // The largest of the lanes (an integer max: the same in any order).
 MXLAMB_INLINE uint32_t largest_lane(BitLanes a) {
   uint32_t largest = 0;
-  for (int lane = 0; lane < kSumLanes; ++lane) largest = largest > a[lane] ? largest : a[lane];
+  for (int lane = 0; lane < kLanes; ++lane) largest = largest > a[lane] ? largest : a[lane];
   return largest;
 }
 
-// x^2 added to the lane accumulators: element i goes to lane i % kSumLanes, widened, squared
-// and added in double, as accumulate_squares does.
+// x^2 added to one vector of accumulators: widened, squared and added in double, as
+// accumulate_squares does.
 MXLAMB_INLINE void accumulate_square_lanes(FloatLanes x, DoubleLanes* acc) {
   const DoubleLanes wide = __builtin_convertvector(x, DoubleLanes);
   *acc += wide * wide;
 }
+
+// The sums of squares of w and u, kSumLanes lanes as kAccumulators vectors.
+struct LaneSums {
+  DoubleLanes w[kAccumulators] = {};
+  DoubleLanes u[kAccumulators] = {};
+};
 
 // The moments of one block: codes and scale, where phase 1 reads and writes them.
 struct BlockMoment {
@@ -316,15 +318,20 @@ template <typename GradT, bool kAmsgrad, bool kDecay, bool kPadded>
 MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __restrict__ g,
                                    BlockMoment mean, BlockMoment var, BlockMoment var_max,
                                    int valid, const StepCoeffs<float>& step,
-                                   const TensorCoeffs<float>& tensor, DoubleLanes* acc_w,
-                                   DoubleLanes* acc_u) {
+                                   const TensorCoeffs<float>& tensor, LaneSums* sums) {
   alignas(64) float m[kStateBlock], v[kStateBlock];
+  const float* grad = reinterpret_cast<const float*>(g);
+  alignas(64) float widened[std::is_same<GradT, float>::value ? 1 : kStateBlock];
+  if constexpr (!std::is_same<GradT, float>::value) {  // float16: widened as widen_block does
+    for (int i = 0; i < kStateBlock; i += kSumLanes) widen_block(g + i, widened + i);
+    grad = widened;
+  }
   const float m_scale = *mean.scale, v_scale = *var.scale;
   BitLanes m_largest{}, v_largest{};
-  for (int i = 0; i < kStateBlock; i += kSumLanes) {
+  for (int i = 0; i < kStateBlock; i += kLanes) {
     FloatLanes mi = decode_mean<FloatLanes>(load_codes(mean.codes + i), m_scale);
     FloatLanes vi = decode_var<FloatLanes>(load_codes(var.codes + i), v_scale);
-    update_moments(scaled_grad(load_grad_lanes(g + i), step, tensor), &mi, &vi, step);
+    update_moments(scaled_grad(load_lanes(grad + i), step, tensor), &mi, &vi, step);
     store_lanes(m + i, mi);
     store_lanes(v + i, vi);
     m_largest = max_lanes(m_largest, magnitude_bits(mi));
@@ -339,7 +346,7 @@ MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __r
   if constexpr (kAmsgrad) {  // the running max of the stored v, itself stored in 8 bits
     const float x_scale = *var_max.scale;
     BitLanes x_largest{};
-    for (int i = 0; i < kStateBlock; i += kSumLanes) {
+    for (int i = 0; i < kStateBlock; i += kLanes) {
       const BitLanes code = encode_var(load_lanes(v + i), v_inverse);
       store_codes(var.codes + i, code);
       const FloatLanes largest = amsgrad_var(
@@ -353,9 +360,9 @@ MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __r
     *var_max.scale = x_stored;
   }
   BitLanes lane_index;
-  for (int lane = 0; lane < kSumLanes; ++lane) lane_index[lane] = static_cast<uint32_t>(lane);
-  DoubleLanes sum_w = *acc_w, sum_u = *acc_u;  // (locals: kept in registers)
-  for (int i = 0; i < kStateBlock; i += kSumLanes) {
+  for (int lane = 0; lane < kLanes; ++lane) lane_index[lane] = static_cast<uint32_t>(lane);
+  LaneSums local = *sums;  // (a local: kept in registers)
+  for (int i = 0; i < kStateBlock; i += kLanes) {
     const BitLanes mcode = encode_mean(load_lanes(m + i), m_inverse);
     store_codes(mean.codes + i, mcode);
     FloatLanes vi;
@@ -374,23 +381,23 @@ MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __r
     if constexpr (kPadded) {  // padding lanes: weight 0, and u 0 (0 / eps, or NaN for eps 0)
       u = lane_index + static_cast<uint32_t>(i) < static_cast<uint32_t>(valid) ? u : 0.0f;
     }
-    accumulate_square_lanes(weight, &sum_w);
-    accumulate_square_lanes(u, &sum_u);
+    const int k = (i / kLanes) % kAccumulators;  // element i + l goes to lane (i + l) % kSumLanes
+    accumulate_square_lanes(weight, &local.w[k]);
+    accumulate_square_lanes(u, &local.u[k]);
   }
-  *acc_w = sum_w;
-  *acc_u = sum_u;
+  *sums = local;
 }
 
 // A short last block: its elements copied beside zeros (gradient 0, codes 0: moments that
 // stay 0 and add nothing to the scales), the block run, its codes copied back.
 template <typename GradT, bool kAmsgrad, bool kDecay>
 void phase1_q8_tail(const Phase1Span<float>& s, int64_t begin, const StepCoeffs<float>& step,
-                    const TensorCoeffs<float>& tensor, DoubleLanes* acc_w, DoubleLanes* acc_u) {
+                    const TensorCoeffs<float>& tensor, LaneSums* sums) {
   const int len = static_cast<int>(s.n - begin);
   const int64_t block = begin / kStateBlock;
   const GradT* g = static_cast<const GradT*>(s.grad) + begin;
   alignas(64) float w[kStateBlock] = {};
-  GradT grad[kStateBlock] = {};  // (float16: all bits 0 is +0)
+  alignas(64) GradT grad[kStateBlock] = {};  // (float16: all bits 0 is +0)
   alignas(64) uint8_t codes[3][kStateBlock] = {};
   const QuantizedMoment* moments[3] = {&s.q_mean, &s.q_var, &s.q_var_max};
   for (int i = 0; i < len; ++i) {
@@ -404,7 +411,7 @@ void phase1_q8_tail(const Phase1Span<float>& s, int64_t begin, const StepCoeffs<
     padded[k] = BlockMoment{codes[k], moments[k]->scales + block};
   }
   phase1_q8_block<GradT, kAmsgrad, kDecay, true>(w, grad, padded[0], padded[1], padded[2], len,
-                                                 step, tensor, acc_w, acc_u);
+                                                 step, tensor, sums);
   for (int k = 0; k < 3; ++k) {
     if (moments[k]->codes != nullptr) std::memcpy(moments[k]->codes + begin, codes[k], len);
   }
@@ -414,23 +421,22 @@ template <typename GradT, bool kAmsgrad, bool kDecay>
 void phase1_q8_span(const Phase1Span<float>& s, const StepCoeffs<float>& step,
                     const TensorCoeffs<float>& tensor, double* weight_sumsq,
                     double* update_sumsq) {
-  static_assert(kStateBlock % kSumLanes == 0, "a block is whole groups of lanes");
   const GradT* g = static_cast<const GradT*>(s.grad);
   auto part = [](const QuantizedMoment& q, int64_t begin) {
     return BlockMoment{q.codes == nullptr ? nullptr : q.codes + begin,
                        q.scales == nullptr ? nullptr : q.scales + begin / kStateBlock};
   };
-  DoubleLanes acc_w{}, acc_u{};
+  LaneSums sums;
   const int64_t whole = s.n - s.n % kStateBlock;
   for (int64_t begin = 0; begin < whole; begin += kStateBlock) {
     phase1_q8_block<GradT, kAmsgrad, kDecay, false>(
         s.weight + begin, g + begin, part(s.q_mean, begin), part(s.q_var, begin),
-        part(s.q_var_max, begin), kStateBlock, step, tensor, &acc_w, &acc_u);
+        part(s.q_var_max, begin), kStateBlock, step, tensor, &sums);
   }
-  if (whole < s.n) phase1_q8_tail<GradT, kAmsgrad, kDecay>(s, whole, step, tensor, &acc_w, &acc_u);
+  if (whole < s.n) phase1_q8_tail<GradT, kAmsgrad, kDecay>(s, whole, step, tensor, &sums);
   double lanes_w[kSumLanes], lanes_u[kSumLanes];
-  std::memcpy(lanes_w, &acc_w, sizeof(lanes_w));
-  std::memcpy(lanes_u, &acc_u, sizeof(lanes_u));
+  std::memcpy(lanes_w, sums.w, sizeof(lanes_w));
+  std::memcpy(lanes_u, sums.u, sizeof(lanes_u));
   *weight_sumsq = sum_lanes(lanes_w);
   *update_sumsq = sum_lanes(lanes_u);
 }
@@ -447,27 +453,28 @@ void phase2_q8_span(const Phase2Span<float>& s, const TensorCoeffs<float>& tenso
   LowT* __restrict__ w_lowp = reinterpret_cast<LowT*>(s.model_weight);
   float* __restrict__ avg = s.average;
   const QuantizedMoment qm = s.q_mean, qv = s.q_var;
-  const int64_t lanes_end = s.n - s.n % kSumLanes;
   for (int64_t begin = 0; begin < s.n; begin += kStateBlock) {
     const int64_t block = begin / kStateBlock;
     const int64_t end = s.n - begin < kStateBlock ? s.n : begin + kStateBlock;
     const float m_scale = qm.scales[block], v_scale = qv.scales[block];
     int64_t i = begin;
-    for (; i + kSumLanes <= end && i < lanes_end; i += kSumLanes) {
-      FloatLanes weight = load_lanes(w + i);
-      if constexpr (kDecay) weight = decayed(weight, tensor);
-      const FloatLanes mean = decode_mean<FloatLanes>(load_codes(qm.codes + i), m_scale);
-      const FloatLanes var = decode_var<FloatLanes>(load_codes(qv.codes + i), v_scale);
-      const FloatLanes updated = phase2_element(weight, mean, var, tensor, step_size);
-      store_lanes(w_out + i, updated);
-      if constexpr (kEma) {
-        store_lanes(avg + i, moving_average(load_lanes(avg + i), updated, tensor.ema));
+    for (; i + kSumLanes <= end; i += kSumLanes) {  // kSumLanes at a time, then one by one
+      alignas(64) float updated[kSumLanes];  // (for the float16 copy: one block conversion)
+      for (int lane = 0; lane < kSumLanes; lane += kLanes) {
+        FloatLanes weight = load_lanes(w + i + lane);
+        if constexpr (kDecay) weight = decayed(weight, tensor);
+        const FloatLanes mean =
+            decode_mean<FloatLanes>(load_codes(qm.codes + i + lane), m_scale);
+        const FloatLanes var = decode_var<FloatLanes>(load_codes(qv.codes + i + lane), v_scale);
+        const FloatLanes result = phase2_element(weight, mean, var, tensor, step_size);
+        store_lanes(w_out + i + lane, result);
+        if constexpr (kEma) {
+          store_lanes(avg + i + lane,
+                      moving_average(load_lanes(avg + i + lane), result, tensor.ema));
+        }
+        store_lanes(updated + lane, result);
       }
-      if constexpr (kLowp) {
-        alignas(64) float narrowed[kSumLanes];
-        store_lanes(narrowed, updated);
-        narrow_block(narrowed, w_lowp + i);
-      }
+      if constexpr (kLowp) narrow_block(updated, w_lowp + i);
     }
     for (; i < end; ++i) {
       const float updated =
