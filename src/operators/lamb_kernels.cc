@@ -37,24 +37,34 @@ inline double sum_lanes(const double* acc) {
 }
 
 // Adds the squares of one block of kSumLanes values to the lane accumulators. Written with
-// GCC vector types so that it is vector code on every ISA level and in every instantiation
-// (a plain loop was left scalar in the float16 one); the arithmetic per lane is the same
-// (widen, multiply, add: -ffp-contract=off keeps the two roundings).
-typedef double DoubleOctet __attribute__((vector_size(64)));
-static_assert(kSumLanes % 8 == 0, "accumulate_squares works in octets of lanes");
+// GCC vector types, so that it is vector code on every ISA level and in every instantiation (a
+// plain loop was left scalar in the float16 one); the arithmetic per lane is the same (widen,
+// multiply, add: -ffp-contract=off keeps the two roundings). The width is the one measured
+// fastest (bench_probe.cc's phase arithmetic): one vector register of doubles on AVX-512 and
+// on AVX2 (8 doubles, two registers, went through memory there: phase 1 1.42 -> 0.83
+// ns/element), 8 doubles (four SSE registers) on the baseline (2 doubles: 1.30 -> 1.53).
+#if defined(__AVX512F__)
+constexpr int kDoublesPerVector = 8;
+#elif defined(__AVX2__)
+constexpr int kDoublesPerVector = 4;
+#else
+constexpr int kDoublesPerVector = 8;
+#endif
+static_assert(kSumLanes % kDoublesPerVector == 0, "accumulate_squares works in whole vectors");
 
 // Float32 values are widened to float64 first; float64 values convert to themselves.
 template <typename T>
 MXLAMB_INLINE void accumulate_squares(const T* x, double* acc) {
-  typedef T Octet __attribute__((vector_size(8 * sizeof(T))));
-  for (int octet = 0; octet < kSumLanes; octet += 8) {
-    Octet value;
-    DoubleOctet sum;
-    std::memcpy(&value, x + octet, sizeof(value));
-    std::memcpy(&sum, acc + octet, sizeof(sum));
-    const DoubleOctet wide = __builtin_convertvector(value, DoubleOctet);
+  typedef T Part __attribute__((vector_size(kDoublesPerVector * sizeof(T))));
+  typedef double DoublePart __attribute__((vector_size(kDoublesPerVector * sizeof(double))));
+  for (int at = 0; at < kSumLanes; at += kDoublesPerVector) {
+    Part value;
+    DoublePart sum;
+    std::memcpy(&value, x + at, sizeof(value));
+    std::memcpy(&sum, acc + at, sizeof(sum));
+    const DoublePart wide = __builtin_convertvector(value, DoublePart);
     sum += wide * wide;
-    std::memcpy(acc + octet, &sum, sizeof(sum));
+    std::memcpy(acc + at, &sum, sizeof(sum));
   }
 }
 
