@@ -7,15 +7,16 @@ Times (the lowest of --repeats, after one warm-up, mx.nd.waitall() before readin
 mxlamb_step (both phases in one call), mxlamb_phase1 and mxlamb_phase2 on one tensor, with
 float32 moments and with state_bits=8 (codes and block scales), called directly.
 
-Then the arithmetic: each phase kernel of the active ISA level on one span of --cache-elements
-elements, small enough to stay in the core's cache, on one thread (mxlamb_phase_arithmetic_seconds,
-src/operators/bench_probe.cc), in ns per element. With memory free, a step on T threads cannot
-take less than (phase 1 + phase 2) x elements / T: the script prints that floor for the large
+Then the arithmetic: each phase kernel of every ISA level the CPU has on one span of
+--cache-elements elements, small enough to stay in the core's cache, on one thread
+(mxlamb_phase_arithmetic_seconds, src/operators/bench_probe.cc), in ns per element (the lowest
+of three rounds). With memory free, a step on T threads cannot take less than (phase 1 +
+phase 2) x elements / T: the script prints that floor (at the active level) for the large
 tensor on 2 threads beside the float32 step's measured time. Nothing is asserted;
 docs/8bit.md#speed quotes a run.
 """
-import ctypes
 import argparse
+import ctypes
 import time
 
 import mxnet as mx
@@ -86,17 +87,30 @@ def main():
     small = args.cache_elements
     kinds = [("phase 1 float32", 0), ("phase 1 8-bit", 1), ("phase 2 float32", 2),
              ("phase 2 8-bit", 3)]
-    arithmetic = {name: probe(kind, small, args.cache_repeats) / small * 1e9
-                  for name, kind in kinds}
+    active = _library.native.mxlamb_active_isa()
+    levels = [isa for isa in (b"avx512", b"avx2", b"baseline")
+              if _library.native.mxlamb_set_isa(isa)]
+    arithmetic = {}  # (isa, name) -> ns per element
+    try:
+        for _ in range(3):  # three rounds over the levels and kernels, the lowest of each kept
+            for isa in levels:
+                _library.native.mxlamb_set_isa(isa)
+                for name, kind in kinds:
+                    ns = probe(kind, small, args.cache_repeats) / small * 1e9
+                    arithmetic[isa, name] = min(ns, arithmetic.get((isa, name), ns))
+    finally:
+        _library.native.mxlamb_set_isa(active)
     print("\narithmetic: one span of %d elements in cache, one thread, ns per element" % small)
+    print("%-16s" % "ISA level" + "".join("%12s" % isa.decode() for isa in levels))
     for name, _ in kinds:
-        print("%-16s %12.3f" % (name, arithmetic[name]))
+        print("%-16s" % name + "".join("%12.3f" % arithmetic[isa, name] for isa in levels))
     for moments in ("float32", "8-bit"):
-        per_element = arithmetic["phase 1 " + moments] + arithmetic["phase 2 " + moments]
+        per_element = (arithmetic[active, "phase 1 " + moments] +
+                       arithmetic[active, "phase 2 " + moments])
         floor = per_element * n / 2 * 1e-6
-        print("step %-7s arithmetic floor on 2 threads: %.1f ms (%.2f x the float32 step "
-              "measured above)" % (moments, floor, floor / results["step float32"][1]))
-
+        print("step %-7s arithmetic floor on 2 threads (%s): %.1f ms (%.2f x the float32 step "
+              "measured above)" % (moments, active.decode(), floor,
+                                   floor / results["step float32"][1]))
 
 if __name__ == "__main__":
     main()
