@@ -210,21 +210,28 @@ def _digest(weights, states):
     return [a.tobytes() for a in arrays]
 
 
-@pytest.mark.parametrize("case", ["lamb", "adamw amsgrad"])
-def test_same_bits_on_every_isa_level_thread_count_and_grouping(case):
+def _on_every_isa_level_and_thread_count(run):
+    """{(isa, threads): run()} for every ISA level this CPU has and 1 and 2 threads; the
+    library's level and thread count restored after."""
     before_isa = _library.native.mxlamb_active_isa()
     before_threads = _library.native.mxlamb_num_threads()
-    runs = {}
+    results = {}
     try:
         for isa in supported_isas():
             for threads in (1, 2):
                 assert _library.native.mxlamb_set_isa(isa.encode())
                 _library.native.mxlamb_set_num_threads(threads)
-                runs[(isa, threads)] = _digest(*_run(CASES[case][0]))
-        runs["one tensor per call"] = _digest(*_run(CASES[case][0], aggregate_num=1))
+                results[(isa, threads)] = run()
     finally:
         _library.native.mxlamb_set_isa(before_isa)
         _library.native.mxlamb_set_num_threads(before_threads)
+    return results
+
+
+@pytest.mark.parametrize("case", ["lamb", "adamw amsgrad"])
+def test_same_bits_on_every_isa_level_thread_count_and_grouping(case):
+    runs = _on_every_isa_level_and_thread_count(lambda: _digest(*_run(CASES[case][0])))
+    runs["one tensor per call"] = _digest(*_run(CASES[case][0], aggregate_num=1))
     first = next(iter(runs.values()))
     for key, digest in runs.items():
         assert digest == first, key
@@ -238,26 +245,19 @@ def test_phase1_sums_codes_and_scales_are_the_same_bits_on_every_isa_level(grad_
     rng = np.random.RandomState(3)
     attrs = dict(num_tensors=1, lrs="0.01", wds="0.01", step_counts="2", state_bits=8,
                  multi_precision=grad_dtype == "float16")  # (float16 gradients of a master)
-    before_isa = _library.native.mxlamb_active_isa()
-    before_threads = _library.native.mxlamb_num_threads()
     for n in (4096 + 7, 70001, 300 * 300):
         w = (rng.randn(n) * 0.1).astype(np.float32)
         g = (rng.randn(n) * 0.01).astype(grad_dtype)
         codes = rng.randint(0, 256, size=(2, n)).astype(np.uint8)
         scales = rng.uniform(1e-6, 1e-3, size=(2, (n + BLOCK - 1) // BLOCK)).astype(np.float32)
-        runs = {}
-        try:
-            for isa in supported_isas():
-                for threads in (1, 2):
-                    assert _library.native.mxlamb_set_isa(isa.encode())
-                    _library.native.mxlamb_set_num_threads(threads)
-                    state = [mx.nd.array(x, dtype=x.dtype) for x in (*codes, *scales)]
-                    table = mx.nd.mxlamb_phase1(mx.nd.array(w), mx.nd.array(g, dtype=grad_dtype),
-                                                *state, **attrs)
-                    runs[(isa, threads)] = [x.asnumpy().tobytes() for x in [table] + state]
-        finally:
-            _library.native.mxlamb_set_isa(before_isa)
-            _library.native.mxlamb_set_num_threads(before_threads)
+
+        def run():
+            state = [mx.nd.array(x, dtype=x.dtype) for x in (*codes, *scales)]
+            table = mx.nd.mxlamb_phase1(mx.nd.array(w), mx.nd.array(g, dtype=grad_dtype),
+                                        *state, **attrs)
+            return [x.asnumpy().tobytes() for x in [table] + state]
+
+        runs = _on_every_isa_level_and_thread_count(run)
         first = next(iter(runs.values()))
         for key, result in runs.items():
             assert result == first, (n, key)

@@ -36,20 +36,24 @@ inline double sum_lanes(const double* acc) {
   return level[0];
 }
 
+// The bytes of one vector register at this ISA level: GCC vector types wider than that are not
+// vector code here (their selects and conversions become scalar code or go through memory).
+#if defined(__AVX512F__)
+constexpr int kVectorBytes = 64;
+#elif defined(__AVX2__)
+constexpr int kVectorBytes = 32;
+#else
+constexpr int kVectorBytes = 16;
+#endif
+
 // Adds the squares of one block of kSumLanes values to the lane accumulators. Written with
 // GCC vector types, so that it is vector code on every ISA level and in every instantiation (a
 // plain loop was left scalar in the float16 one); the arithmetic per lane is the same (widen,
 // multiply, add: -ffp-contract=off keeps the two roundings). The width is the one measured
-// fastest (bench_probe.cc's phase arithmetic): one vector register of doubles on AVX-512 and
-// on AVX2 (8 doubles, two registers, went through memory there: phase 1 1.42 -> 0.83
-// ns/element), 8 doubles (four SSE registers) on the baseline (2 doubles: 1.30 -> 1.53).
-#if defined(__AVX512F__)
-constexpr int kDoublesPerVector = 8;
-#elif defined(__AVX2__)
-constexpr int kDoublesPerVector = 4;
-#else
-constexpr int kDoublesPerVector = 8;
-#endif
+// fastest (bench_probe.cc's phase arithmetic): one register of doubles on AVX-512 and AVX2 (8
+// doubles, two registers, went through memory on AVX2: phase 1 1.42 -> 0.83 ns/element), but 8
+// doubles (four SSE registers) on the baseline (one register, 2 doubles: 1.30 -> 1.53).
+constexpr int kDoublesPerVector = kVectorBytes == 16 ? 8 : kVectorBytes / 8;
 static_assert(kSumLanes % kDoublesPerVector == 0, "accumulate_squares works in whole vectors");
 
 // Float32 values are widened to float64 first; float64 values convert to themselves.
@@ -240,19 +244,12 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
 // ------------------------------------------------------------------ 8-bit moments, in lanes
 //
 // The 8-bit kernels work on kLanes elements at a time as GCC vectors (FloatLanes), one vector
-// register of floats wide: 16 on AVX-512, 8 on AVX2, 4 on the baseline (wider ones are not
-// vector code on the narrower levels). lamb_math.h's functions instantiated for lanes
+// register of floats wide: 16 on AVX-512, 8 on AVX2, 4 on the baseline. lamb_math.h's functions instantiated for lanes
 // (Lanes<FloatLanes> below) do every operation lane by lane, the same operations as on one
 // float, so every ISA level gives the same bits as the scalar code (runtime.cc's encode_moment,
 // the CUDA kernels). The sums keep kSumLanes lanes whatever the width: element i goes to lane
 // i % kSumLanes, kSumLanes / kLanes vectors of accumulators taken in turn.
-#if defined(__AVX512F__)
-constexpr int kLanes = 16;
-#elif defined(__AVX2__)
-constexpr int kLanes = 8;
-#else
-constexpr int kLanes = 4;
-#endif
+constexpr int kLanes = kVectorBytes / sizeof(float);
 constexpr int kAccumulators = kSumLanes / kLanes;
 static_assert(kSumLanes % kLanes == 0 && kStateBlock % kSumLanes == 0,
               "a block is whole groups of lanes, and lanes meet the same accumulator each time");
