@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
+#include <utility>
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -285,8 +286,27 @@ MXLAMB_INLINE BitLanes load_codes(const uint8_t* codes) {
   return lanes;
 }
 
+// The low byte of each lane. AVX-512 narrows in one instruction (vpmovdb), which GCC finds in
+// the plain loop; below it the loop became one extract per lane, and a byte shuffle is faster
+// (in cache, one thread, 8-bit phase 1: AVX2 2.10 -> 1.91 ns/element, baseline 4.86 -> 4.69; on
+// AVX-512 the shuffle took 1.37 against the loop's 1.24).
+template <size_t... kLane>
+MXLAMB_INLINE void store_low_bytes(uint8_t* codes, BitLanes lanes,
+                                   std::index_sequence<kLane...>) {
+  typedef uint8_t LaneBytes __attribute__((vector_size(sizeof(BitLanes))));
+  typedef uint8_t Codes __attribute__((vector_size(kLanes)));
+  LaneBytes bytes;
+  std::memcpy(&bytes, &lanes, sizeof(bytes));
+  const Codes low = __builtin_shufflevector(bytes, bytes, (kLane * sizeof(uint32_t))...);
+  std::memcpy(codes, &low, sizeof(low));
+}
+
 MXLAMB_INLINE void store_codes(uint8_t* codes, BitLanes lanes) {
-  for (int lane = 0; lane < kLanes; ++lane) codes[lane] = static_cast<uint8_t>(lanes[lane]);
+  if constexpr (kVectorBytes == 64) {
+    for (int lane = 0; lane < kLanes; ++lane) codes[lane] = static_cast<uint8_t>(lanes[lane]);
+  } else {
+    store_low_bytes(codes, lanes, std::make_index_sequence<kLanes>());
+  }
 }
 
 MXLAMB_INLINE BitLanes max_lanes(BitLanes a, BitLanes b) { return a > b ? a : b; }
