@@ -262,6 +262,7 @@ typedef double DoubleLanes __attribute__((vector_size(sizeof(double) * kLanes)))
 
 template <>
 struct Lanes<FloatLanes> {
+  using Element = float;
   using Bits = BitLanes;
   static MXLAMB_INLINE FloatLanes sqrt(FloatLanes x) {
     FloatLanes root;
@@ -353,12 +354,22 @@ MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __r
     for (int i = 0; i < kStateBlock; i += kSumLanes) widen_block(g + i, widened + i);
     grad = widened;
   }
+  // Padding lanes (kPadded: lane_index + i >= valid) hold 0 in m, v, w and u whatever the
+  // coefficients (an infinite gradient scale makes 0 * inf = NaN of a padding gradient), as
+  // the CUDA kernel's lanes past the end do: they add nothing to a scale or a sum.
+  BitLanes lane_index;
+  for (int lane = 0; lane < kLanes; ++lane) lane_index[lane] = static_cast<uint32_t>(lane);
   const float m_scale = *mean.scale, v_scale = *var.scale;
   BitLanes m_largest{}, v_largest{};
   for (int i = 0; i < kStateBlock; i += kLanes) {
     FloatLanes mi = decode_mean<FloatLanes>(load_codes(mean.codes + i), m_scale);
     FloatLanes vi = decode_var<FloatLanes>(load_codes(var.codes + i), v_scale);
     update_moments(scaled_grad(load_lanes(grad + i), step, tensor), &mi, &vi, step);
+    if constexpr (kPadded) {
+      const auto inside = lane_index + static_cast<uint32_t>(i) < static_cast<uint32_t>(valid);
+      mi = inside ? mi : 0.0f;
+      vi = inside ? vi : 0.0f;
+    }
     store_lanes(m + i, mi);
     store_lanes(v + i, vi);
     m_largest = max_lanes(m_largest, magnitude_bits(mi));
@@ -386,8 +397,6 @@ MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __r
     x_inverse = inverse_scale(x_stored);
     *var_max.scale = x_stored;
   }
-  BitLanes lane_index;
-  for (int lane = 0; lane < kLanes; ++lane) lane_index[lane] = static_cast<uint32_t>(lane);
   LaneSums local = *sums;  // (a local: kept in registers)
   for (int i = 0; i < kStateBlock; i += kLanes) {
     const BitLanes mcode = encode_mean(load_lanes(m + i), m_inverse);
@@ -405,8 +414,10 @@ MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __r
     FloatLanes weight = load_lanes(w + i);
     if constexpr (kDecay) weight = decayed(weight, tensor);
     FloatLanes u = raw_update(weight, decode_mean<FloatLanes>(mcode, m_stored), vi, tensor);
-    if constexpr (kPadded) {  // padding lanes: weight 0, and u 0 (0 / eps, or NaN for eps 0)
-      u = lane_index + static_cast<uint32_t>(i) < static_cast<uint32_t>(valid) ? u : 0.0f;
+    if constexpr (kPadded) {  // (u: 0 / eps, or NaN for eps 0; w: 0 * inf for an infinite decay)
+      const auto inside = lane_index + static_cast<uint32_t>(i) < static_cast<uint32_t>(valid);
+      weight = inside ? weight : 0.0f;
+      u = inside ? u : 0.0f;
     }
     const int k = (i / kLanes) % kAccumulators;  // element i + l goes to lane (i + l) % kSumLanes
     accumulate_square_lanes(weight, &local.w[k]);
@@ -415,8 +426,8 @@ MXLAMB_INLINE void phase1_q8_block(const float* __restrict__ w, const GradT* __r
   *sums = local;
 }
 
-// A short last block: its elements copied beside zeros (gradient 0, codes 0: moments that
-// stay 0 and add nothing to the scales), the block run, its codes copied back.
+// A short last block: its elements copied beside zeros (gradient 0, codes 0), the block run
+// with its padding lanes held at 0, its codes copied back.
 template <typename GradT, bool kAmsgrad, bool kDecay>
 void phase1_q8_tail(const Phase1Span<float>& s, int64_t begin, const StepCoeffs<float>& step,
                     const TensorCoeffs<float>& tensor, LaneSums* sums) {

@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #if defined(__CUDACC__)
 #define MXLAMB_HD __host__ __device__ __forceinline__
@@ -53,9 +54,14 @@ namespace mxlamb {
 // CPU kernels specialise it for their vectors.
 template <typename L>
 struct Lanes {
+  using Element = L;      // the type of one lane
   using Bits = uint32_t;  // (float lanes only)
   static MXLAMB_HD L sqrt(L x) { return std::sqrt(x); }
 };
+
+// L's lanes are of the math type T (float lanes with float coefficients, not double ones).
+#define MXLAMB_LANES_OF(L, T) \
+  static_assert(std::is_same<typename Lanes<L>::Element, T>::value, "lanes of the math type")
 
 // The bits of x as a To of the same size (memcpy: no aliasing rules broken).
 template <typename To, typename From>
@@ -228,6 +234,7 @@ MXLAMB_HD void grad_stats_control(const GradStatsParams& p, double total_sumsq, 
 // wrong update. Plain comparisons are false for NaN, so NaN propagates as it does in MXNet.
 template <typename L, typename T>
 MXLAMB_HD L scaled_grad(L grad, const StepCoeffs<T>& s, const TensorCoeffs<T>& t) {
+  MXLAMB_LANES_OF(L, T);
   L g = grad * t.grad_scale;
   if (s.clip_gradient >= T(0)) {
     g = g > s.clip_gradient ? s.clip_gradient : g;
@@ -238,6 +245,7 @@ MXLAMB_HD L scaled_grad(L grad, const StepCoeffs<T>& s, const TensorCoeffs<T>& t
 
 template <typename L, typename T>
 MXLAMB_HD void update_moments(L g, L* mean, L* var, const StepCoeffs<T>& s) {
+  MXLAMB_LANES_OF(L, T);
   *mean = s.beta1 * *mean + s.one_minus_beta1 * g;
   *var = s.beta2 * *var + s.one_minus_beta2 * g * g;
 }
@@ -252,6 +260,7 @@ MXLAMB_HD L amsgrad_var(L var_max, L var) { return var <= var_max ? var_max : va
 // trust ratio takes and the one the update is applied to. Without, the weight itself.
 template <typename L, typename T>
 MXLAMB_HD L decayed(L weight, const TensorCoeffs<T>& t) {
+  MXLAMB_LANES_OF(L, T);
   return t.decoupled ? weight - weight * t.decay * t.decay_lr : weight;
 }
 
@@ -259,6 +268,7 @@ MXLAMB_HD L decayed(L weight, const TensorCoeffs<T>& t) {
 // it is scaled by the trust ratio too.
 template <typename L, typename T>
 MXLAMB_HD L raw_update(L weight, L mean, L var, const TensorCoeffs<T>& t) {
+  MXLAMB_LANES_OF(L, T);
   const L mean_hat = mean * t.inv_bias1;
   const L var_hat = var * t.inv_bias2;
   return mean_hat / (Lanes<L>::sqrt(var_hat) + t.epsilon) + t.wd * weight;
@@ -315,6 +325,7 @@ MXLAMB_HD T step_size(const StepCoeffs<T>& s, const TensorCoeffs<T>& t, double w
 
 template <typename L, typename T>
 MXLAMB_HD L apply_update(L weight, L update, T step) {
+  MXLAMB_LANES_OF(L, T);
   return weight - step * update;
 }
 
@@ -322,11 +333,13 @@ MXLAMB_HD L apply_update(L weight, L update, T step) {
 // (var: the running max under AMSGrad). `weight` is decayed(w) where decay is decoupled.
 template <typename L, typename T>
 MXLAMB_HD L phase2_element(L weight, L mean, L var, const TensorCoeffs<T>& t, T step) {
+  MXLAMB_LANES_OF(L, T);
   return apply_update(weight, raw_update(weight, mean, var, t), step);
 }
 
 template <typename L, typename T>
 MXLAMB_HD L moving_average(L average, L weight, const EmaCoeffs<T>& e) {
+  MXLAMB_LANES_OF(L, T);
   return e.momentum * average + e.one_minus_momentum * weight;
 }
 
