@@ -228,10 +228,19 @@ def _on_every_isa_level_and_thread_count(run):
     return results
 
 
-@pytest.mark.parametrize("case", ["lamb", "adamw amsgrad"])
+ISA_CASES = {  # (make, weight dtype): every kernel path of both phases with 8-bit moments
+    **{case: (CASES[case][0], "float32") for case in CASES},
+    "lamb float16 master": (lambda: _multi_precision(CASES["lamb"][0]()), "float16"),
+    "lamb ema": (lambda: mxlamb.LAMB(learning_rate=0.01, wd=0.01, use_ema=True,
+                                     ema_momentum=0.9, state_bits=8), "float32"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ISA_CASES))
 def test_same_bits_on_every_isa_level_thread_count_and_grouping(case):
-    runs = _on_every_isa_level_and_thread_count(lambda: _digest(*_run(CASES[case][0])))
-    runs["one tensor per call"] = _digest(*_run(CASES[case][0], aggregate_num=1))
+    make, dtype = ISA_CASES[case]
+    runs = _on_every_isa_level_and_thread_count(lambda: _digest(*_run(make, dtype)))
+    runs["one tensor per call"] = _digest(*_run(make, dtype, aggregate_num=1))
     first = next(iter(runs.values()))
     for key, digest in runs.items():
         assert digest == first, key
