@@ -245,11 +245,12 @@ void phase2_span(const Phase2Span<T>& s, const TensorCoeffs<T>& tensor, T step_s
 // ------------------------------------------------------------------ 8-bit moments, in lanes
 //
 // The 8-bit kernels work on kLanes elements at a time as GCC vectors (FloatLanes), one vector
-// register of floats wide: 16 on AVX-512, 8 on AVX2, 4 on the baseline. lamb_math.h's functions instantiated for lanes
-// (Lanes<FloatLanes> below) do every operation lane by lane, the same operations as on one
-// float, so every ISA level gives the same bits as the scalar code (runtime.cc's encode_moment,
-// the CUDA kernels). The sums keep kSumLanes lanes whatever the width: element i goes to lane
-// i % kSumLanes, kSumLanes / kLanes vectors of accumulators taken in turn.
+// register of floats wide: 16 on AVX-512, 8 on AVX2, 4 on the baseline. lamb_math.h's
+// functions instantiated for lanes (Lanes<FloatLanes> below) do every operation lane by lane,
+// the same operations as on one float, so every ISA level gives the same bits as the scalar
+// code (runtime.cc's encode_moment, the CUDA kernels). The sums keep kSumLanes lanes whatever
+// the width: element i goes to lane i % kSumLanes, kSumLanes / kLanes vectors of accumulators
+// taken in turn.
 constexpr int kLanes = kVectorBytes / sizeof(float);
 constexpr int kAccumulators = kSumLanes / kLanes;
 static_assert(kSumLanes % kLanes == 0 && kStateBlock % kSumLanes == 0,
@@ -279,7 +280,9 @@ MXLAMB_INLINE FloatLanes load_lanes(const float* x) {
   return lanes;
 }
 
-MXLAMB_INLINE void store_lanes(float* x, FloatLanes lanes) { std::memcpy(x, &lanes, sizeof(lanes)); }
+MXLAMB_INLINE void store_lanes(float* x, FloatLanes lanes) {
+  std::memcpy(x, &lanes, sizeof(lanes));
+}
 
 MXLAMB_INLINE BitLanes load_codes(const uint8_t* codes) {
   BitLanes lanes;

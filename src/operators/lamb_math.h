@@ -46,12 +46,13 @@ namespace mxlamb {
 // what is computed in double for every T (bias corrections, norms, trust ratio, step size,
 // gradient multipliers) takes double.
 //
-// Lanes. The element functions (scaled_grad, update_moments, amsgrad_var, decayed, raw_update
-// and the 8-bit codes below) take their values as L: one element of type T (the CPU's loops, the
-// CUDA kernels), or a GCC vector of float lanes (the CPU's 8-bit kernels, lamb_kernels.cc), on
-// which every operation is done lane by lane: the same operations, so the same bits, as on one
-// float. Lanes<L> gives what differs: the square root and the type of an L's float32 bits. The
-// CPU kernels specialise it for their vectors.
+// Lanes. The element functions (scaled_grad, update_moments, amsgrad_var, decayed, raw_update,
+// apply_update, phase2_element, moving_average and the 8-bit codes below) take their values as
+// L: one element of type T (the CPU's loops, the CUDA kernels), or a GCC vector of float lanes
+// (the CPU's 8-bit kernels, lamb_kernels.cc), on which every operation is done lane by lane: the
+// same operations, so the same bits, as on one float. Lanes<L> gives what differs: the type of
+// one lane, the square root and the type of an L's float32 bits. The CPU kernels specialise it
+// for their vectors.
 template <typename L>
 struct Lanes {
   using Element = L;      // the type of one lane
