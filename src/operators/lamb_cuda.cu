@@ -421,17 +421,14 @@ __device__ __forceinline__ void store_lane(E* p, int64_t i, int count, bool vect
   store(p, i + kVec, count > kVec ? count - kVec : 0, vector, high);
 }
 
+// store_lane of the lane's values rounded to E, each as store_rounded rounds it.
 template <typename E>
 __device__ __forceinline__ void store_lane_rounded(E* p, int64_t i, int count, bool vector,
                                                    const float (&x)[kPerLane]) {
-  float low[kVec], high[kVec];
+  E y[kPerLane];
 #pragma unroll
-  for (int k = 0; k < kVec; ++k) {
-    low[k] = x[k];
-    high[k] = x[k + kVec];
-  }
-  store_rounded(p, i, count < kVec ? count : kVec, vector, low);
-  store_rounded(p, i + kVec, count > kVec ? count - kVec : 0, vector, high);
+  for (int k = 0; k < kPerLane; ++k) y[k] = narrow<E>(x[k]);
+  store_lane(p, i, count, vector, y);
 }
 
 struct alignas(8) CodePack {
